@@ -1,0 +1,307 @@
+"""One typed config for a whole run, validated once, at construction.
+
+A config is a tree of frozen dataclasses. It is built from a YAML file (``Config.from_yaml``),
+from a plain dict (``Config.from_dict``) or in Python, and overridden field by field from the
+command line (``config.override(["cluster.k=[50,100]", "seed=3"])``). Every check happens in
+``__post_init__``, so an object that exists is valid; a bad value raises :class:`ConfigError`
+naming the field and what is allowed.
+
+Example:
+    >>> cfg = Config.from_dict({"cluster": {"k": [20, 50]}, "select": {"budgets": ["1%", 200]}})
+    >>> cfg.cluster.k
+    (20, 50)
+    >>> cfg.select.resolve_budgets(10_000)
+    (100, 200)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from .errors import ConfigError
+
+Budget = Union[int, float, str]
+
+
+def _fail(name: str, value: Any, allowed: str) -> None:
+    raise ConfigError(f"config field {name!r} is {value!r}; allowed: {allowed}")
+
+
+def _parse_budget(name: str, value: Budget) -> Union[int, float]:
+    """An absolute count (int >= 1) or a fraction of the pool (float in (0, 1], or 'P%')."""
+    if isinstance(value, bool):
+        _fail(name, value, "a sample count (int >= 1), a fraction in (0, 1], or a percentage like '1%'")
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            value = float(text[:-1]) / 100.0 if text.endswith("%") else float(text)
+        except ValueError:
+            _fail(name, value, "a sample count (int >= 1), a fraction in (0, 1], or a percentage like '1%'")
+        if value.is_integer() and value > 1:
+            value = int(value)
+    if isinstance(value, int):
+        if value < 1:
+            _fail(name, value, "a sample count >= 1 (or a fraction in (0, 1])")
+        return value
+    if isinstance(value, float):
+        if not 0.0 < value <= 1.0:
+            _fail(name, value, "a fraction in (0, 1] of the pool (or an int count >= 1)")
+        return value
+    _fail(name, value, "a sample count (int >= 1), a fraction in (0, 1], or a percentage like '1%'")
+    raise AssertionError  # unreachable
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the pool comes from and how a sample's text is made.
+
+    ``path``: a JSONL, JSON (list of records), CSV or Parquet file. ``text_column`` names a single
+    text field; ``text_template`` (a ``str.format`` template such as
+    ``"{instruction}\\n{input}\\n{output}"``) builds the text from several. With neither,
+    a column named ``text`` is used. ``id_column`` empty: stable ids ``row-<n>`` from the row order.
+    ``embeddings``: precomputed vectors (``.npy`` of shape (N, d) in row order, or a Parquet file
+    with ``id`` and ``embedding_column``); then no encoder runs.
+    """
+
+    path: Optional[str] = None
+    format: Literal["auto", "jsonl", "json", "csv", "parquet"] = "auto"
+    text_column: Optional[str] = None
+    text_template: Optional[str] = None
+    label_column: Optional[str] = None
+    id_column: Optional[str] = None
+    embeddings: Optional[str] = None
+    embedding_column: str = "embedding"
+    limit: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if self.text_column and self.text_template:
+            _fail("data.text_template", self.text_template,
+                  "leave it empty when data.text_column is set (use one or the other)")
+        if self.text_template is not None and "{" not in self.text_template:
+            _fail("data.text_template", self.text_template,
+                  "a format string naming fields, e.g. '{instruction}\\n{input}'")
+        if self.limit is not None and self.limit < 1:
+            _fail("data.limit", self.limit, "empty (the whole pool) or an int >= 1")
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    """The encoder. ``model``: ``"minilm"`` (the packaged all-MiniLM-L6-v2) or a local path."""
+
+    model: str = "minilm"
+    pooling: Literal["mean", "cls", "last"] = "mean"
+    batch_size: int = 64
+    max_length: int = 128
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            _fail("embed.batch_size", self.batch_size, "an int >= 1")
+        if self.max_length < 2:
+            _fail("embed.max_length", self.max_length, "an int >= 2 (tokens per sample)")
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """FAISS spherical k-means, one run per value of ``k``.
+
+    ``max_points_per_centroid``: faiss trains on at most k times this many points (a seeded
+    sample), then assigns every point.
+    """
+
+    k: tuple[int, ...] = (100,)
+    niter: int = 20
+    max_points_per_centroid: int = 256
+    gpu: Literal["auto", "never"] = "auto"
+
+    def __post_init__(self) -> None:
+        if not self.k:
+            _fail("cluster.k", list(self.k), "a non-empty list of ints >= 1")
+        for k in self.k:
+            if k < 1:
+                _fail("cluster.k", list(self.k), "ints >= 1 (number of clusters)")
+        if len(set(self.k)) != len(self.k):
+            _fail("cluster.k", list(self.k), "distinct values (each K is one candidate family)")
+        if self.niter < 1:
+            _fail("cluster.niter", self.niter, "an int >= 1")
+        if self.max_points_per_centroid < 1:
+            _fail("cluster.max_points_per_centroid", self.max_points_per_centroid, "an int >= 1")
+
+
+@dataclass(frozen=True)
+class SelectConfig:
+    """Budgets M (each a count or a fraction of the pool) and the random baselines."""
+
+    budgets: tuple[Budget, ...] = ("1%", "2%", "5%")
+    random_seeds: tuple[int, ...] = (0, 1, 2)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    def __post_init__(self) -> None:
+        if not self.budgets:
+            _fail("select.budgets", list(self.budgets), "a non-empty list such as ['1%', '2%'] or [100, 200]")
+        parsed = [_parse_budget("select.budgets", b) for b in self.budgets]
+        if len(set(parsed)) != len(parsed):
+            _fail("select.budgets", list(self.budgets), "distinct budgets")
+        if len(set(self.random_seeds)) != len(self.random_seeds):
+            _fail("select.random_seeds", list(self.random_seeds), "distinct ints")
+
+    def resolve_budgets(self, n: int) -> tuple[int, ...]:
+        """Budgets as sample counts for a pool of ``n``; a count above ``n`` is an error."""
+        out = []
+        for raw in self.budgets:
+            b = _parse_budget("select.budgets", raw)
+            m = b if isinstance(b, int) else max(1, int(round(b * n)))
+            if m > n:
+                raise ConfigError(
+                    f"config field 'select.budgets' has {raw!r} = {m} samples, more than the pool's "
+                    f"{n}; use a count <= {n} or a fraction")
+            out.append(m)
+        if len(set(out)) != len(out):
+            raise ConfigError(
+                f"config field 'select.budgets' {list(self.budgets)} gives duplicate sample counts "
+                f"{out} for a pool of {n}; give budgets that differ")
+        return tuple(out)
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole run. ``seed`` seeds k-means and the random baselines; ``threads`` caps torch's."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    select: SelectConfig = field(default_factory=SelectConfig)
+    output_dir: str = "runs/latest"
+    seed: int = 0
+    threads: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if self.seed < 0:
+            _fail("seed", self.seed, "an int >= 0")
+        if self.threads is not None and self.threads < 1:
+            _fail("threads", self.threads, "empty (torch's default) or an int >= 1")
+        if not self.output_dir:
+            _fail("output_dir", self.output_dir, "a directory path")
+
+    # -- construction ---------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "Config":
+        return _build(cls, raw, "")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "Config":
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist; pass the path of a YAML file")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {str(p)!r} must hold a mapping of fields, not {type(raw).__name__}")
+        return cls.from_dict(raw)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(dataclasses.asdict(self))
+
+    def override(self, assignments: list[str]) -> "Config":
+        """A new config with ``section.field=value`` assignments applied (value parsed as YAML)."""
+        values = {}
+        for item in assignments:
+            if "=" not in item:
+                raise ConfigError(f"override {item!r} is not of the form section.field=value")
+            key, _, text = item.partition("=")
+            try:
+                values[key.strip()] = yaml.safe_load(text)
+            except yaml.YAMLError:
+                values[key.strip()] = text
+        return self.with_fields(values)
+
+    def with_fields(self, values: dict[str, Any]) -> "Config":
+        """A new config with dotted fields (``"cluster.k"``) set to plain values, validated anew."""
+        raw = self.to_dict()
+        for key, value in values.items():
+            node = raw
+            parts = key.split(".")
+            for part in parts[:-1]:
+                if not isinstance(node.get(part), dict):
+                    raise ConfigError(f"{key!r}: {part!r} is not a config section; sections are "
+                                      f"{sorted(k for k, v in raw.items() if isinstance(v, dict))}")
+                node = node[part]
+            node[parts[-1]] = value
+        return Config.from_dict(raw)
+
+
+# -- typed construction from plain data ---------------------------------------------------------
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config section {prefix.rstrip('.') or '<root>'!r} must be a mapping, "
+                          f"not {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {[prefix + u for u in unknown]}; "
+                          f"allowed in {prefix.rstrip('.') or 'the top level'}: {sorted(names)}")
+    kwargs = {name: _coerce(hints[name], value, prefix + name) for name, value in raw.items()}
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, name: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, name + ".")
+    if origin is Union:
+        if value is None and type(None) in args:
+            return None
+        if tp == Budget or set(args) == {int, float, str}:
+            if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+                return value
+            _fail(name, value, "an int, float or string")
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0] if len(inner) == 1 else Union[tuple(inner)], value, name)
+    if origin is Literal:
+        if value not in args:
+            _fail(name, value, " | ".join(repr(a) for a in args))
+        return value
+    if origin is tuple:
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            value = [value]  # a scalar where a list is expected: a list of one
+        if not isinstance(value, (list, tuple)):
+            _fail(name, value, f"a list of {getattr(args[0], '__name__', args[0])}")
+        return tuple(_coerce(args[0], v, name) for v in value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            _fail(name, value, "an int")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            _fail(name, value, "a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            _fail(name, value, "a string")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            _fail(name, value, "true or false")
+        return value
+    raise TypeError(f"unsupported config type {tp!r} for {name}")  # a bug in this module

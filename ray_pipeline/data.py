@@ -1,0 +1,267 @@
+"""Stage 1: the pool of samples (METHOD.md step 1).
+
+Reads JSONL, JSON (a list of records), CSV or Parquet into a :class:`Pool`: stable ids, the
+text each sample is embedded from, an optional label and optional precomputed embeddings.
+Every problem is reported as an :class:`InputError` naming the file, row or field and the fix,
+before any expensive work starts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import string
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from .config import DataConfig
+from .errors import InputError
+
+log = logging.getLogger(__name__)
+
+FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet",
+           ".pq": "parquet"}
+
+
+@dataclass
+class Pool:
+    """ids: (n,) str, unique. texts: (n,) str or None (embeddings given). labels: (n,) or None.
+    embeddings: (n, d) float32 or None. source: where the pool was read from."""
+
+    ids: np.ndarray
+    texts: Optional[np.ndarray]
+    labels: Optional[np.ndarray]
+    embeddings: Optional[np.ndarray]
+    source: str
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def detect_format(path: Path, fmt: str = "auto") -> str:
+    if fmt != "auto":
+        return fmt
+    try:
+        return FORMATS[path.suffix.lower()]
+    except KeyError:
+        raise InputError(f"cannot tell the format of {str(path)!r} from its suffix; name it .jsonl, "
+                         f".json, .csv or .parquet, or set data.format") from None
+
+
+def read_table(path: str | Path, fmt: str = "auto") -> pa.Table:
+    """The file as an Arrow table; errors name the file and what was wrong with it."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"data file {str(p)!r} does not exist; pass an existing file with --data")
+    kind = detect_format(p, fmt)
+    try:
+        if kind == "parquet":
+            return pq.read_table(p)
+        if kind == "csv":
+            # Every column as text: ids such as "007" and labels stay exactly as written.
+            names = pacsv.open_csv(p).schema.names
+            opts = pacsv.ConvertOptions(column_types={c: pa.string() for c in names})
+            return pacsv.read_csv(p, convert_options=opts)
+        if kind == "jsonl":
+            records = []
+            with p.open(encoding="utf-8") as f:
+                for line_no, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        rec = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise InputError(f"{p}: line {line_no} is not valid JSON ({e.msg}); "
+                                         f"each line of a .jsonl file must be one JSON object") from None
+                    if not isinstance(rec, dict):
+                        raise InputError(f"{p}: line {line_no} is a JSON {type(rec).__name__}, not an object")
+                    records.append(rec)
+            return pa.Table.from_pylist(records)
+        with p.open(encoding="utf-8") as f:
+            try:
+                records = json.load(f)
+            except json.JSONDecodeError as e:
+                raise InputError(f"{p} is not valid JSON ({e.msg} at line {e.lineno}); a .json pool "
+                                 f"is one list of objects (use .jsonl for one object per line)") from None
+        if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+            raise InputError(f"{p} must hold a JSON list of objects (records)")
+        return pa.Table.from_pylist(records)
+    except (pa.ArrowInvalid, UnicodeDecodeError, OSError) as e:
+        raise InputError(f"cannot read {str(p)!r} as {kind}: {e}") from None
+
+
+def _column(table: pa.Table, name: str, path: str, role: str) -> list:
+    if name not in table.column_names:
+        raise InputError(f"{path} has no {role} column {name!r}; its columns are {table.column_names}. "
+                         f"Set data.{role}_column to one of them")
+    return table.column(name).to_pylist()
+
+
+def _texts(table: pa.Table, cfg: DataConfig, path: str) -> np.ndarray:
+    n = table.num_rows
+    if cfg.text_template:
+        fields = [f for _, f, _, _ in string.Formatter().parse(cfg.text_template) if f]
+        missing = [f for f in fields if f not in table.column_names]
+        if missing:
+            raise InputError(f"data.text_template uses field(s) {missing} that {path} does not have; "
+                             f"its columns are {table.column_names}")
+        cols = {f: table.column(f).to_pylist() for f in fields}
+        out = []
+        for i in range(n):
+            values = {f: ("" if cols[f][i] is None else cols[f][i]) for f in fields}
+            out.append(cfg.text_template.format(**values))
+    else:
+        name = cfg.text_column or "text"
+        if name not in table.column_names:
+            raise InputError(f"{path} has no text column {name!r}; its columns are {table.column_names}. "
+                             f"Set data.text_column, or data.text_template such as '{{instruction}}\\n{{input}}'")
+        out = table.column(name).to_pylist()
+    bad = [i for i, t in enumerate(out) if t is None or not str(t).strip()]
+    if bad:
+        raise InputError(f"{path}: {len(bad)} sample(s) have an empty or null text, first at row {bad[0]} "
+                         f"(0-based); remove them or fix the text column/template")
+    return np.array([str(t) for t in out], dtype=object)
+
+
+def _ids(table: pa.Table, cfg: DataConfig, path: str) -> np.ndarray:
+    if cfg.id_column:
+        raw = _column(table, cfg.id_column, path, "id")
+        nulls = [i for i, v in enumerate(raw) if v is None]
+        if nulls:
+            raise InputError(f"{path}: id column {cfg.id_column!r} is null at row {nulls[0]}; every sample needs an id")
+        ids = np.array([str(v) for v in raw], dtype=object)
+    else:
+        ids = np.array([f"row-{i}" for i in range(table.num_rows)], dtype=object)
+    uniq, counts = np.unique(ids, return_counts=True)
+    if (counts > 1).any():
+        dup = uniq[counts > 1]
+        raise InputError(f"{path}: {len(dup)} id(s) appear more than once, e.g. {dup[0]!r}; ids must be "
+                         f"unique (fix column {cfg.id_column!r} or leave data.id_column empty for row ids)")
+    return ids
+
+
+def _vectors_from_column(table: pa.Table, column: str, path: str) -> np.ndarray:
+    """A list-of-floats column as an (n, d) array; ragged, null or non-list columns are errors."""
+    if column not in table.column_names:
+        raise InputError(f"{path} has no embedding column {column!r}; its columns are {table.column_names}. "
+                         f"Set data.embedding_column")
+    col = table.column(column).combine_chunks()
+    fixed = pa.types.is_fixed_size_list(col.type)
+    if not (fixed or pa.types.is_list(col.type) or pa.types.is_large_list(col.type)):
+        raise InputError(f"{path}: column {column!r} is {col.type}, not a list of floats")
+    if col.null_count:
+        raise InputError(f"{path}: column {column!r} has {col.null_count} null vector(s)")
+    if fixed:
+        d = col.type.list_size
+    else:
+        lengths = np.unique(np.asarray(col.value_lengths()))
+        if len(lengths) > 1:
+            raise InputError(f"{path}: vectors in {column!r} have different lengths {lengths[:5].tolist()}; "
+                             f"all must have the encoder's dimension")
+        d = int(lengths[0]) if len(lengths) else 0
+    return col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), d)
+
+
+def check_vectors(x: np.ndarray, path: str) -> np.ndarray:
+    """Float, 2-D, non-empty, finite, non-zero rows; returned L2-normalised float32."""
+    if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0:
+        raise InputError(f"{path}: embeddings must be a non-empty 2-D array (n, d), got shape {x.shape}")
+    if not np.issubdtype(x.dtype, np.floating):
+        raise InputError(f"{path}: embeddings must be floats, got {x.dtype}")
+    x = np.asarray(x, dtype=np.float32)
+    finite = np.isfinite(x).all(axis=1)
+    if not finite.all():
+        raise InputError(f"{path}: {int((~finite).sum())} vector(s) hold NaN or inf, first at row "
+                         f"{int(np.flatnonzero(~finite)[0])}; recompute or drop them")
+    return normalize(x, path)
+
+
+def load_embeddings(path: str | Path, column: str = "embedding") -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """Precomputed vectors from a ``.npy`` (n, d) array or a Parquet file with ``column`` (and
+    optionally ``id``). Returns (x, ids): x (n, d) float32 L2-normalised; ids from the file or None."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"embeddings file {str(p)!r} does not exist; pass a .npy or .parquet file")
+    ids = None
+    if p.suffix.lower() == ".npy":
+        try:
+            x = np.load(p, allow_pickle=False)
+        except (ValueError, OSError) as e:
+            raise InputError(f"cannot read {str(p)!r} as a .npy array: {e}") from None
+    elif p.suffix.lower() in (".parquet", ".pq"):
+        table = read_table(p, "parquet")
+        x = _vectors_from_column(table, column, str(p))
+        if "id" in table.column_names:
+            ids = np.array([str(v) for v in table.column("id").to_pylist()], dtype=object)
+    else:
+        raise InputError(f"embeddings file {str(p)!r} must be .npy or .parquet")
+    return check_vectors(x, str(p)), ids
+
+
+def normalize(x: np.ndarray, what: str = "embeddings") -> np.ndarray:
+    """Rows scaled to unit L2 norm (float32); a zero row is an error."""
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    if (norms == 0).any():
+        raise InputError(f"{what}: {int((norms == 0).sum())} vector(s) are all zeros and have no direction")
+    return np.ascontiguousarray(x / norms, dtype=np.float32)
+
+
+def read_pool(cfg: DataConfig) -> Pool:
+    """The pool described by ``cfg``: either a data file (with or without embeddings) or only
+    an embeddings file (then ids come from it, or are row ids)."""
+    if cfg.path is None and cfg.embeddings is None:
+        raise InputError("no data given: pass --data FILE (jsonl, json, csv, parquet) or --embeddings FILE")
+    if cfg.path is None:
+        x, file_ids = load_embeddings(cfg.embeddings, cfg.embedding_column)
+        if cfg.limit:
+            x, file_ids = x[: cfg.limit], (None if file_ids is None else file_ids[: cfg.limit])
+        ids = file_ids if file_ids is not None else np.array([f"row-{i}" for i in range(len(x))], dtype=object)
+        if len(set(ids)) != len(ids):
+            raise InputError(f"{cfg.embeddings}: ids are not unique")
+        return Pool(ids=ids, texts=None, labels=None, embeddings=x, source=str(cfg.embeddings))
+
+    table = read_table(cfg.path, cfg.format)
+    path = str(cfg.path)
+    rows_in_file = table.num_rows
+    if cfg.limit:
+        table = table.slice(0, cfg.limit)
+    if table.num_rows == 0:
+        raise InputError(f"{path} holds no samples; the pool must not be empty")
+    ids = _ids(table, cfg, path)
+    labels = None
+    if cfg.label_column:
+        raw = _column(table, cfg.label_column, path, "label")
+        labels = np.array(raw, dtype=object)
+    embeddings = None
+    texts = None
+    if cfg.embeddings is not None:
+        embeddings, file_ids = load_embeddings(cfg.embeddings, cfg.embedding_column)
+        if file_ids is None and len(embeddings) == rows_in_file:
+            embeddings = embeddings[: len(ids)]  # row-aligned with the file; data.limit applies too
+        embeddings = _align(embeddings, file_ids, ids, str(cfg.embeddings))
+    elif cfg.embedding_column in table.column_names:
+        embeddings = check_vectors(_vectors_from_column(table, cfg.embedding_column, path), path)
+    else:
+        texts = _texts(table, cfg, path)
+    log.info("read %d samples from %s", len(ids), path)
+    return Pool(ids=ids, texts=texts, labels=labels, embeddings=embeddings, source=path)
+
+
+def _align(x: np.ndarray, file_ids: Optional[np.ndarray], ids: np.ndarray, path: str) -> np.ndarray:
+    """Rows of ``x`` in the order of the pool's ``ids``: by id where the file has ids, else by row."""
+    if file_ids is None:
+        if len(x) != len(ids):
+            raise InputError(f"{path} holds {len(x)} vectors but the pool has {len(ids)} samples; "
+                             f"they must match row for row (or give the Parquet file an id column)")
+        return x
+    where = {v: i for i, v in enumerate(file_ids)}
+    missing = [v for v in ids if v not in where]
+    if missing:
+        raise InputError(f"{path}: {len(missing)} pool id(s) have no vector, e.g. {missing[0]!r}")
+    return x[np.array([where[v] for v in ids], dtype=np.int64)]

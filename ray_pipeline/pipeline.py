@@ -1,0 +1,229 @@
+"""The selection job: pool -> vectors -> k-means per K -> key samples -> budgets -> greedy ->
+candidate subsets, written to the run directory.
+
+:func:`select_candidates` is the array-level core (no IO); :func:`run_select` reads the pool,
+embeds it if needed, calls the core and writes ``selection.parquet``, ``clusters.parquet``,
+``embeddings.parquet`` (when it embedded) and ``run.json``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import pyarrow as pa
+
+from . import __version__
+from .artifacts import check_output_dir, write_json, write_parquet
+from .cluster import kmeans
+from .config import Config
+from .data import Pool, normalize, read_pool
+from .device import faiss_gpus, torch_device
+from .errors import InputError
+from .select import center_and_key_samples, k_center_greedy, proportional_budgets, random_ranks
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class KSelection:
+    """Everything selected for one K. assign: (n,) cluster of each sample; center, key: (k,) row
+    indices (-1 for an empty cluster); budgets: M -> (k,) per-cluster counts; rank: (n,) greedy
+    rank in its cluster (-1 if never chosen), run to the largest budget of each cluster."""
+
+    k: int
+    assign: np.ndarray
+    center: np.ndarray
+    key: np.ndarray
+    budgets: dict[int, np.ndarray]
+    rank: np.ndarray
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def members(self, m: int) -> np.ndarray:
+        """(n,) bool: the candidate subset of size m."""
+        return (self.rank >= 0) & (self.rank < self.budgets[m][self.assign])
+
+
+@dataclass
+class Selection:
+    n: int
+    budgets: tuple[int, ...]
+    per_k: list[KSelection]
+    random: dict[int, np.ndarray]  # seed -> (n,) random rank; the subset of size m is rank < m
+
+    def candidates(self) -> list[dict]:
+        out = [{"name": f"k{s.k}_m{m}", "kind": "selection", "k": s.k, "m": m} for s in self.per_k
+               for m in self.budgets]
+        out += [{"name": f"random_m{m}_s{seed}", "kind": "random", "seed": seed, "m": m}
+                for seed in self.random for m in self.budgets]
+        return out
+
+
+def select_candidates(x: np.ndarray, cfg: Config, *, rng: np.random.Generator) -> Selection:
+    """Candidate subsets for every (K, M) of ``cfg`` plus seeded random baselines.
+
+    x: (n, d) float32, L2-normalised rows. rng: draws the random baselines (one child stream per
+    seed in ``cfg.select.random_seeds``, so adding a seed does not change the others).
+
+    Example:
+        >>> rng = np.random.default_rng(0)
+        >>> x = rng.normal(size=(500, 16)).astype(np.float32)
+        >>> x /= np.linalg.norm(x, axis=1, keepdims=True)
+        >>> cfg = Config.from_dict({"cluster": {"k": [5]}, "select": {"budgets": [10, 50]}})
+        >>> sel = select_candidates(x, cfg, rng=rng)
+        >>> [int(sel.per_k[0].members(m).sum()) for m in (10, 50)]
+        [10, 50]
+    """
+    import torch
+
+    n = len(x)
+    budgets = cfg.select.resolve_budgets(n)
+    for k in cfg.cluster.k:
+        if k > n:
+            raise InputError(f"cluster.k={k} is more than the pool's {n} samples; choose k <= {n}")
+    device = torch_device(cfg.select.device)
+    gpus = faiss_gpus(cfg.cluster.gpu)
+    x_t = torch.from_numpy(x).to(device)
+    per_k = []
+    for k in cfg.cluster.k:
+        t0 = time.perf_counter()
+        km = kmeans(x, k, seed=cfg.seed, niter=cfg.cluster.niter,
+                    max_points_per_centroid=cfg.cluster.max_points_per_centroid, gpus=gpus)
+        t1 = time.perf_counter()
+        assign_t = torch.from_numpy(km.assign).to(device)
+        center, key = center_and_key_samples(x_t, assign_t, torch.from_numpy(km.sim).to(device), k)
+        t2 = time.perf_counter()
+        sizes = km.sizes
+        per_m = {m: proportional_budgets(sizes, m) for m in budgets}
+        # Largest remainder is not monotone in M (the Alabama paradox): run each cluster to the
+        # most any budget asks of it, so every candidate is a prefix of one greedy order.
+        run_to = np.max(np.stack(list(per_m.values())), axis=0)
+        rank = k_center_greedy(x_t, assign_t, torch.from_numpy(run_to).to(device), key)
+        rank_np = rank.cpu().numpy()  # the one device-to-host copy of the greedy
+        t3 = time.perf_counter()
+        per_k.append(KSelection(
+            k=k, assign=km.assign, center=center.cpu().numpy(), key=key.cpu().numpy(),
+            budgets=per_m, rank=rank_np,
+            seconds={"kmeans": t1 - t0, "key_samples": t2 - t1, "greedy": t3 - t2}))
+        log.info("K=%d: k-means %.2fs, key samples %.2fs, greedy %.2fs (%d empty clusters)",
+                 k, t1 - t0, t2 - t1, t3 - t2, int((sizes == 0).sum()))
+    children = rng.spawn(len(cfg.select.random_seeds))
+    random = {seed: random_ranks(n, child) for seed, child in zip(cfg.select.random_seeds, children)}
+    return Selection(n=n, budgets=budgets, per_k=per_k, random=random)
+
+
+# ----------------------------------------------------------------------------------------------
+# tables
+
+
+def selection_table(pool: Pool, sel: Selection) -> pa.Table:
+    """One row per sample: id, label, per K its cluster and greedy rank, and a bool per candidate."""
+    cols: dict[str, pa.Array] = {"id": pa.array(pool.ids.tolist(), pa.string())}
+    if pool.labels is not None:
+        cols["label"] = pa.array([None if v is None else str(v) for v in pool.labels], pa.string())
+    for s in sel.per_k:
+        cols[f"cluster_k{s.k}"] = pa.array(s.assign.astype(np.int32))
+        cols[f"rank_k{s.k}"] = pa.array(s.rank.astype(np.int32))
+        for m in sel.budgets:
+            cols[f"in_k{s.k}_m{m}"] = pa.array(s.members(m))
+    for seed, rank in sel.random.items():
+        for m in sel.budgets:
+            cols[f"in_random_m{m}_s{seed}"] = pa.array(rank < m)
+    return pa.table(cols)
+
+
+def clusters_table(pool: Pool, sel: Selection) -> pa.Table:
+    """One row per (K, cluster): size, center and key sample ids, budget per M."""
+    ids = pool.ids
+    rows: dict[str, list] = {"k": [], "cluster": [], "size": [], "center_id": [], "key_id": []}
+    for m in sel.budgets:
+        rows[f"budget_m{m}"] = []
+    for s in sel.per_k:
+        sizes = np.bincount(s.assign, minlength=s.k)
+        for c in range(s.k):
+            rows["k"].append(s.k)
+            rows["cluster"].append(c)
+            rows["size"].append(int(sizes[c]))
+            rows["center_id"].append(None if s.center[c] < 0 else str(ids[s.center[c]]))
+            rows["key_id"].append(None if s.key[c] < 0 else str(ids[s.key[c]]))
+            for m in sel.budgets:
+                rows[f"budget_m{m}"].append(int(s.budgets[m][c]))
+    return pa.table(rows)
+
+
+def embeddings_table(ids: np.ndarray, x: np.ndarray) -> pa.Table:
+    """id + fixed-size-list float32 vector: what ``--embeddings`` reads back."""
+    flat = pa.array(np.ascontiguousarray(x, np.float32).reshape(-1))
+    return pa.table({"id": pa.array(ids.tolist(), pa.string()),
+                     "embedding": pa.FixedSizeListArray.from_arrays(flat, x.shape[1])})
+
+
+def versions() -> dict[str, str]:
+    import faiss
+    import torch
+
+    return {"ray_pipeline": __version__, "python": platform.python_version(), "numpy": np.__version__,
+            "torch": torch.__version__, "faiss": faiss.__version__, "pyarrow": pa.__version__}
+
+
+# ----------------------------------------------------------------------------------------------
+# the job
+
+
+def run_select(cfg: Config, *, overwrite: bool = False, progress: bool = True) -> Path:
+    """Read, embed (unless vectors are given), select, write. Returns the output directory."""
+    import torch
+
+    out = Path(cfg.output_dir)
+    check_output_dir(out, cfg.to_dict(), overwrite)
+    if cfg.threads:
+        import faiss
+
+        torch.set_num_threads(cfg.threads)
+        faiss.omp_set_num_threads(cfg.threads)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    pool = read_pool(cfg.data)
+    timings["read"] = time.perf_counter() - t0
+    embedded = False
+    if pool.embeddings is None:
+        from .embed import embed_texts
+
+        t0 = time.perf_counter()
+        log.info("embedding %d texts with %s", len(pool), cfg.embed.model)
+        pool.embeddings = normalize(embed_texts(pool.texts, cfg.embed, progress=progress))
+        timings["embed"] = time.perf_counter() - t0
+        embedded = True
+    x = pool.embeddings
+    log.info("selecting from %d vectors of dimension %d", *x.shape)
+    rng = np.random.default_rng(cfg.seed)
+    t0 = time.perf_counter()
+    sel = select_candidates(x, cfg, rng=rng)
+    timings["select"] = time.perf_counter() - t0
+
+    if embedded:
+        write_parquet(embeddings_table(pool.ids, x), out / "embeddings.parquet")
+    write_parquet(selection_table(pool, sel), out / "selection.parquet")
+    write_parquet(clusters_table(pool, sel), out / "clusters.parquet")
+    write_json({
+        "config": cfg.to_dict(),
+        "source": pool.source,
+        "n": len(pool), "dim": int(x.shape[1]),
+        "budgets": list(sel.budgets),
+        "seeds": {"seed": cfg.seed, "random_seeds": list(cfg.select.random_seeds)},
+        "candidates": sel.candidates(),
+        "timings_s": timings,
+        "per_k_timings_s": {str(s.k): s.seconds for s in sel.per_k},
+        "device": {"select": str(torch_device(cfg.select.device)), "faiss_gpus": faiss_gpus(cfg.cluster.gpu)},
+        "versions": versions(),
+        "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                    "cpus": os.cpu_count()},
+    }, out / "run.json")
+    log.info("wrote %s (%d candidates)", out, len(sel.candidates()))
+    return out

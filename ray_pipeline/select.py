@@ -1,0 +1,262 @@
+"""Stages 4-7 of METHOD.md: key samples, budgets, k-center greedy, candidates.
+
+Pure kernels over arrays, no IO:
+
+- :func:`center_and_key_samples`: per cluster, the member nearest its centroid (center sample)
+  and the other member nearest the center sample (key sample).
+- :func:`proportional_budgets`: n_k = M |C_k| / N, largest-remainder rounded, capped at |C_k|.
+- :func:`k_center_greedy`: farthest-first traversal inside every cluster at once, started at the
+  key samples. Returns the greedy *rank* of each sample in its cluster, so one pass to the
+  largest budget yields every smaller budget as a prefix.
+- :func:`k_center_greedy_reference`: the slow, obvious per-cluster loop, for tests and benchmarks.
+
+The torch kernels run on whatever device their input tensors live on.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .errors import InputError
+
+# ----------------------------------------------------------------------------------------------
+# segment primitives
+
+
+def segment_argmax(values: torch.Tensor, seg: torch.Tensor, n_seg: int) -> torch.Tensor:
+    """Index of the largest value in each segment (the lowest index among ties); -1 if empty.
+
+    values: (n,) float tensor. seg: (n,) int64 segment id of each value, in [0, n_seg).
+    Segments need not be contiguous. O(n) work, two scatter-reductions, no host sync.
+    NaN values are not supported (they never compare equal to the max).
+    """
+    n = values.shape[0]
+    top = torch.full((n_seg,), float("-inf"), dtype=values.dtype, device=values.device)
+    top = top.scatter_reduce(0, seg, values, reduce="amax", include_self=True)
+    pos = torch.arange(n, device=values.device)
+    cand = torch.where(values == top[seg], pos, n)
+    first = torch.full((n_seg,), n, dtype=torch.int64, device=values.device)
+    first = first.scatter_reduce(0, seg, cand, reduce="amin", include_self=True)
+    return torch.where(first == n, -1, first)
+
+
+def _rowwise_sq_dist(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Squared Euclidean distance between matching rows, (n, d) x (n, d) -> (n,), exact form."""
+    return (a - b).square_().sum(dim=1)
+
+
+def _default_chunk_rows(x: torch.Tensor) -> int:
+    # On CPU, work through x in pieces of about 4 MB so the gathered centers stay in cache; on a
+    # GPU one piece is fastest.
+    if x.device.type != "cpu":
+        return max(1, x.shape[0])
+    return max(256, (4 << 20) // max(1, x.shape[1] * x.element_size()))
+
+
+# ----------------------------------------------------------------------------------------------
+# step 3-4: center and key samples
+
+
+def center_and_key_samples(x: torch.Tensor, assign: torch.Tensor, centroid_sim: torch.Tensor,
+                           k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Center and key sample of every cluster (METHOD.md steps 3-4).
+
+    x: (n, d) float tensor of L2-normalised rows. assign: (n,) int64 cluster of each row in
+    [0, k). centroid_sim: (n,) similarity of each row to its own centroid (from k-means).
+    Returns (center, key), each (k,) int64 row indices: the member most similar to the centroid,
+    and the member other than the center most cosine-similar to the center. A singleton
+    cluster's key is its center; an empty cluster has -1 for both. Ties: the lowest index.
+
+    Example:
+        >>> x = torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.6, 0.8], [0.0, 1.0]])
+        >>> assign = torch.tensor([0, 0, 0, 1])
+        >>> sim = torch.tensor([0.8, 1.0, 0.96, 1.0])  # centroid 0 at (0.8, 0.6)
+        >>> center_and_key_samples(x, assign, sim, 2)
+        (tensor([1, 3]), tensor([2, 3]))
+    """
+    center = segment_argmax(centroid_sim, assign, k)
+    owner = center[assign]  # (n,) the center sample of each row's cluster
+    sim_to_center = torch.empty(x.shape[0], dtype=x.dtype, device=x.device)
+    step = _default_chunk_rows(x)
+    for lo in range(0, x.shape[0], step):
+        hi = min(lo + step, x.shape[0])
+        sim_to_center[lo:hi] = (x[lo:hi] * x[owner[lo:hi]]).sum(dim=1)
+    rows = torch.arange(x.shape[0], device=x.device)
+    sim_to_center[rows == owner] = float("-inf")  # the center itself is not a key candidate
+    key = segment_argmax(sim_to_center, assign, k)
+    # A singleton's only value is -inf, which is its max: key == center, as documented.
+    return center, key
+
+
+# ----------------------------------------------------------------------------------------------
+# step 5: budgets
+
+
+def largest_remainder(weights: np.ndarray, total: int, caps: np.ndarray) -> np.ndarray:
+    """Split ``total`` into integers proportional to ``weights``, each <= its cap, summing to total.
+
+    weights, caps: (k,) non-negative ints. Exact integer arithmetic: share_k = total * w_k / W,
+    floors first, then one more to the largest remainders (ties: larger weight, then lower index).
+    A share above its cap is clipped and the excess is split again among the others, by weight.
+    """
+    weights = np.asarray(weights, dtype=np.int64)
+    caps = np.asarray(caps, dtype=np.int64)
+    if total < 0 or total > int(caps.sum()):
+        raise InputError(f"cannot place {total} samples in clusters holding {int(caps.sum())}; "
+                         f"choose a budget between 0 and {int(caps.sum())}")
+    out = np.zeros_like(weights)
+    left = int(total)
+    open_ = caps > 0
+    while left > 0:
+        w = np.where(open_, weights, 0)
+        if w.sum() == 0:  # only zero-weight clusters have room: fill them by index order
+            w = open_.astype(np.int64)
+        wsum = int(w.sum())
+        floor = (left * w) // wsum
+        rem = (left * w) % wsum
+        extra = left - int(floor.sum())
+        order = np.lexsort((np.arange(len(w)), -w, -rem))  # last key sorts first
+        share = floor.copy()
+        share[order[:extra]] += 1
+        share = np.minimum(share, caps - out)
+        out += share
+        left -= int(share.sum())
+        open_ = out < caps
+    return out
+
+
+def proportional_budgets(sizes: np.ndarray, m: int) -> np.ndarray:
+    """n_k = M |C_k| / N rounded by largest remainder (METHOD.md step 5); sums to exactly m.
+
+    Example:
+        >>> proportional_budgets(np.array([5, 3, 2]), 4)
+        array([2, 1, 1])
+    """
+    sizes = np.asarray(sizes, dtype=np.int64)
+    return largest_remainder(sizes, m, sizes)
+
+
+# ----------------------------------------------------------------------------------------------
+# step 6: k-center greedy
+
+
+def _check_greedy_inputs(x, assign, budgets, starts):
+    k = budgets.shape[0]
+    if x.ndim != 2 or assign.shape != (x.shape[0],) or starts.shape != (k,):
+        raise ValueError(f"shapes do not match: x {tuple(x.shape)}, assign {tuple(assign.shape)}, "
+                         f"budgets {tuple(budgets.shape)}, starts {tuple(starts.shape)}")
+    sizes = torch.bincount(assign, minlength=k)
+    if bool((budgets < 0).any()) or bool((budgets > sizes).any()):
+        raise ValueError("every budget must be between 0 and its cluster's size")
+    live = budgets > 0
+    if bool((starts[live] < 0).any()) or bool((assign[starts[live]] != torch.nonzero(live)[:, 0]).any()):
+        raise ValueError("every cluster with a budget needs a start row that belongs to it")
+
+
+def k_center_greedy(x: torch.Tensor, assign: torch.Tensor, budgets: torch.Tensor,
+                    starts: torch.Tensor, *, chunk_rows: int | None = None) -> torch.Tensor:
+    """Farthest-first traversal in every cluster at once; returns each row's greedy rank.
+
+    x: (n, d) float tensor (float32 or float64; the distances are computed in its dtype).
+    assign: (n,) int64 cluster of each row in [0, k). budgets: (k,) int64, 0 <= b_k <= |C_k|.
+    starts: (k,) int64 row index of each cluster's first pick (its key sample); ignored where
+    the budget is 0. All on one device; the result stays there.
+
+    Returns rank: (n,) int64, the step at which the row was chosen in its cluster (0 for the
+    start), -1 if it was not. Cluster k's subset for any budget b <= b_k is ``rank < b`` on its
+    members, so the largest budgets give every smaller one.
+
+    One step advances every cluster that still has budget: a segment argmax of the running
+    distance-to-chosen vector, then one update of it. Clusters are laid out by budget,
+    largest first, so the rows still in play are always a prefix and finished clusters cost
+    nothing. Work O(sum_k |C_k| b_k d), the same as a per-cluster loop; memory O(n d) for one
+    cluster-sorted copy of x, never an n x M distance matrix. Ties: the lowest row index.
+
+    Example:
+        >>> x = torch.tensor([[0.0, 0.0], [1.0, 0.0], [3.0, 0.0], [10.0, 0.0], [11.0, 0.0]])
+        >>> k_center_greedy(x, torch.tensor([0, 0, 0, 1, 1]), torch.tensor([3, 1]),
+        ...                 torch.tensor([1, 4]))
+        tensor([ 2,  0,  1, -1,  0])
+    """
+    _check_greedy_inputs(x, assign, budgets, starts)
+    device = x.device
+    n, k = x.shape[0], budgets.shape[0]
+    b_host = budgets.cpu().numpy()
+    # Lay clusters out by budget, largest first (stable), and rows by cluster.
+    corder = np.argsort(-b_host, kind="stable")
+    cpos = np.empty(k, dtype=np.int64)
+    cpos[corder] = np.arange(k)
+    cpos_t = torch.as_tensor(cpos, device=device)
+    seg_unsorted = cpos_t[assign]
+    seg, perm = torch.sort(seg_unsorted, stable=True)
+    xs = x[perm]  # (n, d) cluster-sorted copy
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(n, device=device)
+
+    b_sorted = b_host[corder]
+    sizes_sorted = np.bincount(cpos[assign.cpu().numpy()], minlength=k) if n else np.zeros(k, np.int64)
+    row_end = np.cumsum(sizes_sorted)  # rows of cluster position j end at row_end[j]
+    steps = int(b_sorted[0]) if k else 0
+    rank_sorted = torch.full((n,), -1, dtype=torch.int64, device=device)
+    if steps == 0:
+        return rank_sorted
+    mind = torch.full((n,), float("inf"), dtype=x.dtype, device=device)
+    first = inv[starts[torch.as_tensor(corder, device=device)]]
+    chunk = chunk_rows or _default_chunk_rows(x)
+
+    for t in range(steps):
+        a = int((b_sorted > t).sum())  # clusters still picking: positions [0, a)
+        p = int(row_end[a - 1])  # their rows: [0, p)
+        if t == 0:
+            pick = first[:a]
+        else:
+            pick = segment_argmax(mind[:p], seg[:p], a)
+        rank_sorted[pick] = t
+        mind[pick] = float("-inf")  # chosen rows are never chosen again, even among duplicates
+        if t == steps - 1:
+            break
+        centers = xs[pick]  # (a, d)
+        for lo in range(0, p, chunk):
+            hi = min(lo + chunk, p)
+            d2 = _rowwise_sq_dist(xs[lo:hi], centers[seg[lo:hi]])
+            torch.minimum(mind[lo:hi], d2, out=mind[lo:hi])
+    rank = torch.empty_like(rank_sorted)
+    rank[perm] = rank_sorted
+    return rank
+
+
+def k_center_greedy_reference(x: np.ndarray, assign: np.ndarray, budgets: np.ndarray,
+                              starts: np.ndarray) -> np.ndarray:
+    """The slow, obvious version of :func:`k_center_greedy`: a Python loop over clusters and picks
+    (as DeepCore's and Google's active-learning k-center greedy do, per cluster). Same contract,
+    numpy arrays in and out."""
+    rank = np.full(len(x), -1, dtype=np.int64)
+    for c in range(len(budgets)):
+        if budgets[c] == 0:
+            continue
+        members = np.flatnonzero(assign == c)
+        xm = x[members]
+        mind = np.full(len(members), np.inf, dtype=x.dtype)
+        chosen = np.zeros(len(members), dtype=bool)
+        pick = int(np.flatnonzero(members == starts[c])[0])
+        for t in range(int(budgets[c])):
+            if t > 0:
+                masked = np.where(chosen, -np.inf, mind)
+                pick = int(np.argmax(masked))
+            chosen[pick] = True
+            rank[members[pick]] = t
+            mind = np.minimum(mind, ((xm - xm[pick]) ** 2).sum(axis=1))
+    return rank
+
+
+# ----------------------------------------------------------------------------------------------
+# step 7: candidates
+
+
+def random_ranks(n: int, rng: np.random.Generator) -> np.ndarray:
+    """A random order of the pool as a rank per row: the random subset of size m is ``rank < m``,
+    so random subsets of one seed are nested, like the greedy ones."""
+    rank = np.empty(n, dtype=np.int64)
+    rank[rng.permutation(n)] = np.arange(n)
+    return rank

@@ -1,0 +1,104 @@
+"""The ``select`` job end to end: outputs, determinism, errors, and the real demo pool."""
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import unit_blobs
+from ray_pipeline.cli import main
+
+
+@pytest.fixture(scope="module")
+def vectors(tmp_path_factory):
+    p = tmp_path_factory.mktemp("vec") / "x.npy"
+    np.save(p, unit_blobs(3000, 24, 15, 0))
+    return p
+
+
+def run(tmp_path, vectors, name="out", *extra):
+    out = tmp_path / name
+    rc = main(["select", "--embeddings", str(vectors), "--k", "10", "30", "--budgets", "1%", "60", "5%",
+               "--out", str(out), "--no-progress", *extra])
+    return rc, out
+
+
+def test_outputs(tmp_path, vectors):
+    rc, out = run(tmp_path, vectors)
+    assert rc == 0
+    sel = pq.read_table(out / "selection.parquet").to_pandas()
+    clusters = pq.read_table(out / "clusters.parquet").to_pandas()
+    meta = json.loads((out / "run.json").read_text())
+    assert len(sel) == 3000 and sel["id"].is_unique
+    assert meta["budgets"] == [30, 60, 150] and meta["n"] == 3000 and meta["dim"] == 24
+    for k in (10, 30):
+        rows = clusters[clusters.k == k]
+        assert len(rows) == k and rows["size"].sum() == 3000
+        for m in (30, 60, 150):
+            members = sel[f"in_k{k}_m{m}"]
+            assert members.sum() == m
+            assert rows[f"budget_m{m}"].sum() == m
+            # every non-empty cluster with a budget contains its key sample
+            keyed = rows[rows[f"budget_m{m}"] > 0]["key_id"]
+            assert set(keyed) <= set(sel["id"][members])
+        # candidates are nested: one greedy order serves every budget
+        assert (sel[f"in_k{k}_m30"] <= sel[f"in_k{k}_m60"]).all()
+        assert (sel[f"in_k{k}_m60"] <= sel[f"in_k{k}_m150"]).all()
+    for seed in (0, 1, 2):
+        assert sel[f"in_random_m60_s{seed}"].sum() == 60
+    assert not list(out.glob(".*tmp*"))  # no temporary files left behind
+    names = {c["name"] for c in meta["candidates"]}
+    assert {"k10_m30", "k30_m150", "random_m30_s2"} <= names and len(names) == 2 * 3 + 3 * 3
+
+
+def test_same_seed_byte_identical_outputs(tmp_path, vectors):
+    _, a = run(tmp_path, vectors, "a")
+    _, b = run(tmp_path, vectors, "b")
+    for f in ("selection.parquet", "clusters.parquet"):
+        assert (a / f).read_bytes() == (b / f).read_bytes()
+    _, c = run(tmp_path, vectors, "c", "--seed", "1")
+    assert (a / "selection.parquet").read_bytes() != (c / "selection.parquet").read_bytes()
+
+
+def test_bad_input_exits_2_with_a_message(tmp_path, vectors, capsys):
+    rc = main(["select", "--embeddings", str(tmp_path / "none.npy"), "--out", str(tmp_path / "o")])
+    assert rc == 2 and "does not exist" in capsys.readouterr().err
+    rc, out = run(tmp_path, vectors, "big", "--set", "cluster.k=[5000]")
+    assert rc == 2 and "cluster.k=5000 is more than the pool's 3000" in capsys.readouterr().err
+    assert not out.exists() or not any(out.iterdir())  # nothing half-written
+    rc = main(["select", "--embeddings", str(vectors), "--set", "cluster.bogus=1"])
+    assert rc == 2 and "unknown config key" in capsys.readouterr().err
+
+
+def test_refuses_to_mix_runs_in_one_directory(tmp_path, vectors, capsys):
+    assert run(tmp_path, vectors, "same")[0] == 0
+    assert run(tmp_path, vectors, "same")[0] == 0  # the same run again is fine
+    rc, _ = run(tmp_path, vectors, "same", "--seed", "9")
+    assert rc == 2 and "holds a different run" in capsys.readouterr().err
+    assert run(tmp_path, vectors, "same", "--seed", "9", "--overwrite")[0] == 0
+
+
+def test_config_file_and_flags(tmp_path, vectors):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"data:\n  embeddings: {vectors}\ncluster:\n  k: [7]\nselect:\n  budgets: [20]\n"
+                   f"  random_seeds: [4]\noutput_dir: {tmp_path / 'fromyaml'}\n")
+    assert main(["select", str(cfg), "--no-progress", "--k", "8"]) == 0  # the flag wins
+    sel = pq.read_table(tmp_path / "fromyaml" / "selection.parquet")
+    assert "in_k8_m20" in sel.column_names and "in_random_m20_s4" in sel.column_names
+
+
+def test_real_pool_embedded_with_minilm(tmp_path, shared_data):
+    out = tmp_path / "bank"
+    rc = main(["select", "--data", str(shared_data / "banking77" / "train.csv"), "--label-column", "category",
+               "--set", "data.limit=400", "--k", "8", "--budgets", "40", "--out", str(out), "--no-progress"])
+    assert rc == 0
+    sel = pq.read_table(out / "selection.parquet").to_pandas()
+    emb = pq.read_table(out / "embeddings.parquet")
+    assert emb.num_rows == 400 and emb.schema.field("embedding").type.list_size == 384
+    assert sel["in_k8_m40"].sum() == 40 and sel["label"].notna().all()
+    # the written vectors feed a second run without the encoder, with the same selection
+    rc = main(["select", "--embeddings", str(out / "embeddings.parquet"), "--k", "8", "--budgets", "40",
+               "--out", str(tmp_path / "again"), "--no-progress"])
+    again = pq.read_table(tmp_path / "again" / "selection.parquet").to_pandas()
+    assert rc == 0 and (again["in_k8_m40"] == sel["in_k8_m40"]).all()

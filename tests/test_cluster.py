@@ -1,0 +1,50 @@
+"""FAISS spherical k-means: a toy case, invariants, and determinism under a seed."""
+
+import numpy as np
+import pytest
+
+from conftest import unit_blobs
+from ray_pipeline.cluster import kmeans
+from ray_pipeline.errors import InputError
+
+
+def test_two_obvious_groups_by_hand():
+    # Four unit vectors near +x and four near +y: two clusters, centroids near the axes.
+    a = np.deg2rad([-5, -2, 2, 5, 85, 88, 92, 95])
+    x = np.stack([np.cos(a), np.sin(a)], axis=1).astype(np.float32)
+    r = kmeans(x, 2, seed=0)
+    assert len(set(r.assign[:4])) == 1 and len(set(r.assign[4:])) == 1
+    assert r.assign[0] != r.assign[4]
+    c = r.centroids[r.assign[0]]
+    np.testing.assert_allclose(c, [1.0, 0.0], atol=1e-6)  # symmetric around +x, unit norm
+    np.testing.assert_allclose(r.sim[:4], np.cos(np.deg2rad([5, 2, 2, 5])), rtol=1e-6)
+
+
+def test_invariants_and_sim_is_cosine_to_own_centroid():
+    x = unit_blobs(3000, 16, 12, 0)
+    r = kmeans(x, 12, seed=1)
+    assert r.assign.min() >= 0 and r.assign.max() < 12 and r.sizes.sum() == 3000
+    np.testing.assert_allclose(np.linalg.norm(r.centroids, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(r.sim, (x * r.centroids[r.assign]).sum(1), atol=1e-5)
+    # every point's own centroid is its most similar one
+    assert (r.sim >= (x @ r.centroids.T).max(1) - 1e-5).all()
+
+
+def test_trains_on_a_sample_and_still_assigns_every_point():
+    x = unit_blobs(5000, 8, 10, 2)
+    r = kmeans(x, 10, seed=0, max_points_per_centroid=20)  # trains on 200 points
+    assert r.assign.shape == (5000,) and r.sizes.sum() == 5000
+
+
+def test_seeded_runs_are_identical_and_seeds_differ():
+    x = unit_blobs(4000, 32, 30, 3)
+    a, b = kmeans(x, 30, seed=7), kmeans(x, 30, seed=7)
+    assert (a.assign == b.assign).all() and (a.centroids == b.centroids).all()
+    c = kmeans(x, 30, seed=8)
+    assert not (a.centroids == c.centroids).all()
+
+
+@pytest.mark.parametrize("k", [0, 11])
+def test_k_out_of_range_is_an_input_error(k):
+    with pytest.raises(InputError, match="choose 1 <= k <= 10"):
+        kmeans(unit_blobs(10, 4, 2, 0), k, seed=0)

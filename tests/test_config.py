@@ -1,0 +1,74 @@
+"""One typed config: YAML, validation messages that name the field, and overrides."""
+
+import pytest
+
+from ray_pipeline.config import Config
+from ray_pipeline.errors import ConfigError
+
+
+def test_defaults_are_valid_and_round_trip():
+    cfg = Config()
+    assert Config.from_dict(cfg.to_dict()) == cfg
+
+
+def test_from_yaml(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("cluster:\n  k: [20, 50]\nselect:\n  budgets: ['1%', 0.05, 300]\nseed: 4\n")
+    cfg = Config.from_yaml(p)
+    assert cfg.cluster.k == (20, 50) and cfg.seed == 4
+    assert cfg.select.resolve_budgets(10_000) == (100, 500, 300)
+
+
+@pytest.mark.parametrize("raw, field, allowed", [
+    ({"clusters": {}}, "clusters", "allowed in the top level"),
+    ({"cluster": {"kk": 3}}, "cluster.kk", "allowed in cluster"),
+    ({"cluster": {"k": ["a"]}}, "cluster.k", "an int"),
+    ({"cluster": {"k": [0]}}, "cluster.k", "ints >= 1"),
+    ({"cluster": {"k": [5, 5]}}, "cluster.k", "distinct"),
+    ({"select": {"budgets": [0]}}, "select.budgets", "count >= 1"),
+    ({"select": {"budgets": [1.5]}}, "select.budgets", "fraction in (0, 1]"),
+    ({"select": {"budgets": ["x%"]}}, "select.budgets", "percentage"),
+    ({"select": {"budgets": []}}, "select.budgets", "non-empty"),
+    ({"select": {"budgets": [100, 100]}}, "select.budgets", "distinct"),
+    ({"embed": {"pooling": "max"}}, "embed.pooling", "'mean' | 'cls' | 'last'"),
+    ({"seed": "one"}, "seed", "an int"),
+    ({"seed": True}, "seed", "an int"),
+    ({"data": {"text_column": "a", "text_template": "{b}"}}, "data.text_template", "one or the other"),
+])
+def test_bad_values_name_the_field_and_what_is_allowed(raw, field, allowed):
+    with pytest.raises(ConfigError) as e:
+        Config.from_dict(raw)
+    assert field in str(e.value) and allowed in str(e.value)
+
+
+def test_budget_above_pool_or_colliding_after_resolution():
+    cfg = Config.from_dict({"select": {"budgets": [500]}})
+    with pytest.raises(ConfigError, match="more than the pool's 100"):
+        cfg.select.resolve_budgets(100)
+    cfg = Config.from_dict({"select": {"budgets": ["1%", 1]}})
+    with pytest.raises(ConfigError, match="duplicate sample counts"):
+        cfg.select.resolve_budgets(100)
+
+
+def test_overrides_parse_yaml_values_and_revalidate():
+    cfg = Config().override(["cluster.k=[10, 20]", "seed=3", "select.budgets=['2%']"])
+    assert cfg.cluster.k == (10, 20) and cfg.seed == 3 and cfg.select.budgets == ("2%",)
+    with pytest.raises(ConfigError, match="cluster.niter"):
+        Config().override(["cluster.niter=0"])
+    with pytest.raises(ConfigError, match="not a config section"):
+        Config().override(["seed.x=1"])
+    with pytest.raises(ConfigError, match="section.field=value"):
+        Config().override(["seed"])
+
+
+def test_yaml_errors(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        Config.from_yaml(tmp_path / "none.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("cluster: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        Config.from_yaml(bad)
+    lst = tmp_path / "list.yaml"
+    lst.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        Config.from_yaml(lst)
