@@ -41,17 +41,46 @@ def segment_argmax(values: torch.Tensor, seg: torch.Tensor, n_seg: int) -> torch
     return torch.where(first == n, -1, first)
 
 
-def _rowwise_sq_dist(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Squared Euclidean distance between matching rows, (n, d) x (n, d) -> (n,), exact form."""
-    return (a - b).square_().sum(dim=1)
+def _sq_dist_to_own_center(xb: torch.Tensor, nb: torch.Tensor, seg: torch.Tensor, centers: torch.Tensor,
+                           nc: torch.Tensor, strategy: str, chunk_rows: int) -> torch.Tensor:
+    """Squared distance of each row to the center of its own segment: |x|^2 + |c|^2 - 2 x.c.
+
+    xb: (p, d) rows, nb: (p,) their squared norms, seg: (p,) segment of each row in [0, a),
+    centers: (a, d), nc: (a,) their squared norms. ``gemm``: one (p, a) matrix product, then the
+    own column of each row (a times the dot products, but at BLAS speed: best when a block holds
+    few clusters, as on a CPU). ``rowwise``: gathered row-by-row dot products in pieces of
+    ``chunk_rows`` (no wasted work: best when a block holds every cluster, as on a GPU).
+    """
+    if strategy == "gemm":
+        dot = (xb @ centers.T).gather(1, seg[:, None])[:, 0]
+    else:
+        dot = torch.empty_like(nb)
+        for lo in range(0, xb.shape[0], chunk_rows):
+            hi = min(lo + chunk_rows, xb.shape[0])
+            dot[lo:hi] = (xb[lo:hi] * centers[seg[lo:hi]]).sum(dim=1)
+    return (nb + nc[seg] - 2.0 * dot).clamp_(min=0.0)
 
 
-def _default_chunk_rows(x: torch.Tensor) -> int:
-    # On CPU, work through x in pieces of about 4 MB so the gathered centers stay in cache; on a
-    # GPU one piece is fastest.
+def _default_block_rows(x: torch.Tensor) -> int:
+    # The greedy runs every step of a block of clusters before the next block. On a GPU one block
+    # holds every cluster (one step advances all of them); on a CPU a block is about 4 MB of rows,
+    # so a block's steps run from cache instead of streaming all of x from memory once per step.
     if x.device.type != "cpu":
         return max(1, x.shape[0])
-    return max(256, (4 << 20) // max(1, x.shape[1] * x.element_size()))
+    return max(1024, (4 << 20) // max(1, x.shape[1] * x.element_size()))
+
+
+def _cluster_blocks(sizes: np.ndarray, block_rows: int) -> list[tuple[int, int]]:
+    """Consecutive cluster ranges [c0, c1) of about ``block_rows`` rows (a bigger cluster alone)."""
+    blocks, c0, rows = [], 0, 0
+    for c, size in enumerate(sizes):
+        if rows and rows + size > block_rows:
+            blocks.append((c0, c))
+            c0, rows = c, 0
+        rows += int(size)
+    if len(sizes):
+        blocks.append((c0, len(sizes)))
+    return blocks
 
 
 # ----------------------------------------------------------------------------------------------
@@ -78,7 +107,7 @@ def center_and_key_samples(x: torch.Tensor, assign: torch.Tensor, centroid_sim: 
     center = segment_argmax(centroid_sim, assign, k)
     owner = center[assign]  # (n,) the center sample of each row's cluster
     sim_to_center = torch.empty(x.shape[0], dtype=x.dtype, device=x.device)
-    step = _default_chunk_rows(x)
+    step = 8192  # rows per piece: bounds the gathered (step, d) temporary
     for lo in range(0, x.shape[0], step):
         hi = min(lo + step, x.shape[0])
         sim_to_center[lo:hi] = (x[lo:hi] * x[owner[lo:hi]]).sum(dim=1)
@@ -155,10 +184,11 @@ def _check_greedy_inputs(x, assign, budgets, starts):
 
 
 def k_center_greedy(x: torch.Tensor, assign: torch.Tensor, budgets: torch.Tensor,
-                    starts: torch.Tensor, *, chunk_rows: int | None = None) -> torch.Tensor:
+                    starts: torch.Tensor, *, block_rows: int | None = None,
+                    strategy: str = "auto", chunk_rows: int = 1 << 16) -> torch.Tensor:
     """Farthest-first traversal in every cluster at once; returns each row's greedy rank.
 
-    x: (n, d) float tensor (float32 or float64; the distances are computed in its dtype).
+    x: (n, d) float tensor (float32 or float64; distances are computed in its dtype).
     assign: (n,) int64 cluster of each row in [0, k). budgets: (k,) int64, 0 <= b_k <= |C_k|.
     starts: (k,) int64 row index of each cluster's first pick (its key sample); ignored where
     the budget is 0. All on one device; the result stays there.
@@ -167,11 +197,14 @@ def k_center_greedy(x: torch.Tensor, assign: torch.Tensor, budgets: torch.Tensor
     start), -1 if it was not. Cluster k's subset for any budget b <= b_k is ``rank < b`` on its
     members, so the largest budgets give every smaller one.
 
-    One step advances every cluster that still has budget: a segment argmax of the running
-    distance-to-chosen vector, then one update of it. Clusters are laid out by budget,
-    largest first, so the rows still in play are always a prefix and finished clusters cost
-    nothing. Work O(sum_k |C_k| b_k d), the same as a per-cluster loop; memory O(n d) for one
-    cluster-sorted copy of x, never an n x M distance matrix. Ties: the lowest row index.
+    Clusters are laid out by budget, largest first, and cut into blocks of about ``block_rows``
+    rows: every cluster in one block on a GPU, cache-sized blocks on a CPU. Within a block, one
+    step advances every cluster that still has budget: a segment argmax of the running
+    squared-distance-to-chosen vector, then one update of it (``strategy``: ``gemm`` on a CPU,
+    ``rowwise`` on a GPU; see :func:`_sq_dist_to_own_center`). The clusters still picking are
+    always a prefix of the block, so finished clusters cost nothing. Work O(sum_k |C_k| b_k d),
+    as a per-cluster loop, in O(n_blocks * max b_k) steps instead of O(M); memory O(n) beyond x
+    plus one block's rows, never an n x M distance matrix. Ties: the lowest row index.
 
     Example:
         >>> x = torch.tensor([[0.0, 0.0], [1.0, 0.0], [3.0, 0.0], [10.0, 0.0], [11.0, 0.0]])
@@ -182,47 +215,44 @@ def k_center_greedy(x: torch.Tensor, assign: torch.Tensor, budgets: torch.Tensor
     _check_greedy_inputs(x, assign, budgets, starts)
     device = x.device
     n, k = x.shape[0], budgets.shape[0]
+    if strategy == "auto":
+        strategy = "gemm" if device.type == "cpu" else "rowwise"
     b_host = budgets.cpu().numpy()
     # Lay clusters out by budget, largest first (stable), and rows by cluster.
     corder = np.argsort(-b_host, kind="stable")
     cpos = np.empty(k, dtype=np.int64)
     cpos[corder] = np.arange(k)
-    cpos_t = torch.as_tensor(cpos, device=device)
-    seg_unsorted = cpos_t[assign]
-    seg, perm = torch.sort(seg_unsorted, stable=True)
-    xs = x[perm]  # (n, d) cluster-sorted copy
+    seg, perm = torch.sort(torch.as_tensor(cpos, device=device)[assign], stable=True)
     inv = torch.empty_like(perm)
     inv[perm] = torch.arange(n, device=device)
+    first = inv[starts[torch.as_tensor(corder, device=device)]]  # start rows, as sorted positions
 
     b_sorted = b_host[corder]
-    sizes_sorted = np.bincount(cpos[assign.cpu().numpy()], minlength=k) if n else np.zeros(k, np.int64)
-    row_end = np.cumsum(sizes_sorted)  # rows of cluster position j end at row_end[j]
-    steps = int(b_sorted[0]) if k else 0
-    rank_sorted = torch.full((n,), -1, dtype=torch.int64, device=device)
-    if steps == 0:
-        return rank_sorted
-    mind = torch.full((n,), float("inf"), dtype=x.dtype, device=device)
-    first = inv[starts[torch.as_tensor(corder, device=device)]]
-    chunk = chunk_rows or _default_chunk_rows(x)
+    sizes_sorted = np.bincount(cpos[assign.cpu().numpy()], minlength=k)
+    row_end = np.cumsum(sizes_sorted)  # cluster position j holds sorted rows [row_end[j] - size, row_end[j])
+    rank = torch.full((n,), -1, dtype=torch.int64, device=device)
 
-    for t in range(steps):
-        a = int((b_sorted > t).sum())  # clusters still picking: positions [0, a)
-        p = int(row_end[a - 1])  # their rows: [0, p)
-        if t == 0:
-            pick = first[:a]
-        else:
-            pick = segment_argmax(mind[:p], seg[:p], a)
-        rank_sorted[pick] = t
-        mind[pick] = float("-inf")  # chosen rows are never chosen again, even among duplicates
-        if t == steps - 1:
-            break
-        centers = xs[pick]  # (a, d)
-        for lo in range(0, p, chunk):
-            hi = min(lo + chunk, p)
-            d2 = _rowwise_sq_dist(xs[lo:hi], centers[seg[lo:hi]])
-            torch.minimum(mind[lo:hi], d2, out=mind[lo:hi])
-    rank = torch.empty_like(rank_sorted)
-    rank[perm] = rank_sorted
+    for c0, c1 in _cluster_blocks(sizes_sorted, block_rows or _default_block_rows(x)):
+        steps = int(b_sorted[c0])  # the block's largest budget
+        if steps == 0:
+            break  # budgets are sorted: every later block is empty too
+        r0, r1 = (int(row_end[c0 - 1]) if c0 else 0), int(row_end[c1 - 1])
+        rows = perm[r0:r1]
+        xb, sb = x[rows], seg[r0:r1] - c0  # the block, gathered once (cache-sized on a CPU)
+        nb = torch.linalg.vector_norm(xb, dim=1).square_()
+        mind = torch.full((r1 - r0,), float("inf"), dtype=x.dtype, device=device)
+        rank_b = torch.full((r1 - r0,), -1, dtype=torch.int64, device=device)
+        for t in range(steps):
+            a = int((b_sorted[c0:c1] > t).sum())  # clusters still picking: block positions [0, a)
+            p = int(row_end[c0 + a - 1]) - r0  # their rows: [0, p)
+            pick = first[c0:c0 + a] - r0 if t == 0 else segment_argmax(mind[:p], sb[:p], a)
+            rank_b[pick] = t
+            mind[pick] = float("-inf")  # chosen rows are never chosen again, even among duplicates
+            if t == steps - 1:
+                break
+            d2 = _sq_dist_to_own_center(xb[:p], nb[:p], sb[:p], xb[pick], nb[pick], strategy, chunk_rows)
+            torch.minimum(mind[:p], d2, out=mind[:p])
+        rank[rows] = rank_b
     return rank
 
 

@@ -221,15 +221,16 @@ def test_random_ranks_nested_and_seeded():
 
 
 @pytest.mark.parametrize("seed", range(5))
-@pytest.mark.parametrize("chunk_rows", [None, 7])
-def test_vectorised_greedy_equals_reference(seed, chunk_rows):
+@pytest.mark.parametrize("kw", [{}, {"strategy": "rowwise", "chunk_rows": 7}, {"block_rows": 1},
+                                {"block_rows": 10**9}], ids=["auto", "rowwise", "tiny-blocks", "one-block"])
+def test_vectorised_greedy_equals_reference(seed, kw):
     rng = np.random.default_rng(100 + seed)
     k = int(rng.integers(1, 30))
     x, assign = blobs(int(rng.integers(k, 2000)), int(rng.integers(2, 64)), k, seed)
     sizes = np.bincount(assign, minlength=k)
     budgets = np.minimum(sizes, rng.integers(0, 40, size=k))
     key = keys_for(x, assign, k)
-    fast = greedy(x, assign, budgets, key, chunk_rows=chunk_rows)
+    fast = greedy(x, assign, budgets, key, **kw)
     slow = k_center_greedy_reference(x, assign, budgets, key)
     assert (fast == slow).all()
 

@@ -1,0 +1,185 @@
+"""Selection cost, ours against the obvious alternatives, side by side in one run.
+
+On random unit vectors (default 1M x 384) and on real MiniLM embeddings of a shared dataset:
+
+- k-means: our FAISS spherical k-means against scikit-learn ``KMeans`` (Lloyd, one init) and
+  ``MiniBatchKMeans`` on the same rows (``--compare-n`` rows, ``--compare-k`` clusters: scikit-learn's
+  KMeans on 1M x 384 with K = 1000 takes hours here), plus FAISS with K on all rows;
+- center/key samples;
+- k-center greedy: ours (``select.k_center_greedy``, all clusters at once in torch) against
+  (a) the obvious per-cluster numpy loop (``select.k_center_greedy_reference``) and
+  (b) a per-cluster loop written the way Google's active-learning ``kcenter_greedy.py`` does it
+  (for each pick, ``sklearn.metrics.pairwise_distances(features, [new center])`` then a running
+  ``np.minimum``; reimplemented here from that file's published description), on the same
+  assignments, budgets and start samples; and whether the selections agree index for index.
+
+Each stage's wall time and peak RSS are printed and written to
+``benchmarks/results/selection-{cpu,gpu}.json`` with the machine's description.
+
+    .venv/bin/python benchmarks/bench_selection.py                 # 1M x 384, K=1000, M=1%
+    .venv/bin/python benchmarks/bench_selection.py --n 100000 --k 300 --no-real
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine, save, timed  # noqa: E402
+
+from ray_pipeline.cluster import kmeans  # noqa: E402
+from ray_pipeline.select import (  # noqa: E402
+    center_and_key_samples,
+    k_center_greedy,
+    k_center_greedy_reference,
+    proportional_budgets,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def google_style_greedy(x: np.ndarray, assign: np.ndarray, budgets: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """Per cluster, Google active-learning's kcenter_greedy update: pairwise_distances to the new
+    center over all the cluster's features, min into the running distances, argmax."""
+    from sklearn.metrics import pairwise_distances
+
+    rank = np.full(len(x), -1, dtype=np.int64)
+    for c in np.flatnonzero(budgets):
+        members = np.flatnonzero(assign == c)
+        feats = x[members]
+        min_d = None
+        ind = int(np.flatnonzero(members == starts[c])[0])
+        for t in range(int(budgets[c])):
+            if t > 0:
+                ind = int(np.argmax(min_d))
+            rank[members[ind]] = t
+            dist = pairwise_distances(feats, feats[ind:ind + 1], metric="euclidean")
+            min_d = dist if min_d is None else np.minimum(min_d, dist)
+            min_d[ind] = -1.0  # Google asserts a pick is new; mask it so duplicates cannot repeat
+    return rank
+
+
+def random_unit(n: int, d: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, d), dtype=np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x
+
+
+def real_embeddings(dataset: str) -> np.ndarray:
+    """MiniLM embeddings of a shared dataset, cached under benchmarks/.cache."""
+    from ray_pipeline.config import DataConfig, EmbedConfig
+    from ray_pipeline.data import normalize, read_pool
+    from ray_pipeline.embed import embed_texts
+
+    cache = ROOT / "benchmarks" / ".cache" / f"{dataset}-minilm.npy"
+    if cache.is_file():
+        return np.load(cache)
+    shared = ROOT.parent / "shared" / "data"
+    cfgs = {"banking77": DataConfig(path=str(shared / "banking77" / "train.csv"), text_column="text"),
+            "20newsgroups": DataConfig(path=str(shared / "20newsgroups" / "20ng_bydate_train.jsonl"))}
+    pool = read_pool(cfgs[dataset])
+    x = normalize(embed_texts(pool.texts, EmbedConfig(device="cpu"), progress=True))
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    np.save(cache, x)
+    return x
+
+
+def bench(name: str, x: np.ndarray, k: int, budget: float, compare_n: int, compare_k: int, seed: int,
+          loops: bool) -> dict:
+    from sklearn.cluster import KMeans, MiniBatchKMeans
+
+    n, d = x.shape
+    m = max(1, int(round(budget * n)))
+    r: dict = {"data": name, "n": n, "d": d, "k": k, "m": m}
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    print(f"\n== {name}: n={n:,} d={d} K={k} M={m:,} (greedy on {device}) ==", flush=True)
+
+    # -- k-means: faiss on all rows, then faiss vs scikit-learn on the same subset
+    with timed(r, "kmeans_faiss_all"):
+        km = kmeans(x, k, seed=seed, gpus=torch.cuda.device_count() if device.type == "cuda" else 0)
+    sub = x[np.random.default_rng(seed).choice(n, min(n, compare_n), replace=False)]
+    kc = min(compare_k, len(sub))
+    r["kmeans_compare_n"], r["kmeans_compare_k"] = len(sub), kc
+    with timed(r, "kmeans_faiss_subset"):
+        kmeans(sub, kc, seed=seed, max_points_per_centroid=len(sub))  # all rows, like scikit-learn
+    with timed(r, "kmeans_sklearn_subset"):
+        KMeans(kc, n_init=1, max_iter=20, tol=0.0, random_state=seed, algorithm="lloyd").fit(sub)
+    with timed(r, "kmeans_sklearn_minibatch_subset"):
+        MiniBatchKMeans(kc, n_init=1, max_iter=20, random_state=seed, batch_size=4096).fit(sub)
+
+    # -- key samples and greedy
+    xt = torch.from_numpy(x).to(device)
+    at = torch.from_numpy(km.assign).to(device)
+    with timed(r, "key_samples"):
+        _, key = center_and_key_samples(xt, at, torch.from_numpy(km.sim).to(device), k)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    budgets = proportional_budgets(km.sizes, m)
+    r["max_cluster_budget"] = int(budgets.max())
+    with timed(r, "greedy_ours"):
+        ours = k_center_greedy(xt, at, torch.from_numpy(budgets).to(device), key).cpu().numpy()
+    if loops:
+        key_np = key.cpu().numpy()
+        with timed(r, "greedy_loop_numpy"):
+            ref = k_center_greedy_reference(x, km.assign, budgets, key_np)
+        with timed(r, "greedy_loop_google_style"):
+            goog = google_style_greedy(x, km.assign, budgets, key_np)
+        chosen = ours >= 0
+        r["agree_numpy_loop_index_for_index"] = bool((ours == ref).all())
+        r["agree_numpy_loop_same_subset_share"] = round(float((chosen & (ref >= 0)).sum() / max(1, chosen.sum())), 4)
+        r["agree_google_loop_same_subset_share"] = round(float((chosen & (goog >= 0)).sum() / max(1, chosen.sum())), 4)
+        r["ratio_greedy_vs_numpy_loop"] = round(r["greedy_loop_numpy_s"] / r["greedy_ours_s"], 2)
+        r["ratio_greedy_vs_google_loop"] = round(r["greedy_loop_google_style_s"] / r["greedy_ours_s"], 2)
+    r["ratio_kmeans_faiss_vs_sklearn"] = round(r["kmeans_sklearn_subset_s"] / r["kmeans_faiss_subset_s"], 2)
+    r["ratio_kmeans_faiss_vs_minibatch"] = round(r["kmeans_sklearn_minibatch_subset_s"] / r["kmeans_faiss_subset_s"], 2)
+    r["selection_total_s"] = round(r["kmeans_faiss_all_s"] + r["key_samples_s"] + r["greedy_ours_s"], 3)
+    for key_, value in r.items():
+        print(f"  {key_:42s} {value}", flush=True)
+    return r
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--n", type=int, default=1_000_000)
+    p.add_argument("--d", type=int, default=384)
+    p.add_argument("--k", type=int, default=1000)
+    p.add_argument("--budget", type=float, default=0.01, help="M as a fraction of n")
+    p.add_argument("--compare-n", type=int, default=100_000, help="rows for faiss vs scikit-learn k-means")
+    p.add_argument("--compare-k", type=int, default=100, help="K for faiss vs scikit-learn k-means")
+    p.add_argument("--real", default="banking77", help="shared dataset to embed with MiniLM (banking77, 20newsgroups)")
+    p.add_argument("--real-k", type=int, default=100)
+    p.add_argument("--real-budget", type=float, default=0.05)
+    p.add_argument("--no-real", action="store_true")
+    p.add_argument("--no-loops", action="store_true", help="skip the slow per-cluster loops")
+    p.add_argument("--threads", type=int, default=None, help="torch and faiss threads (default: all cores)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    if args.threads:
+        import faiss
+
+        torch.set_num_threads(args.threads)
+        faiss.omp_set_num_threads(args.threads)
+    runs = []
+    t0 = time.perf_counter()
+    x = random_unit(args.n, args.d, args.seed)
+    print(f"generated {args.n:,} x {args.d} random unit vectors in {time.perf_counter() - t0:.1f}s")
+    runs.append(bench(f"random-{args.n}x{args.d}", x, args.k, args.budget, args.compare_n, args.compare_k, args.seed,
+                      not args.no_loops))
+    del x
+    if not args.no_real:
+        x = real_embeddings(args.real)
+        runs.append(bench(f"{args.real}-minilm", x, args.real_k, args.real_budget, args.compare_n,
+                          args.compare_k, args.seed, not args.no_loops))
+    path = save("selection", {"machine": machine(), "args": vars(args), "runs": runs})
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()
