@@ -26,6 +26,23 @@ DEMO_DATA = Path("../shared/data/banking77/train.csv")
 DEMO_FIELDS = {"data.text_column": "text", "data.label_column": "category"}
 
 
+def _add_common(s: argparse.ArgumentParser) -> None:
+    s.add_argument("config", nargs="?", help="YAML config file (fields as in configs/example.yaml)")
+    s.add_argument("--data", help="pool file: .jsonl, .json, .csv or .parquet")
+    s.add_argument("--text-column", help="column holding each sample's text")
+    s.add_argument("--text-template", help="text built from fields, e.g. '{instruction}\\n{input}'")
+    s.add_argument("--image-column", help="column holding an image path (relative to the data file) or bytes")
+    s.add_argument("--label-column", help="column holding each sample's label")
+    s.add_argument("--id-column", help="column holding unique ids (default: row-<n>)")
+    s.add_argument("--engine", choices=["ray", "local"], help="embedding engine (default: ray)")
+    s.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
+    s.add_argument("--out", help="output directory (default: runs/latest)")
+    s.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override any config field, e.g. --set cluster.niter=30 (repeatable)")
+    s.add_argument("--no-progress", action="store_true", help="no progress bars")
+    s.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ray-pipeline", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -33,32 +50,29 @@ def _parser() -> argparse.ArgumentParser:
                        description="Read a pool, embed it (or load --embeddings), run k-means for each K, "
                                    "pick key samples and k-center greedy subsets for each budget M, and "
                                    "write selection.parquet, clusters.parquet and run.json.")
-    s.add_argument("config", nargs="?", help="YAML config file (fields as in configs/example.yaml)")
-    s.add_argument("--data", help="pool file: .jsonl, .json, .csv or .parquet")
-    s.add_argument("--embeddings", help="precomputed vectors: .npy (n, d) or .parquet (id, embedding)")
-    s.add_argument("--text-column", help="column holding each sample's text")
-    s.add_argument("--text-template", help="text built from fields, e.g. '{instruction}\\n{input}'")
-    s.add_argument("--label-column", help="column holding each sample's label")
-    s.add_argument("--id-column", help="column holding unique ids (default: row-<n>)")
+    _add_common(s)
+    s.add_argument("--embeddings", help="precomputed vectors: .npy (n, d), .parquet (id, embedding), "
+                                        "or a directory written by `ray-pipeline embed`")
     s.add_argument("--k", nargs="+", type=int, help="numbers of clusters, e.g. --k 50 100")
     s.add_argument("--budgets", nargs="+", help="subset sizes: counts (200) or fractions (0.01, 1%%)")
     s.add_argument("--seed", type=int, help="seed for k-means and the random baselines")
-    s.add_argument("--out", help="output directory (default: runs/latest)")
-    s.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="override any config field, e.g. --set cluster.niter=30 (repeatable)")
     s.add_argument("--overwrite", action="store_true", help="replace a different run in --out")
-    s.add_argument("--no-progress", action="store_true", help="no progress bars")
-    s.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    e = sub.add_parser("embed", help="only embed the pool (Ray Data; resumable)",
+                       description="Embed every sample into <out>/embeddings/<key>/shard-*.parquet "
+                                   "(id, embedding). A rerun skips finished shards.")
+    _add_common(e)
     return p
 
 
 def _overrides(args: argparse.Namespace) -> dict:
     """The config fields the command-line flags set (``--set`` comes on top of these)."""
-    flags = {"data.path": args.data, "data.embeddings": args.embeddings,
-             "data.text_column": args.text_column, "data.text_template": args.text_template,
-             "data.label_column": args.label_column, "data.id_column": args.id_column,
-             "cluster.k": args.k, "seed": args.seed, "output_dir": args.out,
-             "select.budgets": [yaml.safe_load(b) for b in args.budgets] if args.budgets else None}
+    get = lambda name: getattr(args, name, None)  # noqa: E731  (select has flags embed lacks)
+    flags = {"data.path": get("data"), "data.embeddings": get("embeddings"),
+             "data.text_column": get("text_column"), "data.text_template": get("text_template"),
+             "data.image_column": get("image_column"), "data.label_column": get("label_column"),
+             "data.id_column": get("id_column"), "embed.engine": get("engine"), "ray_address": get("address"),
+             "cluster.k": get("k"), "seed": get("seed"), "output_dir": get("out"),
+             "select.budgets": [yaml.safe_load(b) for b in args.budgets] if get("budgets") else None}
     return {k: v for k, v in flags.items() if v is not None}
 
 
@@ -87,6 +101,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
             out = run_select(cfg, overwrite=args.overwrite, progress=not args.no_progress)
             print(f"selection written to {out}")
+        elif args.command == "embed":
+            from .pipeline import run_embed
+
+            out = run_embed(cfg, progress=not args.no_progress)
+            print(f"embeddings written to {out}")
     except PipelineError as e:
         print(f"ray-pipeline: error: {e}", file=sys.stderr)
         return e.exit_code

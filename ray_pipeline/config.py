@@ -61,19 +61,23 @@ def _parse_budget(name: str, value: Budget) -> Union[int, float]:
 class DataConfig:
     """Where the pool comes from and how a sample's text is made.
 
-    ``path``: a JSONL, JSON (list of records), CSV or Parquet file. ``text_column`` names a single
+    ``path``: a JSONL, JSON (list of records), CSV, Parquet or text file (``.txt``: one sample
+    per line, with labels one per line in ``labels_path`` if any). ``text_column`` names a single
     text field; ``text_template`` (a ``str.format`` template such as
     ``"{instruction}\\n{input}\\n{output}"``) builds the text from several. With neither,
     a column named ``text`` is used. ``id_column`` empty: stable ids ``row-<n>`` from the row order.
+    ``image_column``: an image per sample, as a file path (relative to the data file) or bytes.
     ``embeddings``: precomputed vectors (``.npy`` of shape (N, d) in row order, or a Parquet file
     with ``id`` and ``embedding_column``); then no encoder runs.
     """
 
     path: Optional[str] = None
-    format: Literal["auto", "jsonl", "json", "csv", "parquet"] = "auto"
+    format: Literal["auto", "jsonl", "json", "csv", "parquet", "text"] = "auto"
     text_column: Optional[str] = None
+    image_column: Optional[str] = None
     text_template: Optional[str] = None
     label_column: Optional[str] = None
+    labels_path: Optional[str] = None
     id_column: Optional[str] = None
     embeddings: Optional[str] = None
     embedding_column: str = "embedding"
@@ -86,25 +90,53 @@ class DataConfig:
         if self.text_template is not None and "{" not in self.text_template:
             _fail("data.text_template", self.text_template,
                   "a format string naming fields, e.g. '{instruction}\\n{input}'")
+        if self.labels_path and self.label_column:
+            _fail("data.labels_path", self.labels_path, "leave it empty when data.label_column is set")
         if self.limit is not None and self.limit < 1:
             _fail("data.limit", self.limit, "empty (the whole pool) or an int >= 1")
 
 
 @dataclass(frozen=True)
 class EmbedConfig:
-    """The encoder. ``model``: ``"minilm"`` (the packaged all-MiniLM-L6-v2) or a local path."""
+    """The encoders and how the embedding stage runs.
+
+    ``model``: ``"minilm"`` (the packaged all-MiniLM-L6-v2) or a local model directory (any
+    transformers ``AutoModel``, e.g. a saved SmolLM2 with ``pooling: last`` or ``mean``).
+    ``image_model``: ``"efficientnet-lite0"`` (packaged) for samples with ``data.image_column``.
+    ``engine``: ``ray`` (Ray Data actors over shards of ``shard_size`` rows, resumable) or
+    ``local`` (one in-process loop). ``actors``/``threads_per_actor``: empty = sized from the
+    cluster (one actor per GPU; on CPUs, actors of up to 4 threads). ``dtype``: how vectors are
+    stored. ``on_bad_rows``: ``error`` stops at the first empty text or unreadable image;
+    ``skip`` drops such rows and counts them in ``run.json``.
+    """
 
     model: str = "minilm"
     pooling: Literal["mean", "cls", "last"] = "mean"
     batch_size: int = 64
     max_length: int = 128
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    image_model: str = "efficientnet-lite0"
+    image_size: int = 224
+    engine: Literal["ray", "local"] = "ray"
+    shard_size: int = 4096
+    actors: Optional[int] = None
+    threads_per_actor: Optional[int] = None
+    dtype: Literal["float32", "float16"] = "float32"
+    on_bad_rows: Literal["error", "skip"] = "error"
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             _fail("embed.batch_size", self.batch_size, "an int >= 1")
         if self.max_length < 2:
             _fail("embed.max_length", self.max_length, "an int >= 2 (tokens per sample)")
+        if self.image_size < 32:
+            _fail("embed.image_size", self.image_size, "an int >= 32 (pixels)")
+        if self.shard_size < 1:
+            _fail("embed.shard_size", self.shard_size, "an int >= 1 (rows per shard file)")
+        if self.actors is not None and self.actors < 1:
+            _fail("embed.actors", self.actors, "empty (sized from the cluster) or an int >= 1")
+        if self.threads_per_actor is not None and self.threads_per_actor < 1:
+            _fail("embed.threads_per_actor", self.threads_per_actor, "empty or an int >= 1")
 
 
 @dataclass(frozen=True)
@@ -171,7 +203,8 @@ class SelectConfig:
 
 @dataclass(frozen=True)
 class Config:
-    """A whole run. ``seed`` seeds k-means and the random baselines; ``threads`` caps torch's."""
+    """A whole run. ``seed`` seeds k-means and the random baselines; ``threads`` caps torch's.
+    ``ray_address``: the Ray cluster to join (else ``RAY_ADDRESS``, else a local one is started)."""
 
     data: DataConfig = field(default_factory=DataConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
@@ -180,6 +213,7 @@ class Config:
     output_dir: str = "runs/latest"
     seed: int = 0
     threads: Optional[int] = None
+    ray_address: Optional[str] = None
 
     def __post_init__(self) -> None:
         if self.seed < 0:

@@ -11,12 +11,13 @@ from __future__ import annotations
 import json
 import logging
 import string
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
@@ -26,19 +27,23 @@ from .errors import InputError
 log = logging.getLogger(__name__)
 
 FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet",
-           ".pq": "parquet"}
+           ".pq": "parquet", ".txt": "text"}
 
 
 @dataclass
 class Pool:
-    """ids: (n,) str, unique. texts: (n,) str or None (embeddings given). labels: (n,) or None.
-    embeddings: (n, d) float32 or None. source: where the pool was read from."""
+    """ids: (n,) str, unique. texts: (n,) str ("" where a sample has only an image) or None
+    (embeddings given). labels: (n,) or None. images: (n,) object array of absolute paths (str),
+    bytes or None, or None for a text-only pool. embeddings: (n, d) float32 or None.
+    skipped: reason -> number of rows dropped under ``embed.on_bad_rows: skip``."""
 
     ids: np.ndarray
     texts: Optional[np.ndarray]
     labels: Optional[np.ndarray]
     embeddings: Optional[np.ndarray]
     source: str
+    images: Optional[np.ndarray] = None
+    skipped: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -51,7 +56,7 @@ def detect_format(path: Path, fmt: str = "auto") -> str:
         return FORMATS[path.suffix.lower()]
     except KeyError:
         raise InputError(f"cannot tell the format of {str(path)!r} from its suffix; name it .jsonl, "
-                         f".json, .csv or .parquet, or set data.format") from None
+                         f".json, .csv, .parquet or .txt, or set data.format") from None
 
 
 def read_table(path: str | Path, fmt: str = "auto") -> pa.Table:
@@ -68,6 +73,8 @@ def read_table(path: str | Path, fmt: str = "auto") -> pa.Table:
             names = pacsv.open_csv(p).schema.names
             opts = pacsv.ConvertOptions(column_types={c: pa.string() for c in names})
             return pacsv.read_csv(p, convert_options=opts)
+        if kind == "text":  # one sample per line, in a column named "text"
+            return pa.table({"text": p.read_text(encoding="utf-8").splitlines()})
         if kind == "jsonl":
             records = []
             with p.open(encoding="utf-8") as f:
@@ -103,7 +110,8 @@ def _column(table: pa.Table, name: str, path: str, role: str) -> list:
     return table.column(name).to_pylist()
 
 
-def _texts(table: pa.Table, cfg: DataConfig, path: str) -> np.ndarray:
+def _texts(table: pa.Table, cfg: DataConfig, path: str) -> Optional[list]:
+    """Each sample's text (None where empty), or None when the pool has no text at all (images only)."""
     n = table.num_rows
     if cfg.text_template:
         fields = [f for _, f, _, _ in string.Formatter().parse(cfg.text_template) if f]
@@ -119,14 +127,28 @@ def _texts(table: pa.Table, cfg: DataConfig, path: str) -> np.ndarray:
     else:
         name = cfg.text_column or "text"
         if name not in table.column_names:
+            if cfg.image_column and not cfg.text_column:
+                return None  # an image-only pool
             raise InputError(f"{path} has no text column {name!r}; its columns are {table.column_names}. "
                              f"Set data.text_column, or data.text_template such as '{{instruction}}\\n{{input}}'")
         out = table.column(name).to_pylist()
-    bad = [i for i, t in enumerate(out) if t is None or not str(t).strip()]
-    if bad:
-        raise InputError(f"{path}: {len(bad)} sample(s) have an empty or null text, first at row {bad[0]} "
-                         f"(0-based); remove them or fix the text column/template")
-    return np.array([str(t) for t in out], dtype=object)
+    return [None if t is None or not str(t).strip() else str(t) for t in out]
+
+
+def _images(table: pa.Table, cfg: DataConfig, path: str) -> list:
+    """Absolute image paths (str) or image bytes per row; None where a row has none."""
+    raw = _column(table, cfg.image_column, path, "image")
+    base = Path(path).parent
+    out = []
+    for v in raw:
+        if v is None or (isinstance(v, (str, bytes)) and not v):
+            out.append(None)
+        elif isinstance(v, bytes):
+            out.append(v)
+        else:
+            p = Path(str(v))
+            out.append(str(p if p.is_absolute() else (base / p)))
+    return out
 
 
 def _ids(table: pa.Table, cfg: DataConfig, path: str) -> np.ndarray:
@@ -186,9 +208,20 @@ def load_embeddings(path: str | Path, column: str = "embedding") -> tuple[np.nda
     """Precomputed vectors from a ``.npy`` (n, d) array or a Parquet file with ``column`` (and
     optionally ``id``). Returns (x, ids): x (n, d) float32 L2-normalised; ids from the file or None."""
     p = Path(path)
-    if not p.is_file():
-        raise InputError(f"embeddings file {str(p)!r} does not exist; pass a .npy or .parquet file")
+    if not p.exists():
+        raise InputError(f"embeddings file {str(p)!r} does not exist; pass a .npy or .parquet file "
+                         f"or a directory the embedding stage wrote")
     ids = None
+    if p.is_dir():  # the shards the embedding stage wrote
+        if not (p / "manifest.json").is_file():
+            raise InputError(f"{p} holds no complete embedding stage (no manifest.json); rerun the "
+                             f"embedding (it resumes) or pass a .npy / .parquet file")
+        files = sorted(p.glob("shard-*.parquet"))
+        table = pa.concat_tables([pq.read_table(f) for f in files])
+        table = table.take(pa.compute.sort_indices(table, [("row", "ascending")]))  # pool order
+        x = _vectors_from_column(table, column, str(p))
+        ids = np.array(table.column("id").to_pylist(), dtype=object)
+        return check_vectors(x, str(p)), ids
     if p.suffix.lower() == ".npy":
         try:
             x = np.load(p, allow_pickle=False)
@@ -212,9 +245,11 @@ def normalize(x: np.ndarray, what: str = "embeddings") -> np.ndarray:
     return np.ascontiguousarray(x / norms, dtype=np.float32)
 
 
-def read_pool(cfg: DataConfig) -> Pool:
+def read_pool(cfg: DataConfig, *, skip_bad_rows: bool = False) -> Pool:
     """The pool described by ``cfg``: either a data file (with or without embeddings) or only
-    an embeddings file (then ids come from it, or are row ids)."""
+    an embeddings file (then ids come from it, or are row ids). Rows with nothing to embed (an
+    empty text and no image, or an image file that does not exist) are an error, or with
+    ``skip_bad_rows`` dropped and counted in ``Pool.skipped``."""
     if cfg.path is None and cfg.embeddings is None:
         raise InputError("no data given: pass --data FILE (jsonl, json, csv, parquet) or --embeddings FILE")
     if cfg.path is None:
@@ -235,22 +270,61 @@ def read_pool(cfg: DataConfig) -> Pool:
         raise InputError(f"{path} holds no samples; the pool must not be empty")
     ids = _ids(table, cfg, path)
     labels = None
-    if cfg.label_column:
-        raw = _column(table, cfg.label_column, path, "label")
-        labels = np.array(raw, dtype=object)
-    embeddings = None
-    texts = None
+    if cfg.labels_path:
+        labels = _labels_file(cfg.labels_path, rows_in_file)[: table.num_rows]
+    elif cfg.label_column:
+        labels = np.array(_column(table, cfg.label_column, path, "label"), dtype=object)
     if cfg.embeddings is not None:
         embeddings, file_ids = load_embeddings(cfg.embeddings, cfg.embedding_column)
         if file_ids is None and len(embeddings) == rows_in_file:
             embeddings = embeddings[: len(ids)]  # row-aligned with the file; data.limit applies too
         embeddings = _align(embeddings, file_ids, ids, str(cfg.embeddings))
-    elif cfg.embedding_column in table.column_names:
+        return Pool(ids=ids, texts=None, labels=labels, embeddings=embeddings, source=path)
+    if cfg.embedding_column in table.column_names:
         embeddings = check_vectors(_vectors_from_column(table, cfg.embedding_column, path), path)
-    else:
-        texts = _texts(table, cfg, path)
-    log.info("read %d samples from %s", len(ids), path)
-    return Pool(ids=ids, texts=texts, labels=labels, embeddings=embeddings, source=path)
+        return Pool(ids=ids, texts=None, labels=labels, embeddings=embeddings, source=path)
+
+    texts = _texts(table, cfg, path)
+    images = _images(table, cfg, path) if cfg.image_column else None
+    # Every sample needs something to embed: a non-empty text, or an image file that exists.
+    bad: dict[str, list[int]] = {}
+    for i in range(table.num_rows):
+        text = texts[i] if texts is not None else None
+        image = images[i] if images is not None else None
+        if isinstance(image, str) and not Path(image).is_file():
+            bad.setdefault("image file missing", []).append(i)
+        elif text is None and image is None:
+            bad.setdefault("empty or null text" if images is None else "neither text nor image", []).append(i)
+    if bad and not skip_bad_rows:
+        reason, rows = next(iter(bad.items()))
+        example = f" ({images[rows[0]]})" if reason == "image file missing" else ""
+        raise InputError(f"{path}: {len(rows)} sample(s) have {reason}, first at row {rows[0]} (0-based){example}; "
+                         f"fix or remove them, or set embed.on_bad_rows: skip to drop and count them")
+    keep = np.ones(table.num_rows, dtype=bool)
+    for rows in bad.values():
+        keep[rows] = False
+    if keep.sum() == 0:
+        raise InputError(f"{path}: every sample was dropped as bad ({ {k: len(v) for k, v in bad.items()} })")
+    log.info("read %d samples from %s", int(keep.sum()), path)
+    return Pool(ids=ids[keep], texts=_kept([t or "" for t in texts] if texts is not None else None, keep),
+                labels=_kept(labels, keep), embeddings=None, source=path, images=_kept(images, keep),
+                skipped={k: len(v) for k, v in bad.items()})
+
+
+def _labels_file(path: str, rows: int) -> np.ndarray:
+    """Labels one per line, parallel to the data file's rows (as tweeteval ships them)."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"labels file {str(p)!r} does not exist; pass a file with one label per line")
+    labels = p.read_text(encoding="utf-8").splitlines()
+    if len(labels) != rows:
+        raise InputError(f"labels file {p} has {len(labels)} lines but the data file has {rows} rows; "
+                         f"they must match line for line")
+    return np.array(labels, dtype=object)
+
+
+def _kept(values, keep: np.ndarray) -> Optional[np.ndarray]:
+    return None if values is None else np.array(values, dtype=object)[keep]
 
 
 def _align(x: np.ndarray, file_ids: Optional[np.ndarray], ids: np.ndarray, path: str) -> np.ndarray:

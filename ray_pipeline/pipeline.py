@@ -3,7 +3,7 @@ candidate subsets, written to the run directory.
 
 :func:`select_candidates` is the array-level core (no IO); :func:`run_select` reads the pool,
 embeds it if needed, calls the core and writes ``selection.parquet``, ``clusters.parquet``,
-``embeddings.parquet`` (when it embedded) and ``run.json``.
+``embeddings/<key>/`` (the embedding stage's shards, when it embedded) and ``run.json``.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from . import __version__
 from .artifacts import check_output_dir, write_json, write_parquet
 from .cluster import kmeans
 from .config import Config
-from .data import Pool, normalize, read_pool
+from .data import Pool, read_pool
 from .device import faiss_gpus, torch_device
 from .errors import InputError
 from .select import center_and_key_samples, k_center_greedy, proportional_budgets, random_ranks
@@ -157,11 +157,18 @@ def clusters_table(pool: Pool, sel: Selection) -> pa.Table:
     return pa.table(rows)
 
 
-def embeddings_table(ids: np.ndarray, x: np.ndarray) -> pa.Table:
-    """id + fixed-size-list float32 vector: what ``--embeddings`` reads back."""
-    flat = pa.array(np.ascontiguousarray(x, np.float32).reshape(-1))
-    return pa.table({"id": pa.array(ids.tolist(), pa.string()),
-                     "embedding": pa.FixedSizeListArray.from_arrays(flat, x.shape[1])})
+def embed_into(pool: Pool, cfg: Config, out: Path, *, progress: bool = True) -> tuple[Pool, dict]:
+    """Run the embedding stage into ``out/embeddings/<key>/`` and return the pool with its vectors
+    (rows whose image could not be read, under ``on_bad_rows: skip``, dropped)."""
+    from .embed import embed_pool, load_stage
+
+    manifest = embed_pool(pool, cfg.embed, out / "embeddings", progress=progress, ray_address=cfg.ray_address)
+    keep, x = load_stage(out / "embeddings" / manifest["key"], pool.ids)
+    pool = Pool(ids=pool.ids[keep], texts=None if pool.texts is None else pool.texts[keep],
+                labels=None if pool.labels is None else pool.labels[keep], embeddings=x,
+                source=pool.source, images=None if pool.images is None else pool.images[keep],
+                skipped=pool.skipped)
+    return pool, manifest
 
 
 def versions() -> dict[str, str]:
@@ -177,7 +184,7 @@ def versions() -> dict[str, str]:
 
 
 def run_select(cfg: Config, *, overwrite: bool = False, progress: bool = True) -> Path:
-    """Read, embed (unless vectors are given), select, write. Returns the output directory."""
+    """Read, embed (unless vectors are given; resumable), select, write. Returns the output directory."""
     import torch
 
     out = Path(cfg.output_dir)
@@ -189,17 +196,13 @@ def run_select(cfg: Config, *, overwrite: bool = False, progress: bool = True) -
         faiss.omp_set_num_threads(cfg.threads)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    pool = read_pool(cfg.data)
+    pool = read_pool(cfg.data, skip_bad_rows=cfg.embed.on_bad_rows == "skip")
     timings["read"] = time.perf_counter() - t0
-    embedded = False
+    embed_manifest = None
     if pool.embeddings is None:
-        from .embed import embed_texts
-
         t0 = time.perf_counter()
-        log.info("embedding %d texts with %s", len(pool), cfg.embed.model)
-        pool.embeddings = normalize(embed_texts(pool.texts, cfg.embed, progress=progress))
+        pool, embed_manifest = embed_into(pool, cfg, out, progress=progress)
         timings["embed"] = time.perf_counter() - t0
-        embedded = True
     x = pool.embeddings
     log.info("selecting from %d vectors of dimension %d", *x.shape)
     rng = np.random.default_rng(cfg.seed)
@@ -207,13 +210,14 @@ def run_select(cfg: Config, *, overwrite: bool = False, progress: bool = True) -
     sel = select_candidates(x, cfg, rng=rng)
     timings["select"] = time.perf_counter() - t0
 
-    if embedded:
-        write_parquet(embeddings_table(pool.ids, x), out / "embeddings.parquet")
     write_parquet(selection_table(pool, sel), out / "selection.parquet")
     write_parquet(clusters_table(pool, sel), out / "clusters.parquet")
     write_json({
         "config": cfg.to_dict(),
         "source": pool.source,
+        "skipped_rows": {**pool.skipped, **({"unreadable image": embed_manifest["skipped_rows"]}
+                                            if embed_manifest and embed_manifest["skipped_rows"] else {})},
+        "embeddings": embed_manifest,
         "n": len(pool), "dim": int(x.shape[1]),
         "budgets": list(sel.budgets),
         "seeds": {"seed": cfg.seed, "random_seeds": list(cfg.select.random_seeds)},
@@ -227,3 +231,16 @@ def run_select(cfg: Config, *, overwrite: bool = False, progress: bool = True) -
     }, out / "run.json")
     log.info("wrote %s (%d candidates)", out, len(sel.candidates()))
     return out
+
+
+def run_embed(cfg: Config, *, progress: bool = True) -> Path:
+    """Only the embedding stage, into ``<output_dir>/embeddings/<key>/``; returns that directory."""
+    out = Path(cfg.output_dir)
+    pool = read_pool(cfg.data, skip_bad_rows=cfg.embed.on_bad_rows == "skip")
+    if pool.embeddings is not None:
+        raise InputError("the pool already has embeddings (data.embeddings or an embedding column); "
+                         "there is nothing to embed")
+    from .embed import embed_pool
+
+    manifest = embed_pool(pool, cfg.embed, out / "embeddings", progress=progress, ray_address=cfg.ray_address)
+    return out / "embeddings" / manifest["key"]

@@ -1,6 +1,7 @@
 """The ``select`` job end to end: outputs, determinism, errors, and the real demo pool."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -91,14 +92,26 @@ def test_config_file_and_flags(tmp_path, vectors):
 def test_real_pool_embedded_with_minilm(tmp_path, shared_data):
     out = tmp_path / "bank"
     rc = main(["select", "--data", str(shared_data / "banking77" / "train.csv"), "--label-column", "category",
-               "--set", "data.limit=400", "--k", "8", "--budgets", "40", "--out", str(out), "--no-progress"])
+               "--set", "data.limit=400", "--engine", "local", "--k", "8", "--budgets", "40", "--out", str(out),
+               "--no-progress"])
     assert rc == 0
     sel = pq.read_table(out / "selection.parquet").to_pandas()
-    emb = pq.read_table(out / "embeddings.parquet")
-    assert emb.num_rows == 400 and emb.schema.field("embedding").type.list_size == 384
+    meta = json.loads((out / "run.json").read_text())
+    stage = out / "embeddings" / meta["embeddings"]["key"]
+    assert meta["embeddings"]["rows"] == 400 and meta["embeddings"]["dim"] == 384
     assert sel["in_k8_m40"].sum() == 40 and sel["label"].notna().all()
-    # the written vectors feed a second run without the encoder, with the same selection
-    rc = main(["select", "--embeddings", str(out / "embeddings.parquet"), "--k", "8", "--budgets", "40",
+    # the stage's shards feed a second run without the encoder, with the same selection
+    rc = main(["select", "--embeddings", str(stage), "--k", "8", "--budgets", "40",
                "--out", str(tmp_path / "again"), "--no-progress"])
     again = pq.read_table(tmp_path / "again" / "selection.parquet").to_pandas()
     assert rc == 0 and (again["in_k8_m40"] == sel["in_k8_m40"]).all()
+
+
+def test_embed_command_writes_a_stage_that_select_reads(tmp_path, shared_data, capsys):
+    rc = main(["embed", "--data", str(shared_data / "banking77" / "train.csv"), "--set", "data.limit=60",
+               "--engine", "local", "--out", str(tmp_path / "e"), "--no-progress"])
+    assert rc == 0
+    stage = Path(capsys.readouterr().out.strip().split(" to ")[-1])
+    assert (stage / "manifest.json").is_file()
+    assert main(["select", "--embeddings", str(stage), "--k", "3", "--budgets", "6",
+                 "--out", str(tmp_path / "s"), "--no-progress"]) == 0

@@ -68,7 +68,7 @@ def test_bad_files(tmp_path):
     bad.write_text('{"text": "ok"}\n{"text": \n')
     with pytest.raises(InputError, match="line 2 is not valid JSON"):
         read_pool(DataConfig(path=str(bad)))
-    odd = tmp_path / "pool.txt"
+    odd = tmp_path / "pool.xyz"
     odd.write_text("x")
     with pytest.raises(InputError, match="cannot tell the format"):
         read_pool(DataConfig(path=str(odd)))
@@ -129,3 +129,13 @@ def test_embeddings_rows_must_match_pool(tmp_path):
     p = write(tmp_path, "jsonl", [{"text": "a"}, {"text": "b"}])
     with pytest.raises(InputError, match="holds 3 vectors but the pool has 2"):
         read_pool(DataConfig(path=str(p), embeddings=str(tmp_path / "e.npy")))
+
+
+def test_text_lines_with_a_parallel_labels_file(tmp_path):
+    (tmp_path / "t.txt").write_text("first tweet\nsecond tweet\n")
+    (tmp_path / "l.txt").write_text("3\n7\n")
+    pool = read_pool(DataConfig(path=str(tmp_path / "t.txt"), labels_path=str(tmp_path / "l.txt")))
+    assert pool.texts.tolist() == ["first tweet", "second tweet"] and pool.labels.tolist() == ["3", "7"]
+    (tmp_path / "l.txt").write_text("3\n")
+    with pytest.raises(InputError, match="has 1 lines but the data file has 2 rows"):
+        read_pool(DataConfig(path=str(tmp_path / "t.txt"), labels_path=str(tmp_path / "l.txt")))
