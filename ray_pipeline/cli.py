@@ -8,6 +8,7 @@ vectors), clusters, selects and writes the run directory. Flags override config 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -61,6 +62,26 @@ def _parser() -> argparse.ArgumentParser:
                        description="Embed every sample into <out>/embeddings/<key>/shard-*.parquet "
                                    "(id, embedding). A rerun skips finished shards.")
     _add_common(e)
+    t = sub.add_parser("tune", help="select, then fine-tune every candidate with Ray Tune + DeepSpeed",
+                       description="Run the selection, then fine-tune each candidate (and the random and "
+                                   "full baselines) under Ray Tune with ASHA; write candidates.json and "
+                                   "target/ (subset ids and model), and print the comparison.")
+    _add_common(t)
+    t.add_argument("--eval", help="held-out set (same columns as the pool): finetune.eval_path")
+    t.add_argument("--k", nargs="+", type=int, help="numbers of clusters")
+    t.add_argument("--budgets", nargs="+", help="subset sizes: counts or fractions")
+    t.add_argument("--seed", type=int)
+    t.add_argument("--overwrite", action="store_true")
+    pr = sub.add_parser("predict", help="apply a tuned model to new samples",
+                        description="Classify (or generate for) every sample of --input with --model; "
+                                    "write JSONL with the sample's id and the prediction.")
+    pr.add_argument("--model", required=True, help="a model directory, e.g. <run>/target/model")
+    pr.add_argument("--input", required=True, help="samples: .jsonl, .json, .csv, .parquet or .txt")
+    pr.add_argument("--text-column", help="column holding the text (default: text)")
+    pr.add_argument("--text-template", help="text built from fields, e.g. '{instruction}\\n{input}\\n'")
+    pr.add_argument("--id-column", help="column holding ids (default: row-<n>)")
+    pr.add_argument("--output", help="output JSONL (default: <input>.predictions.jsonl)")
+    pr.add_argument("-v", "--verbose", action="store_true")
     return p
 
 
@@ -72,6 +93,7 @@ def _overrides(args: argparse.Namespace) -> dict:
              "data.image_column": get("image_column"), "data.label_column": get("label_column"),
              "data.id_column": get("id_column"), "embed.engine": get("engine"), "ray_address": get("address"),
              "cluster.k": get("k"), "seed": get("seed"), "output_dir": get("out"),
+             "finetune.eval_path": get("eval"),
              "select.budgets": [yaml.safe_load(b) for b in args.budgets] if get("budgets") else None}
     return {k: v for k, v in flags.items() if v is not None}
 
@@ -89,12 +111,50 @@ def build_config(args: argparse.Namespace) -> Config:
     return cfg
 
 
+def print_sweep(result: dict) -> None:
+    """The comparison a user asked for: best candidate, random of the same size, full pool."""
+    s = result["summary"]
+    print(f"{'candidate':28s} {'size':>6s} {'status':>22s} {'steps':>6s} {'score':>7s}")
+    for t in sorted(result["trials"], key=lambda t: (t["kind"], t.get("m") or 0, t["name"])):
+        score = "-" if t["best_score"] is None else f"{t['best_score']:.4f}"
+        print(f"{t['name']:28s} {t['size']:6d} {t['status']:>22s} {t['steps']:6d} {score:>7s}")
+    tg = s["target"]
+    if tg is None:
+        print("no selection candidate finished: see candidates.json for the errors")
+        return
+    rnd = tg["random_same_size"]
+    print(f"\nbest candidate: {tg['name']} (K={tg['k']}, M={tg['m']}), score {tg['score']:.4f}")
+    if rnd:
+        print(f"random subsets of the same size: {rnd['mean']:.4f} ± {rnd['std']:.4f} over {rnd['n']} seed(s)")
+    if tg["full"] is not None:
+        print(f"full pool: {tg['full']:.4f}")
+    print(f"target model: {tg['model']}\ntarget subset: {tg['subset']}")
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from .artifacts import atomic_path
+    from .config import DataConfig
+    from .data import read_pool
+    from .finetune import predict
+
+    pool = read_pool(DataConfig(path=args.input, text_column=args.text_column, text_template=args.text_template,
+                                id_column=args.id_column))
+    rows = predict(args.model, pool.texts.tolist())
+    out = Path(args.output or f"{args.input}.predictions.jsonl")
+    with atomic_path(out) as tmp:
+        tmp.write_text("".join(json.dumps({"id": i, **r}) + "\n" for i, r in zip(pool.ids, rows)))
+    print(f"{len(rows)} predictions written to {out}")
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("faiss").setLevel(logging.WARNING)  # its loader logs every CPU-feature probe
     try:
+        if args.command == "predict":
+            return _predict(args)
         cfg = build_config(args)
         if args.command == "select":
             from .pipeline import run_select
@@ -106,6 +166,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
             out = run_embed(cfg, progress=not args.no_progress)
             print(f"embeddings written to {out}")
+        elif args.command == "tune":
+            from .pipeline import run_tune
+
+            print_sweep(run_tune(cfg, overwrite=args.overwrite, progress=not args.no_progress))
     except PipelineError as e:
         print(f"ray-pipeline: error: {e}", file=sys.stderr)
         return e.exit_code

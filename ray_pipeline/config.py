@@ -202,6 +202,65 @@ class SelectConfig:
 
 
 @dataclass(frozen=True)
+class FinetuneConfig:
+    """Fine-tuning every candidate (Ray Tune over Ray Train + DeepSpeed).
+
+    ``task``: ``classification`` (labels from data.label_column; score = held-out accuracy) or
+    ``instruction`` (prompt from ``prompt_template`` over the record's fields, response from
+    ``response_field``; loss on the response tokens; score = -held-out loss). ``model``:
+    ``default`` (MiniLM for classification, SmolLM2-135M-Instruct for instruction), ``minilm``,
+    ``smollm2`` or a local directory. ``eval_path``: the held-out set, same columns as the pool.
+    A trial evaluates every ``eval_every`` steps, stops after ``max_steps`` or when ``patience``
+    evaluations in a row did not improve; ASHA stops clearly worse trials earlier.
+    ``zero_stage``/``precision`` empty/``auto``: ZeRO-2 + bf16 on GPU, ZeRO-0 + fp32 on CPU.
+    """
+
+    task: Literal["classification", "instruction"] = "classification"
+    model: str = "default"
+    eval_path: Optional[str] = None
+    eval_limit: Optional[int] = 1000
+    prompt_template: str = "{instruction}\n{input}\n"
+    response_field: str = "output"
+    lr: float = 1e-4
+    batch_size: int = 16
+    eval_batch_size: int = 64
+    max_steps: int = 200
+    eval_every: int = 25
+    patience: int = 3
+    max_length: int = 64
+    zero_stage: Optional[int] = None
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    device: Literal["auto", "cpu"] = "auto"
+    num_workers: int = 1
+    cpus_per_worker: float = 1.0
+    threads_per_worker: Optional[int] = None
+    max_concurrent_trials: Optional[int] = None
+    asha_grace_period: int = 1
+    asha_reduction_factor: int = 2
+    include_full: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "eval_batch_size", "max_steps", "eval_every", "patience", "num_workers",
+                     "asha_grace_period"):
+            if getattr(self, name) < 1:
+                _fail(f"finetune.{name}", getattr(self, name), "an int >= 1")
+        if self.eval_every > self.max_steps:
+            _fail("finetune.eval_every", self.eval_every, f"at most finetune.max_steps ({self.max_steps})")
+        if not self.lr > 0:
+            _fail("finetune.lr", self.lr, "a learning rate > 0")
+        if self.max_length < 8:
+            _fail("finetune.max_length", self.max_length, "an int >= 8 (tokens)")
+        if self.zero_stage is not None and self.zero_stage not in (0, 1, 2, 3):
+            _fail("finetune.zero_stage", self.zero_stage, "empty (auto), 0, 1, 2 or 3")
+        if not self.cpus_per_worker > 0:
+            _fail("finetune.cpus_per_worker", self.cpus_per_worker, "a number > 0")
+        if self.asha_reduction_factor < 2:
+            _fail("finetune.asha_reduction_factor", self.asha_reduction_factor, "an int >= 2")
+        if self.eval_limit is not None and self.eval_limit < 1:
+            _fail("finetune.eval_limit", self.eval_limit, "empty (the whole held-out set) or an int >= 1")
+
+
+@dataclass(frozen=True)
 class Config:
     """A whole run. ``seed`` seeds k-means and the random baselines; ``threads`` caps torch's.
     ``ray_address``: the Ray cluster to join (else ``RAY_ADDRESS``, else a local one is started)."""
@@ -210,6 +269,7 @@ class Config:
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     select: SelectConfig = field(default_factory=SelectConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     output_dir: str = "runs/latest"
     seed: int = 0
     threads: Optional[int] = None

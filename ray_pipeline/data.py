@@ -44,6 +44,7 @@ class Pool:
     source: str
     images: Optional[np.ndarray] = None
     skipped: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)  # task columns, e.g. prompts and responses
 
     def __len__(self) -> int:
         return len(self.ids)

@@ -433,6 +433,7 @@ def _embed_with_ray(pool, cfg, stage_dir, shards, pending, modal, progress, ray_
             if err is not None:
                 raise err from None
             raise
+        plan["shard_seconds"] = float(sum(r["seconds"] for r in done))  # time inside the actors
         log.info("Ray Data wrote %d shards", len(done))
     return plan
 

@@ -244,3 +244,28 @@ def run_embed(cfg: Config, *, progress: bool = True) -> Path:
 
     manifest = embed_pool(pool, cfg.embed, out / "embeddings", progress=progress, ray_address=cfg.ray_address)
     return out / "embeddings" / manifest["key"]
+
+
+def run_tune(cfg: Config, *, overwrite: bool = False, progress: bool = True) -> dict:
+    """Selection (reusing the embedding stage when already complete), then the Tune sweep over
+    every candidate, the random baselines and the full pool. Returns candidates.json's content."""
+    import pyarrow.parquet as pq
+
+    from .tune import candidates_from_selection, eval_data_config, read_task_pool, run_sweep
+
+    eval_cfg = eval_data_config(cfg)  # fail on a missing held-out set before any work
+    out = run_select(cfg, overwrite=overwrite, progress=progress)
+    selection = pq.read_table(out / "selection.parquet")
+    pool = read_task_pool(cfg.data, cfg)
+    where = {v: i for i, v in enumerate(pool.ids)}
+    order = np.array([where[v] for v in selection.column("id").to_pylist()], dtype=np.int64)
+    pool = Pool(ids=pool.ids[order], texts=None if pool.texts is None else pool.texts[order],
+                labels=None if pool.labels is None else pool.labels[order], embeddings=None, source=pool.source,
+                extra={k: v[order] for k, v in pool.extra.items()})
+    eval_pool = read_task_pool(eval_cfg, cfg)
+    overlap = set(pool.ids) & set(eval_pool.ids) if cfg.data.id_column else set()
+    if overlap:
+        raise InputError(f"{len(overlap)} held-out id(s) are also in the pool, e.g. {sorted(overlap)[0]!r}; "
+                         f"the held-out set must be disjoint from the pool")
+    candidates = candidates_from_selection(selection, include_full=cfg.finetune.include_full)
+    return run_sweep(candidates, pool, eval_pool, cfg, out, ray_address=cfg.ray_address)

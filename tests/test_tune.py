@@ -1,0 +1,120 @@
+"""Fine-tuning with Ray Train + DeepSpeed under Ray Tune, on CPU with the real MiniLM weights.
+
+Four banking77 intents, 40 training samples each: small enough for CI, real enough that a
+balanced subset learns and a one-intent subset clearly does not.
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+import pytest
+
+from ray_pipeline.config import Config
+from ray_pipeline.data import read_pool
+from ray_pipeline.finetune import macro_f1, predict
+from ray_pipeline.tune import Candidate, eval_data_config, read_task_pool, run_sweep
+
+INTENTS = ["activate_my_card", "card_arrival", "exchange_rate", "lost_or_stolen_card"]
+
+
+@pytest.fixture(scope="module")
+def files(shared_data, tmp_path_factory):
+    d = tmp_path_factory.mktemp("bank4")
+    for split, per in (("train", 40), ("test", 15)):
+        t = pacsv.read_csv(shared_data / "banking77" / f"{split}.csv").to_pandas()
+        t = t[t.category.isin(INTENTS)].groupby("category").head(per).reset_index(drop=True)
+        t.to_csv(d / f"{split}.csv", index=False)
+    return d
+
+
+@pytest.fixture(scope="module")
+def cfg(files, tmp_path_factory):
+    return Config.from_dict({
+        "data": {"path": str(files / "train.csv"), "label_column": "category"},
+        "finetune": {"eval_path": str(files / "test.csv"), "lr": 3e-4, "batch_size": 16, "max_steps": 12,
+                     "eval_every": 3, "asha_grace_period": 2, "max_length": 32, "threads_per_worker": 1,
+                     "max_concurrent_trials": 1},
+        "output_dir": str(tmp_path_factory.mktemp("run")),
+    })
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray = pytest.importorskip("ray")
+    # The dashboard stays on: Train V2 inside Tune polls its state API (../shared/STACK_NOTES.md).
+    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def test_macro_f1_by_hand():
+    # class 0: tp 1, fp 1, fn 0 -> 2/3; class 1: tp 1, fp 0, fn 1 -> 2/3; class 2 absent: skipped
+    assert macro_f1(np.array([0, 1, 1]), np.array([0, 0, 1]), 3) == pytest.approx(2 / 3)
+
+
+def test_training_function_alone_loss_goes_down(cfg, files, local_ray, tmp_path):
+    """One worker, DeepSpeed on gloo, training on a fixed batch that is also the held-out set."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from ray_pipeline.finetune import resolve_model, train_loop_per_worker
+
+    pool = read_pool(cfg.data)
+    labels = sorted(set(pool.labels))
+    y = np.array([labels.index(v) for v in pool.labels])
+    fixed = np.arange(0, 160, 10)  # 16 samples, 4 per intent
+    batch = {"texts": pool.texts[fixed].tolist(), "labels": y[fixed]}
+    loop = {"task": "classification", "model_path": resolve_model("minilm", "classification"), "labels": labels,
+            "num_labels": 4, "train": batch, "eval": batch, "lr": 3e-4, "batch_size": 16, "eval_batch_size": 16,
+            "max_steps": 9, "eval_every": 3, "patience": 5, "max_length": 32, "zero_stage": 1,
+            "precision": "fp32", "seed": 0, "threads": 1, "best_model_dir": str(tmp_path / "best")}
+    result = TorchTrainer(train_loop_per_worker, train_loop_config=loop,
+                          scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
+                          torch_config=TorchConfig(backend="gloo"),
+                          run_config=ray.train.RunConfig(name="alone", storage_path=str(tmp_path / "store"))).fit()
+    history = result.metrics_dataframe
+    assert list(history["step"]) == [3, 6, 9]
+    assert history["eval_loss"].iloc[-1] < history["eval_loss"].iloc[0] * 0.7
+    assert (tmp_path / "best" / "config.json").is_file()
+
+
+def test_sweep_stops_the_worse_survives_a_failure_and_keeps_the_best(cfg, local_ray):
+    pool = read_task_pool(cfg.data, cfg)
+    eval_pool = read_task_pool(eval_data_config(cfg), cfg)
+    labels = pool.labels.astype(str)
+    balanced = np.concatenate([np.flatnonzero(labels == c)[:10] for c in INTENTS])
+    one_intent = np.flatnonzero(labels == INTENTS[0])[:40]
+    candidates = [
+        Candidate("k4_m40", "selection", balanced, k=4, m=40),
+        Candidate("k2_m40", "selection", one_intent, k=2, m=40),  # clearly worse: one intent only
+        Candidate("k8_m40", "selection", balanced, k=8, m=40, extra={"inject_failure": True}),
+        Candidate("random_m40_s0", "random", np.arange(0, 160, 4), m=40, seed=0),
+    ]
+    out = cfg.output_dir
+    result = run_sweep(candidates, pool, eval_pool, cfg, out)
+    trials = {t["name"]: t for t in result["trials"]}
+    assert trials["k4_m40"]["status"] == "completed" and trials["k4_m40"]["steps"] == 12
+    assert trials["k2_m40"]["status"] == "stopped_early"  # ASHA cut it at its first rung
+    assert trials["k2_m40"]["steps"] < 12 and trials["k2_m40"]["best_score"] < trials["k4_m40"]["best_score"]
+    assert trials["k8_m40"]["status"] == "failed" and "injected failure" in trials["k8_m40"]["error"]
+    s = result["summary"]
+    assert s["target"]["name"] == "k4_m40" and s["failed"] == ["k8_m40"]
+    assert s["baselines"]["random"]["40"]["n"] == 1
+    on_disk = json.loads((Path(out) / "candidates.json").read_text())
+    assert on_disk["summary"]["target"]["name"] == "k4_m40"
+    # the target model loads and classifies new samples into the pool's intents
+    preds = predict(s["target"]["model"], ["I still have not received my new card", "what's the euro rate?"])
+    assert {p["label"] for p in preds} <= set(INTENTS)
+    assert all(0 < p["probability"] <= 1 for p in preds)
+    assert pq.read_table(Path(out) / "target" / "subset.parquet").num_rows == 40
+
+
+@pytest.mark.gpu
+def test_deepspeed_zero2_bf16_on_gpu(cfg, local_ray, tmp_path):
+    from ray_pipeline.finetune import deepspeed_config
+
+    ds = deepspeed_config({"precision": "auto", "zero_stage": None, "batch_size": 8}, on_gpu=True)
+    assert ds["bf16"]["enabled"] and ds["zero_optimization"]["stage"] == 2
