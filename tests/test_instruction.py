@@ -1,0 +1,53 @@
+"""Instruction tuning with the packaged SmolLM2-135M-Instruct: the response-only loss mask, one
+worker training under Ray Train + DeepSpeed, and generation with the saved model."""
+
+import numpy as np
+import pytest
+
+from ray_pipeline.finetune import instruction_batch, load_model, predict, smollm2_path
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return smollm2_path()  # converted from the GGUF once, then cached
+
+
+def test_loss_only_on_response_tokens(smollm2):
+    _, tok = load_model(smollm2, "instruction")
+    b = instruction_batch(tok, ["Add 2 and 3.\n", "Say hi.\n"], ["5", "hi there"], max_length=64)
+    for i, (p, r) in enumerate([("Add 2 and 3.\n", "5"), ("Say hi.\n", "hi there")]):
+        n_prompt = len(tok(p, add_special_tokens=False)["input_ids"])
+        resp = tok(r, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        labels = b["labels"][i].tolist()
+        assert labels[:n_prompt] == [-100] * n_prompt
+        assert labels[n_prompt:n_prompt + len(resp)] == resp
+        assert all(v == -100 for v in labels[n_prompt + len(resp):])  # padding
+        assert int(b["attention_mask"][i].sum()) == n_prompt + len(resp)
+
+
+def test_instruction_worker_learns_and_the_model_generates(smollm2, tmp_path):
+    ray = pytest.importorskip("ray")
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from ray_pipeline.finetune import train_loop_per_worker
+
+    data = {"prompts": ["What is the capital of France?\n", "What colour is the sky?\n"],
+            "responses": ["Paris.", "Blue."]}
+    loop = {"task": "instruction", "model_path": smollm2, "train": data, "eval": data, "lr": 1e-4,
+            "batch_size": 2, "eval_batch_size": 2, "max_steps": 4, "eval_every": 2, "patience": 5,
+            "max_length": 32, "zero_stage": 0, "precision": "fp32", "seed": 0, "threads": 2,
+            "best_model_dir": str(tmp_path / "best")}
+    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False)
+    try:
+        result = TorchTrainer(train_loop_per_worker, train_loop_config=loop,
+                              scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
+                              torch_config=TorchConfig(backend="gloo"),
+                              run_config=ray.train.RunConfig(name="instr", storage_path=str(tmp_path / "s"))).fit()
+    finally:
+        ray.shutdown()
+    h = result.metrics_dataframe
+    assert h["eval_loss"].iloc[-1] < h["eval_loss"].iloc[0]
+    assert np.isclose(h["perplexity"].iloc[-1], np.exp(h["eval_loss"].iloc[-1]))
+    out = predict(str(tmp_path / "best"), ["What is the capital of France?\n"], max_new_tokens=8)
+    assert isinstance(out[0]["generation"], str) and out[0]["generation"].strip()
