@@ -1,8 +1,7 @@
 """Writing a run's files so that a reader never sees half of one.
 
 Each file is written to a hidden temporary name in its final directory, flushed, then renamed
-over the final name (``os.replace`` is atomic on one filesystem). ``run.json`` is written last:
-its presence marks a complete run.
+over the final name (``os.replace`` is atomic on one filesystem).
 """
 
 from __future__ import annotations
@@ -16,7 +15,6 @@ from typing import Any, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import OutputError
 
 
 @contextmanager
@@ -43,18 +41,3 @@ def write_parquet(table: pa.Table, path: str | Path) -> None:
 def write_json(obj: Any, path: str | Path) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
-
-
-def check_output_dir(out: Path, config: dict, overwrite: bool) -> None:
-    """Refuse to mix two runs in one directory: an existing ``run.json`` with another config is an
-    error unless ``overwrite`` is set."""
-    marker = out / "run.json"
-    if not marker.is_file() or overwrite:
-        return
-    try:
-        previous = json.loads(marker.read_text()).get("config")
-    except (json.JSONDecodeError, OSError):
-        previous = None
-    if previous != config:
-        raise OutputError(f"output directory {str(out)!r} holds a different run (its run.json has another "
-                          f"config); choose another --out, or pass --overwrite to replace it")

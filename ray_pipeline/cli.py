@@ -44,6 +44,14 @@ def _add_common(s: argparse.ArgumentParser) -> None:
     s.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
+def _add_run_flags(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--k", nargs="+", type=int, help="numbers of clusters, e.g. --k 50 100")
+    s.add_argument("--budgets", nargs="+", help="subset sizes: counts (200) or fractions (0.01, 1%%)")
+    s.add_argument("--seed", type=int, help="seed for k-means, the random baselines and training")
+    s.add_argument("--overwrite", action="store_true", help="replace a different or unfinished run in --out")
+    s.add_argument("--resume", action="store_true", help="continue an unfinished run in --out")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ray-pipeline", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -54,10 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_common(s)
     s.add_argument("--embeddings", help="precomputed vectors: .npy (n, d), .parquet (id, embedding), "
                                         "or a directory written by `ray-pipeline embed`")
-    s.add_argument("--k", nargs="+", type=int, help="numbers of clusters, e.g. --k 50 100")
-    s.add_argument("--budgets", nargs="+", help="subset sizes: counts (200) or fractions (0.01, 1%%)")
-    s.add_argument("--seed", type=int, help="seed for k-means and the random baselines")
-    s.add_argument("--overwrite", action="store_true", help="replace a different run in --out")
+    _add_run_flags(s)
     e = sub.add_parser("embed", help="only embed the pool (Ray Data; resumable)",
                        description="Embed every sample into <out>/embeddings/<key>/shard-*.parquet "
                                    "(id, embedding). A rerun skips finished shards.")
@@ -68,10 +73,14 @@ def _parser() -> argparse.ArgumentParser:
                                    "target/ (subset ids and model), and print the comparison.")
     _add_common(t)
     t.add_argument("--eval", help="held-out set (same columns as the pool): finetune.eval_path")
-    t.add_argument("--k", nargs="+", type=int, help="numbers of clusters")
-    t.add_argument("--budgets", nargs="+", help="subset sizes: counts or fractions")
-    t.add_argument("--seed", type=int)
-    t.add_argument("--overwrite", action="store_true")
+    _add_run_flags(t)
+    r = sub.add_parser("run", help="the whole job: embed, select, tune, report",
+                       description="Embed -> select -> fine-tune every candidate (when finetune.eval_path "
+                                   "is set) -> report.html. Stages are cached by a hash of their inputs and "
+                                   "config; --resume continues a run that was interrupted.")
+    _add_common(r)
+    r.add_argument("--eval", help="held-out set (same columns as the pool): finetune.eval_path")
+    _add_run_flags(r)
     pr = sub.add_parser("predict", help="apply a tuned model to new samples",
                         description="Classify (or generate for) every sample of --input with --model; "
                                     "write JSONL with the sample's id and the prediction.")
@@ -159,7 +168,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command == "select":
             from .pipeline import run_select
 
-            out = run_select(cfg, overwrite=args.overwrite, progress=not args.no_progress)
+            out = run_select(cfg, overwrite=args.overwrite, resume=args.resume, progress=not args.no_progress)
             print(f"selection written to {out}")
         elif args.command == "embed":
             from .pipeline import run_embed
@@ -169,7 +178,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         elif args.command == "tune":
             from .pipeline import run_tune
 
-            print_sweep(run_tune(cfg, overwrite=args.overwrite, progress=not args.no_progress))
+            print_sweep(run_tune(cfg, overwrite=args.overwrite, resume=args.resume, progress=not args.no_progress))
+        elif args.command == "run":
+            from .pipeline import run_all
+
+            out = run_all(cfg, overwrite=args.overwrite, resume=args.resume, progress=not args.no_progress)
+            cand = out / "candidates.json"
+            if cand.is_file():
+                print_sweep(json.loads(cand.read_text()))
+            print(f"report: {out / 'report.html'}")
     except PipelineError as e:
         print(f"ray-pipeline: error: {e}", file=sys.stderr)
         return e.exit_code

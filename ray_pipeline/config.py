@@ -211,7 +211,8 @@ class FinetuneConfig:
     ``default`` (MiniLM for classification, SmolLM2-135M-Instruct for instruction), ``minilm``,
     ``smollm2`` or a local directory. ``eval_path``: the held-out set, same columns as the pool.
     A trial evaluates every ``eval_every`` steps, stops after ``max_steps`` or when ``patience``
-    evaluations in a row did not improve; ASHA stops clearly worse trials earlier.
+    evaluations in a row did not improve; ASHA stops clearly worse trials earlier
+    (``early_stopping: false`` runs every trial to its end, as a FIFO scheduler).
     ``zero_stage``/``precision`` empty/``auto``: ZeRO-2 + bf16 on GPU, ZeRO-0 + fp32 on CPU.
     """
 
@@ -235,6 +236,7 @@ class FinetuneConfig:
     cpus_per_worker: float = 1.0
     threads_per_worker: Optional[int] = None
     max_concurrent_trials: Optional[int] = None
+    early_stopping: bool = True
     asha_grace_period: int = 1
     asha_reduction_factor: int = 2
     include_full: bool = True

@@ -1,16 +1,28 @@
-"""The selection job: pool -> vectors -> k-means per K -> key samples -> budgets -> greedy ->
-candidate subsets, written to the run directory.
+"""The job: pool -> vectors -> k-means per K -> key samples -> budgets -> greedy -> candidates ->
+fine-tuning sweep -> report, in one run directory.
 
-:func:`select_candidates` is the array-level core (no IO); :func:`run_select` reads the pool,
-embeds it if needed, calls the core and writes ``selection.parquet``, ``clusters.parquet``,
-``embeddings/<key>/`` (the embedding stage's shards, when it embedded) and ``run.json``.
+:func:`select_candidates` is the array-level core of the selection (no IO). The stages write
+under keyed directories, the key a hash of the stage's inputs and config, so a rerun reuses a
+complete stage and a changed config computes anew beside it::
+
+    <out>/embeddings/<key>/   shard-*.parquet, manifest.json (marks it complete)
+    <out>/select/<key>/       selection.parquet, clusters.parquet, select.json (marks it complete)
+    <out>/tune/<key>/         candidates.json (marks it complete), target/, trials/, tune/, train/
+    <out>/selection.parquet, clusters.parquet, candidates.json, target -> tune/<key>/target
+    <out>/report.html, run.json (config, status of each stage, timings, versions)
+
+``run.json`` is written when the run starts (``status: running``) and after every stage; a
+directory whose run did not finish is continued only with ``resume``.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import platform
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,12 +32,12 @@ import numpy as np
 import pyarrow as pa
 
 from . import __version__
-from .artifacts import check_output_dir, write_json, write_parquet
+from .artifacts import atomic_path, write_json, write_parquet
 from .cluster import kmeans
 from .config import Config
 from .data import Pool, read_pool
 from .device import faiss_gpus, torch_device
-from .errors import InputError
+from .errors import InputError, OutputError
 from .select import center_and_key_samples, k_center_greedy, proportional_budgets, random_ranks
 
 log = logging.getLogger(__name__)
@@ -179,93 +191,233 @@ def versions() -> dict[str, str]:
             "torch": torch.__version__, "faiss": faiss.__version__, "pyarrow": pa.__version__}
 
 
+def _digest(*parts) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        if isinstance(part, np.ndarray) and part.dtype != object:
+            h.update(np.ascontiguousarray(part).tobytes())
+        else:
+            h.update(json.dumps(part, sort_keys=True, default=str).encode())
+        h.update(b"\x00")
+    return h.hexdigest()[:16]
+
+
 # ----------------------------------------------------------------------------------------------
-# the job
+# the run directory
 
 
-def run_select(cfg: Config, *, overwrite: bool = False, progress: bool = True) -> Path:
-    """Read, embed (unless vectors are given; resumable), select, write. Returns the output directory."""
-    import torch
+class Run:
+    """The run directory and its ``run.json``: the config, each stage's status and timings."""
 
-    out = Path(cfg.output_dir)
-    check_output_dir(out, cfg.to_dict(), overwrite)
-    if cfg.threads:
-        import faiss
+    def __init__(self, cfg: Config, *, resume: bool = False, overwrite: bool = False):
+        self.cfg = cfg
+        self.out = Path(cfg.output_dir)
+        self.path = self.out / "run.json"
+        config = cfg.to_dict()
+        previous = self._read()
+        if previous and not overwrite:
+            if previous.get("config") != config:
+                raise OutputError(f"output directory {str(self.out)!r} holds a different run (its run.json has "
+                                  f"another config); choose another --out, or pass --overwrite to replace it")
+            if previous.get("status") != "complete" and not resume:
+                raise OutputError(f"output directory {str(self.out)!r} holds a run that did not finish; pass "
+                                  f"--resume to continue it, or --overwrite to start again")
+        self.info = {"config": config, "status": "running", "stages": {},
+                     "versions": versions(), "machine": {"platform": platform.platform(), "cpus": os.cpu_count()}}
+        if previous and resume and previous.get("config") == config:
+            self.info["stages"] = previous.get("stages", {})
 
-        torch.set_num_threads(cfg.threads)
-        faiss.omp_set_num_threads(cfg.threads)
-    timings: dict[str, float] = {}
+    def start(self) -> None:
+        """Mark the directory as holding this (running) run; called once the input checked out."""
+        self._write()
+
+    def _read(self) -> Optional[dict]:
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+
+    def _write(self) -> None:
+        write_json(self.info, self.path)
+
+    def stage(self, name: str, **info) -> None:
+        """Record a finished stage and log its time."""
+        self.info["stages"][name] = {**self.info["stages"].get(name, {}), **info, "status": "complete"}
+        self._write()
+        log.info("stage %s done in %.1fs%s", name, info.get("seconds", 0.0),
+                 " (reused)" if info.get("reused") else "")
+
+    def finish(self, **info) -> None:
+        self.info.update(info, status="complete")
+        self._write()
+
+
+def _publish(src: Path, dst: Path) -> None:
+    """A stage file copied to the run directory's top level, atomically."""
+    with atomic_path(dst) as tmp:
+        shutil.copyfile(src, tmp)
+
+
+def _link(target: Path, link: Path) -> None:
+    """``link`` -> ``target`` (relative), replaced atomically."""
+    tmp = link.with_name(f".{link.name}.tmp-{os.getpid()}")
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    os.symlink(os.path.relpath(target, link.parent), tmp)
+    os.replace(tmp, link)
+
+
+# ----------------------------------------------------------------------------------------------
+# stages
+
+
+def embed_stage(pool: Pool, cfg: Config, run: Run, *, progress: bool = True) -> Pool:
+    """Vectors for the pool: given ones as they are, or the embedding stage's (resumable)."""
+    log.info("stage embed: start")
     t0 = time.perf_counter()
-    pool = read_pool(cfg.data, skip_bad_rows=cfg.embed.on_bad_rows == "skip")
-    timings["read"] = time.perf_counter() - t0
-    embed_manifest = None
-    if pool.embeddings is None:
-        t0 = time.perf_counter()
-        pool, embed_manifest = embed_into(pool, cfg, out, progress=progress)
-        timings["embed"] = time.perf_counter() - t0
-    x = pool.embeddings
-    log.info("selecting from %d vectors of dimension %d", *x.shape)
-    rng = np.random.default_rng(cfg.seed)
-    t0 = time.perf_counter()
-    sel = select_candidates(x, cfg, rng=rng)
-    timings["select"] = time.perf_counter() - t0
-
-    write_parquet(selection_table(pool, sel), out / "selection.parquet")
-    write_parquet(clusters_table(pool, sel), out / "clusters.parquet")
-    write_json({
-        "config": cfg.to_dict(),
-        "source": pool.source,
-        "skipped_rows": {**pool.skipped, **({"unreadable image": embed_manifest["skipped_rows"]}
-                                            if embed_manifest and embed_manifest["skipped_rows"] else {})},
-        "embeddings": embed_manifest,
-        "n": len(pool), "dim": int(x.shape[1]),
-        "budgets": list(sel.budgets),
-        "seeds": {"seed": cfg.seed, "random_seeds": list(cfg.select.random_seeds)},
-        "candidates": sel.candidates(),
-        "timings_s": timings,
-        "per_k_timings_s": {str(s.k): s.seconds for s in sel.per_k},
-        "device": {"select": str(torch_device(cfg.select.device)), "faiss_gpus": faiss_gpus(cfg.cluster.gpu)},
-        "versions": versions(),
-        "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                    "cpus": os.cpu_count()},
-    }, out / "run.json")
-    log.info("wrote %s (%d candidates)", out, len(sel.candidates()))
-    return out
-
-
-def run_embed(cfg: Config, *, progress: bool = True) -> Path:
-    """Only the embedding stage, into ``<output_dir>/embeddings/<key>/``; returns that directory."""
-    out = Path(cfg.output_dir)
-    pool = read_pool(cfg.data, skip_bad_rows=cfg.embed.on_bad_rows == "skip")
     if pool.embeddings is not None:
-        raise InputError("the pool already has embeddings (data.embeddings or an embedding column); "
-                         "there is nothing to embed")
-    from .embed import embed_pool
+        run.stage("embed", seconds=time.perf_counter() - t0, source="given", dim=int(pool.embeddings.shape[1]))
+        return pool
+    pool, manifest = embed_into(pool, cfg, run.out, progress=progress)
+    run.stage("embed", seconds=time.perf_counter() - t0, reused=manifest["shards_computed"] == 0,
+              key=manifest["key"], dir=str(run.out / "embeddings" / manifest["key"]), rows=manifest["rows"],
+              dim=manifest["dim"], skipped_rows=manifest["skipped_rows"], samples_per_s=manifest["samples_per_s"],
+              actor_plan=manifest["actor_plan"])
+    return pool
 
-    manifest = embed_pool(pool, cfg.embed, out / "embeddings", progress=progress, ray_address=cfg.ray_address)
-    return out / "embeddings" / manifest["key"]
+
+def select_stage(pool: Pool, cfg: Config, run: Run) -> Path:
+    """k-means, key samples, budgets, greedy and random baselines into ``select/<key>/``."""
+    log.info("stage select: start")
+    t0 = time.perf_counter()
+    x = pool.embeddings
+    key = _digest(x, pool.ids.tolist(), cfg.to_dict()["cluster"], cfg.to_dict()["select"], cfg.seed)
+    d = run.out / "select" / key
+    marker = d / "select.json"
+    if marker.is_file():
+        meta = json.loads(marker.read_text())
+        reused = True
+    else:
+        sel = select_candidates(x, cfg, rng=np.random.default_rng(cfg.seed))
+        write_parquet(selection_table(pool, sel), d / "selection.parquet")
+        write_parquet(clusters_table(pool, sel), d / "clusters.parquet")
+        meta = {"n": len(pool), "dim": int(x.shape[1]), "budgets": list(sel.budgets),
+                "seeds": {"seed": cfg.seed, "random_seeds": list(cfg.select.random_seeds)},
+                "candidates": sel.candidates(), "per_k_seconds": {str(s.k): s.seconds for s in sel.per_k},
+                "device": {"select": str(torch_device(cfg.select.device)), "faiss_gpus": faiss_gpus(cfg.cluster.gpu)}}
+        write_json(meta, marker)
+        reused = False
+    _publish(d / "selection.parquet", run.out / "selection.parquet")
+    _publish(d / "clusters.parquet", run.out / "clusters.parquet")
+    run.stage("select", seconds=time.perf_counter() - t0, reused=reused, key=key, dir=str(d), **meta)
+    return d
 
 
-def run_tune(cfg: Config, *, overwrite: bool = False, progress: bool = True) -> dict:
-    """Selection (reusing the embedding stage when already complete), then the Tune sweep over
-    every candidate, the random baselines and the full pool. Returns candidates.json's content."""
+def tune_stage(pool: Pool, select_dir: Path, cfg: Config, run: Run, *, resume: bool = False) -> dict:
+    """The fine-tuning sweep over every candidate into ``tune/<key>/``; target/ linked at the top."""
     import pyarrow.parquet as pq
 
     from .tune import candidates_from_selection, eval_data_config, read_task_pool, run_sweep
 
-    eval_cfg = eval_data_config(cfg)  # fail on a missing held-out set before any work
-    out = run_select(cfg, overwrite=overwrite, progress=progress)
-    selection = pq.read_table(out / "selection.parquet")
-    pool = read_task_pool(cfg.data, cfg)
-    where = {v: i for i, v in enumerate(pool.ids)}
-    order = np.array([where[v] for v in selection.column("id").to_pylist()], dtype=np.int64)
-    pool = Pool(ids=pool.ids[order], texts=None if pool.texts is None else pool.texts[order],
-                labels=None if pool.labels is None else pool.labels[order], embeddings=None, source=pool.source,
-                extra={k: v[order] for k, v in pool.extra.items()})
+    log.info("stage tune: start")
+    t0 = time.perf_counter()
+    eval_cfg = eval_data_config(cfg)
+    task_pool = read_task_pool(cfg.data, cfg)
     eval_pool = read_task_pool(eval_cfg, cfg)
-    overlap = set(pool.ids) & set(eval_pool.ids) if cfg.data.id_column else set()
-    if overlap:
-        raise InputError(f"{len(overlap)} held-out id(s) are also in the pool, e.g. {sorted(overlap)[0]!r}; "
-                         f"the held-out set must be disjoint from the pool")
-    candidates = candidates_from_selection(selection, include_full=cfg.finetune.include_full)
-    return run_sweep(candidates, pool, eval_pool, cfg, out, ray_address=cfg.ray_address)
+    selection = pq.read_table(select_dir / "selection.parquet")
+    where = {v: i for i, v in enumerate(task_pool.ids)}
+    order = np.array([where[v] for v in selection.column("id").to_pylist()], dtype=np.int64)
+    task_pool = Pool(ids=task_pool.ids[order], texts=None if task_pool.texts is None else task_pool.texts[order],
+                     labels=None if task_pool.labels is None else task_pool.labels[order], embeddings=None,
+                     source=task_pool.source, extra={k: v[order] for k, v in task_pool.extra.items()})
+    if cfg.data.id_column:
+        overlap = set(task_pool.ids) & set(eval_pool.ids)
+        if overlap:
+            raise InputError(f"{len(overlap)} held-out id(s) are also in the pool, e.g. {sorted(overlap)[0]!r}; "
+                             f"the held-out set must be disjoint from the pool")
+    d = run.out / "tune" / _digest(select_dir.name, cfg.to_dict()["finetune"], cfg.to_dict()["data"], cfg.seed)
+    marker = d / "candidates.json"
+    if marker.is_file():
+        result, reused = json.loads(marker.read_text()), True
+    else:
+        candidates = candidates_from_selection(selection, include_full=cfg.finetune.include_full)
+        result = run_sweep(candidates, task_pool, eval_pool, cfg, d, ray_address=cfg.ray_address, resume=resume)
+        reused = False
+    _publish(marker, run.out / "candidates.json")
+    if (d / "target").is_dir():
+        _link(d / "target", run.out / "target")
+    run.stage("tune", seconds=time.perf_counter() - t0, reused=reused, key=d.name, dir=str(d),
+              target=result["summary"]["target"], failed=result["summary"]["failed"],
+              stopped_early=result["summary"]["stopped_early"])
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# commands
+
+
+def _read_and_embed(cfg: Config, run: Run, progress: bool) -> Pool:
+    """Read and check the pool and the config against it, then (and only then) start the run."""
+    t0 = time.perf_counter()
+    log.info("stage read: start")
+    pool = read_pool(cfg.data, skip_bad_rows=cfg.embed.on_bad_rows == "skip")
+    cfg.select.resolve_budgets(len(pool))  # budgets above the pool: an error before any work
+    for k in cfg.cluster.k:
+        if k > len(pool):
+            raise InputError(f"cluster.k={k} is more than the pool's {len(pool)} samples; choose k <= {len(pool)}")
+    run.start()
+    run.stage("read", seconds=time.perf_counter() - t0, source=pool.source, rows=len(pool), skipped_rows=pool.skipped)
+    return embed_stage(pool, cfg, run, progress=progress)
+
+
+def run_select(cfg: Config, *, overwrite: bool = False, resume: bool = False, progress: bool = True) -> Path:
+    """Read, embed (unless vectors are given), select; returns the run directory."""
+    run = Run(cfg, resume=resume, overwrite=overwrite)
+    pool = _read_and_embed(cfg, run, progress)
+    select_stage(pool, cfg, run)
+    run.finish()
+    return run.out
+
+
+def run_embed(cfg: Config, *, progress: bool = True) -> Path:
+    """Only the embedding stage, into ``<output_dir>/embeddings/<key>/``; returns that directory."""
+    from .embed import embed_pool
+
+    pool = read_pool(cfg.data, skip_bad_rows=cfg.embed.on_bad_rows == "skip")
+    if pool.embeddings is not None:
+        raise InputError("the pool already has embeddings (data.embeddings or an embedding column); "
+                         "there is nothing to embed")
+    manifest = embed_pool(pool, cfg.embed, Path(cfg.output_dir) / "embeddings", progress=progress,
+                          ray_address=cfg.ray_address)
+    return Path(cfg.output_dir) / "embeddings" / manifest["key"]
+
+
+def run_tune(cfg: Config, *, overwrite: bool = False, resume: bool = False, progress: bool = True) -> dict:
+    """Selection, then the Tune sweep over every candidate, the random baselines and the full pool."""
+    from .tune import eval_data_config
+
+    eval_data_config(cfg)  # no held-out set: fail before any work
+    run = Run(cfg, resume=resume, overwrite=overwrite)
+    pool = _read_and_embed(cfg, run, progress)
+    result = tune_stage(pool, select_stage(pool, cfg, run), cfg, run, resume=resume)
+    run.finish()
+    return result
+
+
+def run_all(cfg: Config, *, overwrite: bool = False, resume: bool = False, progress: bool = True) -> Path:
+    """The whole job: embed -> select -> tune (when ``finetune.eval_path`` is set) -> report."""
+    from .report import write_report
+
+    run = Run(cfg, resume=resume, overwrite=overwrite)
+    pool = _read_and_embed(cfg, run, progress)
+    select_dir = select_stage(pool, cfg, run)
+    if cfg.finetune.eval_path:
+        tune_stage(pool, select_dir, cfg, run, resume=resume)
+    else:
+        log.info("stage tune: skipped (no finetune.eval_path)")
+    t0 = time.perf_counter()
+    log.info("stage report: start")
+    write_report(run.out, run.info, pool)
+    run.stage("report", seconds=time.perf_counter() - t0, path=str(run.out / "report.html"))
+    run.finish()
+    return run.out

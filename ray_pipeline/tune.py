@@ -149,8 +149,11 @@ def _trial(config: dict, shared: dict) -> None:
         scaling_config=ray.train.ScalingConfig(num_workers=shared["num_workers"], use_gpu=use_gpu,
                                                resources_per_worker=shared["resources_per_worker"]),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        run_config=ray.train.RunConfig(name=cand["name"], storage_path=shared["train_storage"],
-                                       callbacks=[TuneReportCallback()]),
+        run_config=ray.train.RunConfig(
+            name=cand["name"], storage_path=shared["train_storage"], callbacks=[TuneReportCallback()],
+            # A trial whose workers cannot start (e.g. resources never freed) fails after a few
+            # tries and is reported, instead of retrying forever (Ray's default).
+            failure_config=ray.train.FailureConfig(max_failures=0, controller_failure_limit=3)),
     )
     trainer.fit()
 
@@ -171,11 +174,14 @@ def plan_resources(cpus: float, gpus: float, cfg: Config) -> dict:
 
 
 def run_sweep(candidates: list[Candidate], pool: Pool, eval_pool: Pool, cfg: Config, out: Path, *,
-              ray_address: Optional[str] = None) -> dict:
-    """Fine-tune every candidate under Tune with ASHA; write candidates.json and target/."""
+              ray_address: Optional[str] = None, resume: bool = False) -> dict:
+    """Fine-tune every candidate under Tune with ASHA; write candidates.json and target/.
+
+    With ``resume`` and an interrupted sweep in ``out/tune``, Tune restores it: finished trials
+    are kept, unfinished ones run again from their start."""
     import ray
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     from .finetune import resolve_model
     from .runtime import ray_session
@@ -201,21 +207,31 @@ def run_sweep(candidates: list[Candidate], pool: Pool, eval_pool: Pool, cfg: Con
                  len(candidates), plan["max_concurrent_trials"], ft.num_workers,
                  "GPU" if plan["use_gpu"] else "CPU", max_t)
         specs = [c.describe() for c in candidates]
-        tuner = tune.Tuner(
-            tune.with_resources(tune.with_parameters(_trial, shared=shared), {"cpu": 0.1}),
-            param_space={"candidate": tune.grid_search(specs)},
-            tune_config=tune.TuneConfig(
-                metric="score", mode="max",
-                scheduler=ASHAScheduler(time_attr="training_iteration", max_t=max_t,
-                                        grace_period=min(ft.asha_grace_period, max_t),
-                                        reduction_factor=ft.asha_reduction_factor),
-                max_concurrent_trials=plan["max_concurrent_trials"],
-                trial_name_creator=lambda t: t.config["candidate"]["name"],
-                trial_dirname_creator=lambda t: t.config["candidate"]["name"],
-            ),
-            run_config=tune.RunConfig(name="tune", storage_path=str(out), verbose=1,
-                                      failure_config=tune.FailureConfig(max_failures=0)),
-        )
+        trainable = tune.with_resources(tune.with_parameters(_trial, shared=shared), {"cpu": 0.1})
+        experiment = out / "tune"
+        if resume and tune.Tuner.can_restore(str(experiment)):
+            log.info("Tune: restoring the interrupted sweep in %s", experiment)
+            tuner = tune.Tuner.restore(str(experiment), trainable=trainable, resume_unfinished=True,
+                                       resume_errored=False, restart_errored=False)
+        else:
+            if experiment.exists():  # a sweep that did not finish, not resumed: start it again
+                shutil.rmtree(experiment)
+            tuner = tune.Tuner(
+                trainable,
+                param_space={"candidate": tune.grid_search(specs)},
+                tune_config=tune.TuneConfig(
+                    metric="score", mode="max",
+                    scheduler=ASHAScheduler(time_attr="training_iteration", max_t=max_t,
+                                            grace_period=min(ft.asha_grace_period, max_t),
+                                            reduction_factor=ft.asha_reduction_factor)
+                    if ft.early_stopping else FIFOScheduler(),
+                    max_concurrent_trials=plan["max_concurrent_trials"],
+                    trial_name_creator=lambda t: t.config["candidate"]["name"],
+                    trial_dirname_creator=lambda t: t.config["candidate"]["name"],
+                ),
+                run_config=tune.RunConfig(name="tune", storage_path=str(out), verbose=1,
+                                          failure_config=tune.FailureConfig(max_failures=0)),
+            )
         t0 = time.perf_counter()
         grid = tuner.fit()
         sweep_s = time.perf_counter() - t0

@@ -30,7 +30,9 @@ def test_outputs(tmp_path, vectors):
     assert rc == 0
     sel = pq.read_table(out / "selection.parquet").to_pandas()
     clusters = pq.read_table(out / "clusters.parquet").to_pandas()
-    meta = json.loads((out / "run.json").read_text())
+    info = json.loads((out / "run.json").read_text())
+    meta = info["stages"]["select"]
+    assert info["status"] == "complete" and set(info["stages"]) == {"read", "embed", "select"}
     assert len(sel) == 3000 and sel["id"].is_unique
     assert meta["budgets"] == [30, 60, 150] and meta["n"] == 3000 and meta["dim"] == 24
     for k in (10, 30):
@@ -74,10 +76,17 @@ def test_bad_input_exits_2_with_a_message(tmp_path, vectors, capsys):
 
 def test_refuses_to_mix_runs_in_one_directory(tmp_path, vectors, capsys):
     assert run(tmp_path, vectors, "same")[0] == 0
-    assert run(tmp_path, vectors, "same")[0] == 0  # the same run again is fine
+    rc, out = run(tmp_path, vectors, "same")  # the same run again reuses its complete stages
+    assert rc == 0 and json.loads((out / "run.json").read_text())["stages"]["select"]["reused"]
     rc, _ = run(tmp_path, vectors, "same", "--seed", "9")
     assert rc == 2 and "holds a different run" in capsys.readouterr().err
     assert run(tmp_path, vectors, "same", "--seed", "9", "--overwrite")[0] == 0
+    # a run that did not finish is continued only when asked
+    info = json.loads((out / "run.json").read_text())
+    (out / "run.json").write_text(json.dumps({**info, "status": "running"}))
+    rc, _ = run(tmp_path, vectors, "same", "--seed", "9")
+    assert rc == 2 and "did not finish; pass --resume" in capsys.readouterr().err
+    assert run(tmp_path, vectors, "same", "--seed", "9", "--resume")[0] == 0
 
 
 def test_config_file_and_flags(tmp_path, vectors):
@@ -96,9 +105,9 @@ def test_real_pool_embedded_with_minilm(tmp_path, shared_data):
                "--no-progress"])
     assert rc == 0
     sel = pq.read_table(out / "selection.parquet").to_pandas()
-    meta = json.loads((out / "run.json").read_text())
-    stage = out / "embeddings" / meta["embeddings"]["key"]
-    assert meta["embeddings"]["rows"] == 400 and meta["embeddings"]["dim"] == 384
+    meta = json.loads((out / "run.json").read_text())["stages"]
+    stage = Path(meta["embed"]["dir"])
+    assert meta["embed"]["rows"] == 400 and meta["embed"]["dim"] == 384
     assert sel["in_k8_m40"].sum() == 40 and sel["label"].notna().all()
     # the stage's shards feed a second run without the encoder, with the same selection
     rc = main(["select", "--embeddings", str(stage), "--k", "8", "--budgets", "40",

@@ -1,0 +1,213 @@
+"""``report.html``: what the run chose and what it cost, in one self-contained file.
+
+Plots are drawn with matplotlib (Agg) and embedded as PNG data URIs, so the page opens offline
+and can be mailed around. Sections: summary, cluster sizes, a 2-D map of the pool (PCA of a
+sample) with the chosen subset marked, score against subset size for selection / random / full,
+every trial's learning curve (early-stopped trials marked), the cost of each stage, the subset.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import logging
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from .artifacts import atomic_path
+
+log = logging.getLogger(__name__)
+
+MAP_POINTS = 5000  # points drawn in the 2-D map (a seeded sample of the pool)
+
+
+def _png(fig) -> str:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _figure(w: float = 7.0, h: float = 3.6):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=(w, h))
+
+
+def pca_2d(x: np.ndarray) -> np.ndarray:
+    """(n, d) -> (n, 2): the two leading principal components (SVD of the centred sample)."""
+    xc = x - x.mean(axis=0)
+    _, _, vt = np.linalg.svd(xc, full_matrices=False)
+    return xc @ vt[:2].T
+
+
+def _plot_cluster_sizes(clusters) -> str:
+    fig, ax = _figure()
+    for k in sorted(clusters["k"].unique()):
+        sizes = np.sort(clusters[clusters.k == k]["size"].to_numpy())[::-1]
+        ax.plot(np.arange(1, len(sizes) + 1), sizes, marker=".", lw=1, label=f"K={k}")
+    ax.set_xlabel("cluster (largest first)")
+    ax.set_ylabel("samples")
+    ax.set_yscale("log")
+    ax.set_title("Cluster sizes")
+    ax.legend()
+    return _png(fig)
+
+
+def _plot_map(x: np.ndarray, selection, column: str, key_ids: set) -> str:
+    rng = np.random.default_rng(0)
+    n = len(x)
+    chosen = np.flatnonzero(selection[column].to_numpy())
+    others = rng.choice(n, min(n, MAP_POINTS), replace=False)
+    idx = np.unique(np.concatenate([others, chosen]))
+    xy = pca_2d(x[idx])
+    pos = {v: i for i, v in enumerate(idx)}
+    fig, ax = _figure(7, 5)
+    ax.scatter(xy[:, 0], xy[:, 1], s=3, c="#c8c8c8", label=f"pool (sample of {len(idx):,})")
+    sel_xy = xy[[pos[i] for i in chosen]]
+    ax.scatter(sel_xy[:, 0], sel_xy[:, 1], s=14, c="#d62728", label=f"{column[3:]} ({len(chosen):,})")
+    ids = selection["id"].to_numpy()
+    keys = [pos[i] for i in chosen if ids[i] in key_ids]
+    if keys:
+        ax.scatter(xy[keys, 0], xy[keys, 1], s=40, facecolors="none", edgecolors="k", label="key samples")
+    ax.set_title("The pool in 2-D (PCA) with the chosen subset")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.legend(loc="best", fontsize=8)
+    return _png(fig)
+
+
+def _plot_score_vs_size(trials: list[dict]) -> str:
+    fig, ax = _figure()
+    sel = [t for t in trials if t["kind"] == "selection" and t["best_score"] is not None]
+    for k in sorted({t["k"] for t in sel}):
+        pts = sorted((t["size"], t["best_score"]) for t in sel if t["k"] == k)
+        ax.plot(*zip(*pts), marker="o", label=f"selection K={k}")
+    rnd: dict = {}
+    for t in trials:
+        if t["kind"] == "random" and t["best_score"] is not None:
+            rnd.setdefault(t["size"], []).append(t["best_score"])
+    if rnd:
+        sizes = sorted(rnd)
+        mean = np.array([np.mean(rnd[s]) for s in sizes])
+        std = np.array([np.std(rnd[s]) for s in sizes])
+        ax.errorbar(sizes, mean, yerr=std, marker="s", ls="--", c="gray", capsize=3, label="random (mean ± std)")
+    full = [t["best_score"] for t in trials if t["kind"] == "full" and t["best_score"] is not None]
+    if full:
+        ax.axhline(full[0], c="k", ls=":", label="full pool")
+    ax.set_xscale("log")
+    ax.set_xlabel("subset size")
+    ax.set_ylabel("held-out score")
+    ax.set_title("Held-out score against subset size")
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def _plot_curves(trials: list[dict]) -> str:
+    fig, ax = _figure(7, 4)
+    for t in trials:
+        h = t.get("history") or []
+        if not h:
+            continue
+        steps = [r["step"] for r in h]
+        scores = [r["score"] for r in h]
+        stopped = t["status"] != "completed"
+        (line,) = ax.plot(steps, scores, ls="--" if stopped else "-", lw=1, label=t["name"])
+        if stopped:
+            ax.plot(steps[-1], scores[-1], marker="x", c=line.get_color(), ms=8)
+    ax.set_xlabel("step")
+    ax.set_ylabel("held-out score")
+    ax.set_title("Learning curves (dashed, x: stopped early)")
+    ax.legend(fontsize=6, ncol=2)
+    return _png(fig)
+
+
+def _plot_costs(stages: dict) -> str:
+    names = [n for n in ("read", "embed", "select", "tune") if n in stages]
+    secs = [stages[n].get("seconds", 0.0) for n in names]
+    fig, ax = _figure(6, 2.4)
+    ax.barh(names[::-1], secs[::-1], color="#1f77b4")
+    for i, v in enumerate(secs[::-1]):
+        ax.text(v, i, f" {v:.1f}s", va="center", fontsize=8)
+    ax.set_xlabel("seconds (reused stages: the time to check them)")
+    ax.set_title("Cost of each stage")
+    return _png(fig)
+
+
+def _table(rows: list[dict], columns: list[str]) -> str:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(r.get(c)))}</td>" for c in columns) + "</tr>"
+                   for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    return str(v)
+
+
+def write_report(out: Path, run_info: dict, pool) -> Path:
+    """Build ``out/report.html`` from the run directory's files and the pool (ids, texts, vectors)."""
+    selection = pq.read_table(out / "selection.parquet").to_pandas()
+    clusters = pq.read_table(out / "clusters.parquet").to_pandas()
+    cand_path = out / "candidates.json"
+    tuned = json.loads(cand_path.read_text()) if cand_path.is_file() else None
+    stages = run_info.get("stages", {})
+    sel_cols = [c for c in selection.columns if c.startswith("in_k")]
+    target = (tuned or {}).get("summary", {}).get("target") if tuned else None
+    shown = f"in_{target['name']}" if target else (sel_cols[-1] if sel_cols else None)
+
+    parts = [f"<h1>ray_pipeline run</h1><p class=muted>{html.escape(str(out.resolve()))}</p>"]
+    facts = {"samples": len(selection), "dimension": stages.get("select", {}).get("dim"),
+             "K": ", ".join(str(k) for k in sorted(clusters["k"].unique())),
+             "budgets M": ", ".join(str(m) for m in stages.get("select", {}).get("budgets", [])),
+             "candidates": len(sel_cols)}
+    if target:
+        rnd = target.get("random_same_size")
+        facts.update({"target subset": f"{target['name']} (K={target['k']}, M={target['m']})",
+                      "target score": f"{target['score']:.4f}",
+                      "random, same size": f"{rnd['mean']:.4f} ± {rnd['std']:.4f}" if rnd else "–",
+                      "full pool": _fmt(target.get("full"))})
+    parts.append("<h2>Summary</h2>" + _table([facts], list(facts)))
+    parts.append(f"<h2>Clusters</h2><img src='{_plot_cluster_sizes(clusters)}'>")
+    if shown and pool is not None and pool.embeddings is not None:
+        keys = set(clusters["key_id"].dropna())
+        parts.append(f"<h2>The pool and the chosen subset</h2><img src='{_plot_map(pool.embeddings, selection, shown, keys)}'>")
+    if tuned:
+        trials = tuned["trials"]
+        parts.append(f"<h2>Score against subset size</h2><img src='{_plot_score_vs_size(trials)}'>")
+        parts.append(f"<h2>Learning curves</h2><img src='{_plot_curves(trials)}'>")
+        cols = ["name", "kind", "size", "status", "steps", "best_score", "accuracy", "macro_f1", "eval_loss",
+                "wall_s", "cpu_seconds", "gpu_seconds", "error"]
+        cols = [c for c in cols if any(c in t for t in trials)]
+        parts.append("<h2>Trials</h2>" + _table(sorted(trials, key=lambda t: -(t["best_score"] or -1e9)), cols))
+    parts.append(f"<h2>Cost</h2><img src='{_plot_costs(stages)}'>")
+    if shown:
+        chosen = selection[selection[shown]]
+        texts = {} if pool is None or pool.texts is None else dict(zip(pool.ids, pool.texts))
+        rows = [{"id": r.id, "label": getattr(r, "label", None), "text": (texts.get(r.id) or "")[:160]}
+                for r in chosen.head(100).itertuples()]
+        parts.append(f"<h2>The subset {html.escape(shown[3:])} ({len(chosen):,} samples; first 100)</h2>"
+                     + _table(rows, ["id", "label", "text"]))
+    page = ("<!doctype html><html><head><meta charset='utf-8'><title>ray_pipeline report</title><style>"
+            "body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;color:#222}"
+            "table{border-collapse:collapse;font-size:13px;margin:.5em 0}td,th{border:1px solid #ddd;"
+            "padding:3px 6px;text-align:left}th{background:#f4f4f4}.muted{color:#888}img{max-width:100%}"
+            "</style></head><body>" + "\n".join(parts) + "</body></html>")
+    path = out / "report.html"
+    with atomic_path(path) as tmp:
+        tmp.write_text(page, encoding="utf-8")
+    return path
