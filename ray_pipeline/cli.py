@@ -45,6 +45,8 @@ def _add_common(s: argparse.ArgumentParser) -> None:
 
 
 def _add_run_flags(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--embeddings", help="precomputed vectors: .npy (n, d), .parquet (id, embedding), "
+                                        "or a directory written by `ray-pipeline embed`")
     s.add_argument("--k", nargs="+", type=int, help="numbers of clusters, e.g. --k 50 100")
     s.add_argument("--budgets", nargs="+", help="subset sizes: counts (200) or fractions (0.01, 1%%)")
     s.add_argument("--seed", type=int, help="seed for k-means, the random baselines and training")
@@ -60,8 +62,6 @@ def _parser() -> argparse.ArgumentParser:
                                    "pick key samples and k-center greedy subsets for each budget M, and "
                                    "write selection.parquet, clusters.parquet and run.json.")
     _add_common(s)
-    s.add_argument("--embeddings", help="precomputed vectors: .npy (n, d), .parquet (id, embedding), "
-                                        "or a directory written by `ray-pipeline embed`")
     _add_run_flags(s)
     e = sub.add_parser("embed", help="only embed the pool (Ray Data; resumable)",
                        description="Embed every sample into <out>/embeddings/<key>/shard-*.parquet "
