@@ -27,10 +27,40 @@ import yaml
 from .errors import ConfigError
 
 Budget = Union[int, float, str]
+KValue = Union[int, str]
 
 
 def _fail(name: str, value: Any, allowed: str) -> None:
     raise ConfigError(f"config field {name!r} is {value!r}; allowed: {allowed}")
+
+
+def parse_k(name: str, value: KValue) -> tuple[str, float]:
+    """``("abs", K)`` for an int >= 1, ``("ratio", r)`` for ``"M"``, ``"M/4"`` or ``"0.5M"`` (K = r M)."""
+    allowed = "an int >= 1, or a ratio of the budget: 'M', 'M/2', 'M/4', '0.5M'"
+    if isinstance(value, bool):
+        _fail(name, value, allowed)
+    if isinstance(value, int):
+        if value < 1:
+            _fail(name, value, allowed)
+        return ("abs", float(value))
+    if isinstance(value, str):
+        text = value.replace(" ", "").upper()
+        try:
+            if text == "M":
+                r = 1.0
+            elif text.startswith("M/"):
+                r = 1.0 / float(text[2:])
+            elif text.endswith("M"):
+                r = float(text[:-1].rstrip("*"))
+            else:
+                r = -1.0
+        except (ValueError, ZeroDivisionError):
+            r = -1.0
+        if r <= 0:
+            _fail(name, value, allowed)
+        return ("ratio", r)
+    _fail(name, value, allowed)
+    raise AssertionError  # unreachable
 
 
 def _parse_budget(name: str, value: Budget) -> Union[int, float]:
@@ -141,24 +171,24 @@ class EmbedConfig:
 
 @dataclass(frozen=True)
 class ClusterConfig:
-    """FAISS spherical k-means, one run per value of ``k``.
+    """FAISS spherical k-means, one run per distinct K.
 
-    ``max_points_per_centroid``: faiss trains on at most k times this many points (a seeded
+    ``k``: absolute numbers of clusters (``100``) and/or ratios of each budget M (``"M"``,
+    ``"M/2"``, ``"M/4"``): a ratio gives one K per M, so the clusters follow the budget.
+    ``max_points_per_centroid``: faiss trains on at most K times this many points (a seeded
     sample), then assigns every point.
     """
 
-    k: tuple[int, ...] = (100,)
+    k: tuple[KValue, ...] = ("M/2", "M")
     niter: int = 20
     max_points_per_centroid: int = 256
     gpu: Literal["auto", "never"] = "auto"
 
     def __post_init__(self) -> None:
         if not self.k:
-            _fail("cluster.k", list(self.k), "a non-empty list of ints >= 1")
-        for k in self.k:
-            if k < 1:
-                _fail("cluster.k", list(self.k), "ints >= 1 (number of clusters)")
-        if len(set(self.k)) != len(self.k):
+            _fail("cluster.k", list(self.k), "a non-empty list of ints >= 1 or ratios such as 'M/2'")
+        parsed = [parse_k("cluster.k", k) for k in self.k]
+        if len(set(parsed)) != len(parsed):
             _fail("cluster.k", list(self.k), "distinct values (each K is one candidate family)")
         if self.niter < 1:
             _fail("cluster.niter", self.niter, "an int >= 1")
@@ -168,10 +198,18 @@ class ClusterConfig:
 
 @dataclass(frozen=True)
 class SelectConfig:
-    """Budgets M (each a count or a fraction of the pool) and the random baselines."""
+    """Budgets M (each a count or a fraction of the pool), how each cluster's share is chosen,
+    and the random baselines.
+
+    ``method``: ``kcenter`` (METHOD.md: farthest-first from the key sample) or ``centroid``
+    (the members nearest the centroid). ``outlier_quantile``: robust k-center: in each cluster the
+    members farthest from the centroid (this share of them) are never picked (0: off).
+    """
 
     budgets: tuple[Budget, ...] = ("1%", "2%", "5%")
     random_seeds: tuple[int, ...] = (0, 1, 2)
+    method: Literal["kcenter", "centroid"] = "kcenter"
+    outlier_quantile: float = 0.0
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
     def __post_init__(self) -> None:
@@ -182,6 +220,8 @@ class SelectConfig:
             _fail("select.budgets", list(self.budgets), "distinct budgets")
         if len(set(self.random_seeds)) != len(self.random_seeds):
             _fail("select.random_seeds", list(self.random_seeds), "distinct ints")
+        if not 0.0 <= self.outlier_quantile < 0.5:
+            _fail("select.outlier_quantile", self.outlier_quantile, "a share in [0, 0.5): 0 turns it off")
 
     def resolve_budgets(self, n: int) -> tuple[int, ...]:
         """Budgets as sample counts for a pool of ``n``; a count above ``n`` is an error."""
@@ -285,6 +325,20 @@ class Config:
         if not self.output_dir:
             _fail("output_dir", self.output_dir, "a directory path")
 
+    def candidate_grid(self, n: int) -> list[tuple[int, int]]:
+        """The (K, M) pairs for a pool of ``n``: every absolute K with every M, and each ratio K
+        with its own M (K = max(1, round(r M)), at most n). Sorted by K, then M."""
+        pairs = set()
+        for m in self.select.resolve_budgets(n):
+            for raw in self.cluster.k:
+                kind, v = parse_k("cluster.k", raw)
+                k = int(v) if kind == "abs" else max(1, int(round(v * m)))
+                if k > n:
+                    raise ConfigError(f"config field 'cluster.k' has {raw!r} = {k} clusters for a pool of {n}; "
+                                      f"choose K <= {n}")
+                pairs.add((k, m))
+        return sorted(pairs)
+
     # -- construction ---------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "Config":
@@ -366,10 +420,11 @@ def _coerce(tp: Any, value: Any, name: str) -> Any:
     if origin is Union:
         if value is None and type(None) in args:
             return None
-        if tp == Budget or set(args) == {int, float, str}:
-            if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        scalars = tuple(a for a in args if a in (int, float, str))
+        if len(scalars) > 1 and len(scalars) == len([a for a in args if a is not type(None)]):
+            if isinstance(value, scalars) and not isinstance(value, bool):
                 return value
-            _fail(name, value, "an int, float or string")
+            _fail(name, value, " or ".join(a.__name__ for a in scalars))
         inner = [a for a in args if a is not type(None)]
         return _coerce(inner[0] if len(inner) == 1 else Union[tuple(inner)], value, name)
     if origin is Literal:

@@ -38,7 +38,14 @@ from .config import Config
 from .data import Pool, read_pool
 from .device import faiss_gpus, torch_device
 from .errors import InputError, OutputError
-from .select import center_and_key_samples, k_center_greedy, proportional_budgets, random_ranks
+from .select import (
+    center_and_key_samples,
+    centroid_ranks,
+    k_center_greedy,
+    largest_remainder,
+    outlier_mask,
+    random_ranks,
+)
 
 log = logging.getLogger(__name__)
 
@@ -71,17 +78,18 @@ class Selection:
 
     def candidates(self) -> list[dict]:
         out = [{"name": f"k{s.k}_m{m}", "kind": "selection", "k": s.k, "m": m} for s in self.per_k
-               for m in self.budgets]
+               for m in s.budgets]
         out += [{"name": f"random_m{m}_s{seed}", "kind": "random", "seed": seed, "m": m}
                 for seed in self.random for m in self.budgets]
         return out
 
 
 def select_candidates(x: np.ndarray, cfg: Config, *, rng: np.random.Generator) -> Selection:
-    """Candidate subsets for every (K, M) of ``cfg`` plus seeded random baselines.
+    """Candidate subsets for every (K, M) of ``cfg.candidate_grid`` plus seeded random baselines.
 
     x: (n, d) float32, L2-normalised rows. rng: draws the random baselines (one child stream per
-    seed in ``cfg.select.random_seeds``, so adding a seed does not change the others).
+    seed in ``cfg.select.random_seeds``, so adding a seed does not change the others). k-means
+    runs once per distinct K; one greedy pass per K serves all of its budgets.
 
     Example:
         >>> rng = np.random.default_rng(0)
@@ -96,35 +104,40 @@ def select_candidates(x: np.ndarray, cfg: Config, *, rng: np.random.Generator) -
 
     n = len(x)
     budgets = cfg.select.resolve_budgets(n)
-    for k in cfg.cluster.k:
-        if k > n:
-            raise InputError(f"cluster.k={k} is more than the pool's {n} samples; choose k <= {n}")
+    grid = cfg.candidate_grid(n)
     device = torch_device(cfg.select.device)
     gpus = faiss_gpus(cfg.cluster.gpu)
     x_t = torch.from_numpy(x).to(device)
     per_k = []
-    for k in cfg.cluster.k:
+    for k in sorted({k for k, _ in grid}):
+        ms = [m for kk, m in grid if kk == k]
         t0 = time.perf_counter()
         km = kmeans(x, k, seed=cfg.seed, niter=cfg.cluster.niter,
                     max_points_per_centroid=cfg.cluster.max_points_per_centroid, gpus=gpus)
         t1 = time.perf_counter()
         assign_t = torch.from_numpy(km.assign).to(device)
         center, key = center_and_key_samples(x_t, assign_t, torch.from_numpy(km.sim).to(device), k)
+        key_np = key.cpu().numpy()
         t2 = time.perf_counter()
-        sizes = km.sizes
-        per_m = {m: proportional_budgets(sizes, m) for m in budgets}
+        eligible = outlier_mask(km.assign, km.sim, k, cfg.select.outlier_quantile, key_np)
+        room = np.bincount(km.assign[eligible], minlength=k)
+        per_m = {m: largest_remainder(km.sizes, m, room) for m in ms}
         # Largest remainder is not monotone in M (the Alabama paradox): run each cluster to the
-        # most any budget asks of it, so every candidate is a prefix of one greedy order.
+        # most any budget asks of it, so every candidate is a prefix of one order.
         run_to = np.max(np.stack(list(per_m.values())), axis=0)
-        rank = k_center_greedy(x_t, assign_t, torch.from_numpy(run_to).to(device), key)
-        rank_np = rank.cpu().numpy()  # the one device-to-host copy of the greedy
+        if cfg.select.method == "centroid":
+            rank_np = np.where(eligible, centroid_ranks(km.assign, km.sim, k), -1)
+            rank_np = np.where(rank_np < run_to[km.assign], rank_np, -1)
+        else:
+            rank = k_center_greedy(x_t, assign_t, torch.from_numpy(run_to).to(device), key,
+                                   eligible=None if eligible.all() else torch.from_numpy(eligible).to(device))
+            rank_np = rank.cpu().numpy()  # the one device-to-host copy of the greedy
         t3 = time.perf_counter()
         per_k.append(KSelection(
-            k=k, assign=km.assign, center=center.cpu().numpy(), key=key.cpu().numpy(),
-            budgets=per_m, rank=rank_np,
+            k=k, assign=km.assign, center=center.cpu().numpy(), key=key_np, budgets=per_m, rank=rank_np,
             seconds={"kmeans": t1 - t0, "key_samples": t2 - t1, "greedy": t3 - t2}))
-        log.info("K=%d: k-means %.2fs, key samples %.2fs, greedy %.2fs (%d empty clusters)",
-                 k, t1 - t0, t2 - t1, t3 - t2, int((sizes == 0).sum()))
+        log.info("K=%d (M=%s): k-means %.2fs, key samples %.2fs, %s %.2fs (%d empty clusters)", k,
+                 ",".join(map(str, ms)), t1 - t0, t2 - t1, cfg.select.method, t3 - t2, int((km.sizes == 0).sum()))
     children = rng.spawn(len(cfg.select.random_seeds))
     random = {seed: random_ranks(n, child) for seed, child in zip(cfg.select.random_seeds, children)}
     return Selection(n=n, budgets=budgets, per_k=per_k, random=random)
@@ -142,7 +155,7 @@ def selection_table(pool: Pool, sel: Selection) -> pa.Table:
     for s in sel.per_k:
         cols[f"cluster_k{s.k}"] = pa.array(s.assign.astype(np.int32))
         cols[f"rank_k{s.k}"] = pa.array(s.rank.astype(np.int32))
-        for m in sel.budgets:
+        for m in s.budgets:
             cols[f"in_k{s.k}_m{m}"] = pa.array(s.members(m))
     for seed, rank in sel.random.items():
         for m in sel.budgets:
@@ -165,7 +178,7 @@ def clusters_table(pool: Pool, sel: Selection) -> pa.Table:
             rows["center_id"].append(None if s.center[c] < 0 else str(ids[s.center[c]]))
             rows["key_id"].append(None if s.key[c] < 0 else str(ids[s.key[c]]))
             for m in sel.budgets:
-                rows[f"budget_m{m}"].append(int(s.budgets[m][c]))
+                rows[f"budget_m{m}"].append(int(s.budgets[m][c]) if m in s.budgets else None)
     return pa.table(rows)
 
 
@@ -361,10 +374,7 @@ def _read_and_embed(cfg: Config, run: Run, progress: bool) -> Pool:
     t0 = time.perf_counter()
     log.info("stage read: start")
     pool = read_pool(cfg.data, skip_bad_rows=cfg.embed.on_bad_rows == "skip")
-    cfg.select.resolve_budgets(len(pool))  # budgets above the pool: an error before any work
-    for k in cfg.cluster.k:
-        if k > len(pool):
-            raise InputError(f"cluster.k={k} is more than the pool's {len(pool)} samples; choose k <= {len(pool)}")
+    cfg.candidate_grid(len(pool))  # budgets or K above the pool: an error before any work
     run.start()
     run.stage("read", seconds=time.perf_counter() - t0, source=pool.source, rows=len(pool), skipped_rows=pool.skipped)
     return embed_stage(pool, cfg, run, progress=progress)

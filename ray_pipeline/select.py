@@ -170,28 +170,31 @@ def proportional_budgets(sizes: np.ndarray, m: int) -> np.ndarray:
 # step 6: k-center greedy
 
 
-def _check_greedy_inputs(x, assign, budgets, starts):
+def _check_greedy_inputs(x, assign, budgets, starts, eligible):
     k = budgets.shape[0]
     if x.ndim != 2 or assign.shape != (x.shape[0],) or starts.shape != (k,):
         raise ValueError(f"shapes do not match: x {tuple(x.shape)}, assign {tuple(assign.shape)}, "
                          f"budgets {tuple(budgets.shape)}, starts {tuple(starts.shape)}")
-    sizes = torch.bincount(assign, minlength=k)
+    sizes = torch.bincount(assign if eligible is None else assign[eligible], minlength=k)
     if bool((budgets < 0).any()) or bool((budgets > sizes).any()):
-        raise ValueError("every budget must be between 0 and its cluster's size")
+        raise ValueError("every budget must be between 0 and its cluster's (eligible) size")
     live = budgets > 0
     if bool((starts[live] < 0).any()) or bool((assign[starts[live]] != torch.nonzero(live)[:, 0]).any()):
         raise ValueError("every cluster with a budget needs a start row that belongs to it")
 
 
 def k_center_greedy(x: torch.Tensor, assign: torch.Tensor, budgets: torch.Tensor,
-                    starts: torch.Tensor, *, block_rows: int | None = None,
-                    strategy: str = "auto", chunk_rows: int = 1 << 16) -> torch.Tensor:
+                    starts: torch.Tensor, *, eligible: torch.Tensor | None = None,
+                    block_rows: int | None = None, strategy: str = "auto",
+                    chunk_rows: int = 1 << 16) -> torch.Tensor:
     """Farthest-first traversal in every cluster at once; returns each row's greedy rank.
 
     x: (n, d) float tensor (float32 or float64; distances are computed in its dtype).
     assign: (n,) int64 cluster of each row in [0, k). budgets: (k,) int64, 0 <= b_k <= |C_k|.
     starts: (k,) int64 row index of each cluster's first pick (its key sample); ignored where
-    the budget is 0. All on one device; the result stays there.
+    the budget is 0. eligible: optional (n,) bool; rows that are False are never picked (the
+    robust variant leaves out each cluster's outliers) and budgets count eligible rows only.
+    All on one device; the result stays there.
 
     Returns rank: (n,) int64, the step at which the row was chosen in its cluster (0 for the
     start), -1 if it was not. Cluster k's subset for any budget b <= b_k is ``rank < b`` on its
@@ -212,7 +215,7 @@ def k_center_greedy(x: torch.Tensor, assign: torch.Tensor, budgets: torch.Tensor
         ...                 torch.tensor([1, 4]))
         tensor([ 2,  0,  1, -1,  0])
     """
-    _check_greedy_inputs(x, assign, budgets, starts)
+    _check_greedy_inputs(x, assign, budgets, starts, eligible)
     device = x.device
     n, k = x.shape[0], budgets.shape[0]
     if strategy == "auto":
@@ -241,6 +244,8 @@ def k_center_greedy(x: torch.Tensor, assign: torch.Tensor, budgets: torch.Tensor
         xb, sb = x[rows], seg[r0:r1] - c0  # the block, gathered once (cache-sized on a CPU)
         nb = torch.linalg.vector_norm(xb, dim=1).square_()
         mind = torch.full((r1 - r0,), float("inf"), dtype=x.dtype, device=device)
+        if eligible is not None:
+            mind[~eligible[rows]] = float("-inf")  # never picked; the min-update keeps them -inf
         rank_b = torch.full((r1 - r0,), -1, dtype=torch.int64, device=device)
         for t in range(steps):
             a = int((b_sorted[c0:c1] > t).sum())  # clusters still picking: block positions [0, a)
@@ -257,7 +262,7 @@ def k_center_greedy(x: torch.Tensor, assign: torch.Tensor, budgets: torch.Tensor
 
 
 def k_center_greedy_reference(x: np.ndarray, assign: np.ndarray, budgets: np.ndarray,
-                              starts: np.ndarray) -> np.ndarray:
+                              starts: np.ndarray, eligible: np.ndarray | None = None) -> np.ndarray:
     """The slow, obvious version of :func:`k_center_greedy`: a Python loop over clusters and picks
     (as DeepCore's and Google's active-learning k-center greedy do, per cluster). Same contract,
     numpy arrays in and out."""
@@ -268,7 +273,7 @@ def k_center_greedy_reference(x: np.ndarray, assign: np.ndarray, budgets: np.nda
         members = np.flatnonzero(assign == c)
         xm = x[members]
         mind = np.full(len(members), np.inf, dtype=x.dtype)
-        chosen = np.zeros(len(members), dtype=bool)
+        chosen = np.zeros(len(members), dtype=bool) if eligible is None else ~eligible[members]
         pick = int(np.flatnonzero(members == starts[c])[0])
         for t in range(int(budgets[c])):
             if t > 0:
@@ -278,6 +283,31 @@ def k_center_greedy_reference(x: np.ndarray, assign: np.ndarray, budgets: np.nda
             rank[members[pick]] = t
             mind = np.minimum(mind, ((xm - xm[pick]) ** 2).sum(axis=1))
     return rank
+
+
+def centroid_ranks(assign: np.ndarray, centroid_sim: np.ndarray, k: int) -> np.ndarray:
+    """The nearest-to-centroid variant: each row's rank in its cluster by similarity to the
+    centroid, most similar first (ties: lower index). The subset for budget b is ``rank < b``."""
+    n = len(assign)
+    order = np.lexsort((np.arange(n), -centroid_sim, assign))
+    start = np.concatenate([[0], np.cumsum(np.bincount(assign, minlength=k))])[:-1]
+    rank = np.empty(n, dtype=np.int64)
+    rank[order] = np.arange(n) - start[assign[order]]
+    return rank
+
+
+def outlier_mask(assign: np.ndarray, centroid_sim: np.ndarray, k: int, quantile: float,
+                 keep: np.ndarray) -> np.ndarray:
+    """(n,) bool: False for the ``quantile`` share of each cluster farthest from its centroid
+    (rounded down, so small clusters keep everyone); rows in ``keep`` (the key samples) stay True."""
+    if quantile <= 0:
+        return np.ones(len(assign), dtype=bool)
+    ascending = centroid_ranks(assign, -centroid_sim, k)  # 0 = farthest from the centroid
+    sizes = np.bincount(assign, minlength=k)
+    drop = ascending < np.floor(quantile * sizes[assign])
+    mask = ~drop
+    mask[keep[keep >= 0]] = True
+    return mask
 
 
 # ----------------------------------------------------------------------------------------------

@@ -68,7 +68,7 @@ def test_bad_input_exits_2_with_a_message(tmp_path, vectors, capsys):
     rc = main(["select", "--embeddings", str(tmp_path / "none.npy"), "--out", str(tmp_path / "o")])
     assert rc == 2 and "does not exist" in capsys.readouterr().err
     rc, out = run(tmp_path, vectors, "big", "--set", "cluster.k=[5000]")
-    assert rc == 2 and "cluster.k=5000 is more than the pool's 3000" in capsys.readouterr().err
+    assert rc == 2 and "'cluster.k' has 5000 = 5000 clusters for a pool of 3000; choose K <= 3000" in capsys.readouterr().err
     assert not out.exists() or not any(out.iterdir())  # nothing half-written
     rc = main(["select", "--embeddings", str(vectors), "--set", "cluster.bogus=1"])
     assert rc == 2 and "unknown config key" in capsys.readouterr().err

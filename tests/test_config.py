@@ -22,8 +22,11 @@ def test_from_yaml(tmp_path):
 @pytest.mark.parametrize("raw, field, allowed", [
     ({"clusters": {}}, "clusters", "allowed in the top level"),
     ({"cluster": {"kk": 3}}, "cluster.kk", "allowed in cluster"),
-    ({"cluster": {"k": ["a"]}}, "cluster.k", "an int"),
-    ({"cluster": {"k": [0]}}, "cluster.k", "ints >= 1"),
+    ({"cluster": {"k": ["a"]}}, "cluster.k", "ratio of the budget: 'M', 'M/2'"),
+    ({"cluster": {"k": [0]}}, "cluster.k", "an int >= 1"),
+    ({"cluster": {"k": ["M/0"]}}, "cluster.k", "an int >= 1"),
+    ({"cluster": {"k": [1.5]}}, "cluster.k", "int or str"),
+    ({"select": {"outlier_quantile": 0.7}}, "select.outlier_quantile", "[0, 0.5)"),
     ({"cluster": {"k": [5, 5]}}, "cluster.k", "distinct"),
     ({"select": {"budgets": [0]}}, "select.budgets", "count >= 1"),
     ({"select": {"budgets": [1.5]}}, "select.budgets", "fraction in (0, 1]"),
@@ -72,3 +75,12 @@ def test_yaml_errors(tmp_path):
     lst.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="mapping"):
         Config.from_yaml(lst)
+
+
+def test_k_relative_to_the_budget():
+    cfg = Config.from_dict({"cluster": {"k": ["M/4", "M", 30, "0.5M"]}, "select": {"budgets": [40, "2%"]}})
+    # n = 1000: M = 40 and 20; K = M/4, M, 30, M/2 for each, deduplicated
+    assert cfg.candidate_grid(1000) == [(5, 20), (10, 20), (10, 40), (20, 20), (20, 40), (30, 20), (30, 40),
+                                         (40, 40)]
+    with pytest.raises(ConfigError, match="choose K <= 25"):
+        Config.from_dict({"cluster": {"k": [30]}, "select": {"budgets": [10]}}).candidate_grid(25)

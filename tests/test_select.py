@@ -9,6 +9,8 @@ from hypothesis import strategies as st
 from ray_pipeline.errors import InputError
 from ray_pipeline.select import (
     center_and_key_samples,
+    centroid_ranks,
+    outlier_mask,
     k_center_greedy,
     k_center_greedy_reference,
     largest_remainder,
@@ -265,3 +267,29 @@ def test_greedy_cuda_matches_cpu():
     gpu = k_center_greedy(torch.tensor(x, device="cuda"), torch.tensor(assign, device="cuda"),
                           torch.tensor(budgets, device="cuda"), torch.tensor(key, device="cuda")).cpu().numpy()
     assert (cpu == gpu).all()
+
+
+def test_centroid_ranks_and_outlier_mask_by_hand():
+    assign = np.array([0, 0, 0, 0, 1, 1])
+    sim = np.array([0.5, 0.9, 0.1, 0.9, 0.3, 0.7])
+    # cluster 0 by similarity: rows 1 and 3 tie at 0.9 (lower index first), then 0, then 2
+    assert centroid_ranks(assign, sim, 2).tolist() == [2, 0, 3, 1, 1, 0]
+    # a quarter of cluster 0 (one row, the farthest: row 2) drops; cluster 1 (2 rows) keeps both
+    assert outlier_mask(assign, sim, 2, 0.25, keep=np.array([1, 5])).tolist() == [1, 1, 0, 1, 1, 1]
+    # a key sample is never dropped, even when it is the farthest
+    assert outlier_mask(assign, sim, 2, 0.25, keep=np.array([2, 5])).tolist() == [1, 1, 1, 1, 1, 1]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_greedy_with_eligible_rows_equals_reference(seed):
+    x, assign = blobs(700, 8, 6, seed)
+    rng = np.random.default_rng(seed)
+    eligible = rng.random(700) > 0.2
+    key = keys_for(x, assign, 6)
+    eligible[key] = True
+    room = np.bincount(assign[eligible], minlength=6)
+    budgets = np.minimum(room, 15)
+    fast = k_center_greedy(torch.tensor(x), torch.tensor(assign), torch.tensor(budgets), torch.tensor(key),
+                           eligible=torch.tensor(eligible)).numpy()
+    slow = k_center_greedy_reference(x, assign, budgets, key, eligible)
+    assert (fast == slow).all() and not (fast[~eligible] >= 0).any()
