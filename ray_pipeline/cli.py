@@ -47,7 +47,7 @@ def _add_common(s: argparse.ArgumentParser) -> None:
 def _add_run_flags(s: argparse.ArgumentParser) -> None:
     s.add_argument("--embeddings", help="precomputed vectors: .npy (n, d), .parquet (id, embedding), "
                                         "or a directory written by `ray-pipeline embed`")
-    s.add_argument("--k", nargs="+", type=int, help="numbers of clusters, e.g. --k 50 100")
+    s.add_argument("--k", nargs="+", help="numbers of clusters (--k 50 100) or ratios of each budget (--k M/2 M)")
     s.add_argument("--budgets", nargs="+", help="subset sizes: counts (200) or fractions (0.01, 1%%)")
     s.add_argument("--seed", type=int, help="seed for k-means, the random baselines and training")
     s.add_argument("--overwrite", action="store_true", help="replace a different or unfinished run in --out")
@@ -101,7 +101,8 @@ def _overrides(args: argparse.Namespace) -> dict:
              "data.text_column": get("text_column"), "data.text_template": get("text_template"),
              "data.image_column": get("image_column"), "data.label_column": get("label_column"),
              "data.id_column": get("id_column"), "embed.engine": get("engine"), "ray_address": get("address"),
-             "cluster.k": get("k"), "seed": get("seed"), "output_dir": get("out"),
+             "cluster.k": [int(k) if k.isdigit() else k for k in args.k] if get("k") else None,
+             "seed": get("seed"), "output_dir": get("out"),
              "finetune.eval_path": get("eval"),
              "select.budgets": [yaml.safe_load(b) for b in args.budgets] if get("budgets") else None}
     return {k: v for k, v in flags.items() if v is not None}

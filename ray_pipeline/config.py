@@ -253,6 +253,9 @@ class FinetuneConfig:
     A trial evaluates every ``eval_every`` steps, stops after ``max_steps`` or when ``patience``
     evaluations in a row did not improve; ASHA stops clearly worse trials earlier
     (``early_stopping: false`` runs every trial to its end, as a FIFO scheduler).
+    ``top_candidates``: for classification, every candidate is first scored by a linear probe on
+    the frozen embeddings (seconds each) and only this many selection candidates, with the random
+    subsets of their sizes and the full pool, are fine-tuned (empty: all of them).
     ``zero_stage``/``precision`` empty/``auto``: ZeRO-2 + bf16 on GPU, ZeRO-0 + fp32 on CPU.
     """
 
@@ -276,6 +279,7 @@ class FinetuneConfig:
     cpus_per_worker: float = 1.0
     threads_per_worker: Optional[int] = None
     max_concurrent_trials: Optional[int] = None
+    top_candidates: Optional[int] = 3
     early_stopping: bool = True
     asha_grace_period: int = 1
     asha_reduction_factor: int = 2
@@ -298,6 +302,8 @@ class FinetuneConfig:
             _fail("finetune.cpus_per_worker", self.cpus_per_worker, "a number > 0")
         if self.asha_reduction_factor < 2:
             _fail("finetune.asha_reduction_factor", self.asha_reduction_factor, "an int >= 2")
+        if self.top_candidates is not None and self.top_candidates < 1:
+            _fail("finetune.top_candidates", self.top_candidates, "empty (fine-tune all) or an int >= 1")
         if self.eval_limit is not None and self.eval_limit < 1:
             _fail("finetune.eval_limit", self.eval_limit, "empty (the whole held-out set) or an int >= 1")
 

@@ -90,7 +90,7 @@ def read_table(path: str | Path, fmt: str = "auto") -> pa.Table:
                     if not isinstance(rec, dict):
                         raise InputError(f"{p}: line {line_no} is a JSON {type(rec).__name__}, not an object")
                     records.append(rec)
-            return pa.Table.from_pylist(records)
+            return _records_to_table(records)
         with p.open(encoding="utf-8") as f:
             try:
                 records = json.load(f)
@@ -99,9 +99,20 @@ def read_table(path: str | Path, fmt: str = "auto") -> pa.Table:
                                  f"is one list of objects (use .jsonl for one object per line)") from None
         if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
             raise InputError(f"{p} must hold a JSON list of objects (records)")
-        return pa.Table.from_pylist(records)
-    except (pa.ArrowInvalid, UnicodeDecodeError, OSError) as e:
+        return _records_to_table(records)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, UnicodeDecodeError, OSError) as e:
         raise InputError(f"cannot read {str(p)!r} as {kind}: {e}") from None
+
+
+def _records_to_table(records: list[dict]) -> pa.Table:
+    """JSON records as a table; a column whose values mix types (ids 7 and "7a", say) or do not
+    fit Arrow's types (integers beyond 64 bits) becomes text (lists and objects as their JSON)."""
+    try:
+        return pa.Table.from_pylist(records)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+        names = list(dict.fromkeys(k for r in records for k in r))
+        as_text = lambda v: v if v is None or isinstance(v, str) else json.dumps(v)  # noqa: E731
+        return pa.table({c: pa.array([as_text(r.get(c)) for r in records], pa.string()) for c in names})
 
 
 def _column(table: pa.Table, name: str, path: str, role: str) -> list:

@@ -326,6 +326,35 @@ def select_stage(pool: Pool, cfg: Config, run: Run) -> Path:
     return d
 
 
+def proxy_scores(pool: Pool, eval_pool: Pool, candidates: list, cfg: Config, run: Run) -> dict:
+    """Linear-probe score of every candidate on the held-out set's embeddings (embedded by the same
+    stage, so with the same encoder)."""
+    from .proxy import score_candidates
+
+    t0 = time.perf_counter()
+    eval_pool, _ = embed_into(eval_pool, cfg, run.out, progress=False)
+    labels = sorted({str(v) for v in pool.labels})
+    index = {v: i for i, v in enumerate(labels)}
+    y = np.array([index[str(v)] for v in pool.labels])
+    known = np.array([str(v) in index for v in eval_pool.labels])
+    ye = np.array([index[str(v)] for v in eval_pool.labels[known]])
+    scores = score_candidates(pool.embeddings, y, {c.name: c.rows for c in candidates},
+                              eval_pool.embeddings[known], ye, len(labels))
+    log.info("proxy: %d candidates scored by a linear probe in %.1fs", len(scores), time.perf_counter() - t0)
+    return scores
+
+
+def prune_by_proxy(candidates: list, proxy: dict, top: Optional[int]) -> list:
+    """The ``top`` selection candidates by proxy accuracy, the random subsets of their sizes, the
+    full pool; everything when ``top`` is empty."""
+    if top is None:
+        return candidates
+    sel = sorted((c for c in candidates if c.kind == "selection"), key=lambda c: -proxy[c.name]["accuracy"])[:top]
+    sizes = {c.m for c in sel}
+    kept = {c.name for c in sel}
+    return [c for c in candidates if c.name in kept or c.kind == "full" or (c.kind == "random" and c.m in sizes)]
+
+
 def tune_stage(pool: Pool, select_dir: Path, cfg: Config, run: Run, *, resume: bool = False) -> dict:
     """The fine-tuning sweep over every candidate into ``tune/<key>/``; target/ linked at the top."""
     import pyarrow.parquet as pq
@@ -354,14 +383,23 @@ def tune_stage(pool: Pool, select_dir: Path, cfg: Config, run: Run, *, resume: b
         result, reused = json.loads(marker.read_text()), True
     else:
         candidates = candidates_from_selection(selection, include_full=cfg.finetune.include_full)
-        result = run_sweep(candidates, task_pool, eval_pool, cfg, d, ray_address=cfg.ray_address, resume=resume)
+        proxy = None
+        if cfg.finetune.task == "classification" and pool.embeddings is not None:
+            proxy = proxy_scores(pool, eval_pool, candidates, cfg, run)
+            write_json(proxy, d / "proxy.json")
+            candidates = prune_by_proxy(candidates, proxy, cfg.finetune.top_candidates)
+        result = run_sweep(candidates, task_pool, eval_pool, cfg, d, ray_address=cfg.ray_address, resume=resume,
+                           proxy=proxy)
         reused = False
     _publish(marker, run.out / "candidates.json")
+    if (d / "proxy.json").is_file():
+        _publish(d / "proxy.json", run.out / "proxy.json")
     if (d / "target").is_dir():
         _link(d / "target", run.out / "target")
     run.stage("tune", seconds=time.perf_counter() - t0, reused=reused, key=d.name, dir=str(d),
               target=result["summary"]["target"], failed=result["summary"]["failed"],
-              stopped_early=result["summary"]["stopped_early"])
+              stopped_early=result["summary"]["stopped_early"],
+              proxy_rank_correlation=result["summary"].get("proxy_rank_correlation"))
     return result
 
 

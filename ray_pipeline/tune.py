@@ -174,7 +174,7 @@ def plan_resources(cpus: float, gpus: float, cfg: Config) -> dict:
 
 
 def run_sweep(candidates: list[Candidate], pool: Pool, eval_pool: Pool, cfg: Config, out: Path, *,
-              ray_address: Optional[str] = None, resume: bool = False) -> dict:
+              ray_address: Optional[str] = None, resume: bool = False, proxy: Optional[dict] = None) -> dict:
     """Fine-tune every candidate under Tune with ASHA; write candidates.json and target/.
 
     With ``resume`` and an interrupted sweep in ``out/tune``, Tune restores it: finished trials
@@ -236,6 +236,10 @@ def run_sweep(candidates: list[Candidate], pool: Pool, eval_pool: Pool, cfg: Con
         grid = tuner.fit()
         sweep_s = time.perf_counter() - t0
     trials = [_trial_record(r, ft, max_t, plan) for r in grid]
+    for t in trials:
+        if proxy and t["name"] in proxy:
+            t["proxy_accuracy"] = proxy[t["name"]]["accuracy"]
+            t["label_coverage"] = proxy[t["name"]]["label_coverage"]
     return _choose_and_write(trials, candidates, pool, out, sweep_s, plan)
 
 
@@ -280,7 +284,12 @@ def _choose_and_write(trials: list[dict], candidates: list[Candidate], pool: Poo
             baselines["full"] = t["best_score"]
     baselines["random"] = {m: {"mean": float(np.mean(v)), "std": float(np.std(v)), "n": len(v)}
                            for m, v in baselines["random"].items()}
+    from .proxy import spearman
+
+    with_proxy = [t for t in ok if t.get("proxy_accuracy") is not None]
     summary = {"target": None, "baselines": baselines, "sweep_seconds": sweep_s, "plan": plan,
+               "proxy_rank_correlation": spearman([t["proxy_accuracy"] for t in with_proxy],
+                                                  [t["best_score"] for t in with_proxy]),
                "failed": [t["name"] for t in trials if t["status"] == "failed"],
                "stopped_early": [t["name"] for t in trials if t["status"] == "stopped_early"]}
     if target is not None:

@@ -1,0 +1,59 @@
+"""A cheap proxy for a candidate's fine-tuning score: a linear probe on frozen embeddings.
+
+Logistic regression (scikit-learn) trained on the candidate subset's vectors and labels, scored
+on the held-out set's vectors: seconds per candidate instead of a fine-tune, so every candidate
+is scored and only the best go on to Ray Tune. Also each subset's label coverage (the share of
+the pool's labels it holds), which bounds what any learner can get from it.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import numpy as np
+
+from .finetune import macro_f1
+
+log = logging.getLogger(__name__)
+
+
+def linear_probe(x_train: np.ndarray, y_train: np.ndarray, x_eval: np.ndarray, y_eval: np.ndarray,
+                 n_classes: int, *, c: float = 10.0, max_iter: int = 300) -> dict:
+    """Accuracy and macro-F1 on the held-out set of a logistic regression fit on the subset.
+
+    x_*: (n, d) float32 unit vectors; y_*: (n,) int labels in [0, n_classes). A subset with a
+    single label predicts that label for everything (no model can do better from it).
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    classes = np.unique(y_train)
+    if len(classes) == 1:
+        pred = np.full(len(y_eval), classes[0])
+    else:
+        clf = LogisticRegression(C=c, max_iter=max_iter)
+        pred = clf.fit(x_train, y_train).predict(x_eval)
+    return {"accuracy": float((pred == y_eval).mean()), "macro_f1": macro_f1(y_eval, pred, n_classes)}
+
+
+def score_candidates(x: np.ndarray, y: np.ndarray, candidates: dict[str, np.ndarray], x_eval: np.ndarray,
+                     y_eval: np.ndarray, n_classes: Optional[int] = None) -> dict[str, dict]:
+    """Linear-probe accuracy, macro-F1 and label coverage of every candidate (name -> row indices)."""
+    n_classes = n_classes or int(max(y.max(), y_eval.max()) + 1)
+    pool_labels = len(np.unique(y))
+    out = {}
+    for name, rows in candidates.items():
+        r = linear_probe(x[rows], y[rows], x_eval, y_eval, n_classes)
+        r["label_coverage"] = float(len(np.unique(y[rows])) / pool_labels)
+        out[name] = r
+    return out
+
+
+def spearman(a: list[float], b: list[float]) -> Optional[float]:
+    """Rank correlation of two score lists (None with fewer than 3 pairs)."""
+    if len(a) < 3:
+        return None
+    from scipy.stats import spearmanr
+
+    rho = spearmanr(a, b).statistic
+    return None if np.isnan(rho) else float(rho)
