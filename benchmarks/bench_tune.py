@@ -74,8 +74,14 @@ def main() -> None:
               f"{f['best_score'] or 0:12.4f} {t['tokens_per_s'] or 0:8.0f}")
     asha_cost = sum(r["asha_cost"] for r in table)
     fifo_cost = sum(r["full_run_cost"] for r in table)
+    # Steps do not depend on what else the machine is doing; seconds do.
+    asha_steps = sum(t["steps"] for t in runs["asha"]["trials"])
+    fifo_steps = sum(t["steps"] for t in runs["fifo"]["trials"])
+    failed = [t["name"] for t in runs["asha"]["trials"] + runs["fifo"]["trials"] if t["status"] == "failed"]
     result = {
-        "trials": table, "cost_unit": cost_key,
+        "trials": table, "cost_unit": cost_key, "failed_trials": failed,
+        "asha_total_steps": asha_steps, "full_run_total_steps": fifo_steps,
+        "steps_saved_pct": round(100 * (1 - asha_steps / fifo_steps), 1) if fifo_steps else None,
         "asha_total_cost": asha_cost, "full_run_total_cost": fifo_cost,
         "compute_saved_pct": round(100 * (1 - asha_cost / fifo_cost), 1) if fifo_cost else None,
         "asha_target": runs["asha"]["summary"]["target"], "full_run_target": runs["fifo"]["summary"]["target"],
@@ -84,7 +90,9 @@ def main() -> None:
         "baselines_full_run": runs["fifo"]["summary"]["baselines"],
     }
     print(f"\n{cost_key}: ASHA {asha_cost:.0f} vs every trial to the end {fifo_cost:.0f} "
-          f"({result['compute_saved_pct']}% saved); same target: {result['same_target']} "
+          f"({result['compute_saved_pct']}% saved); training steps {asha_steps} vs {fifo_steps} "
+          f"({result['steps_saved_pct']}% saved); failed trials: {failed or 'none'}; "
+          f"same target: {result['same_target']} "
           f"({result['asha_target']['name'] if result['asha_target'] else None})")
     print(f"wrote {save('tune', {'machine': machine(), 'args': vars(args), 'result': result})}")
 

@@ -100,6 +100,13 @@ def test_ray_data_engine_matches_local_byte_for_byte(tmp_path, pool, local_ray):
     assert shard_bytes(tmp_path / "a" / local["key"]) == shard_bytes(tmp_path / "b" / remote["key"])
 
 
+def test_one_or_two_actors_give_the_same_bytes(tmp_path, pool, local_ray):
+    one = embed_pool(pool, EmbedConfig(**{**CFG.__dict__, "actors": 1}), tmp_path / "one", progress=False)
+    two = embed_pool(pool, EmbedConfig(**{**CFG.__dict__, "actors": 2}), tmp_path / "two", progress=False)
+    assert one["actor_plan"]["actors"] == 1 and two["actor_plan"]["actors"] == 2
+    assert shard_bytes(tmp_path / "one" / one["key"]) == shard_bytes(tmp_path / "two" / two["key"])
+
+
 def test_killed_actor_is_restarted_and_output_is_identical(tmp_path, pool, local_ray):
     """The actor process dies (os._exit) in its first call; Ray restarts it and retries."""
     marker = tmp_path / "died-once"
