@@ -201,14 +201,14 @@ class SelectConfig:
     """Budgets M (each a count or a fraction of the pool), how each cluster's share is chosen,
     and the random baselines.
 
-    ``method``: ``kcenter`` (METHOD.md: farthest-first from the key sample) or ``centroid``
-    (the members nearest the centroid). ``outlier_quantile``: robust k-center: in each cluster the
+    ``method``: one or more of ``kcenter`` (METHOD.md: farthest-first from the key sample) and
+    ``centroid`` (the members nearest the centroid); each gives its own candidates. ``outlier_quantile``: robust k-center: in each cluster the
     members farthest from the centroid (this share of them) are never picked (0: off).
     """
 
     budgets: tuple[Budget, ...] = ("1%", "2%", "5%")
     random_seeds: tuple[int, ...] = (0, 1, 2)
-    method: Literal["kcenter", "centroid"] = "kcenter"
+    method: tuple[Literal["kcenter", "centroid"], ...] = ("kcenter",)
     outlier_quantile: float = 0.0
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
@@ -220,6 +220,8 @@ class SelectConfig:
             _fail("select.budgets", list(self.budgets), "distinct budgets")
         if len(set(self.random_seeds)) != len(self.random_seeds):
             _fail("select.random_seeds", list(self.random_seeds), "distinct ints")
+        if not self.method or len(set(self.method)) != len(self.method):
+            _fail("select.method", list(self.method), "a non-empty list of distinct 'kcenter', 'centroid'")
         if not 0.0 <= self.outlier_quantile < 0.5:
             _fail("select.outlier_quantile", self.outlier_quantile, "a share in [0, 0.5): 0 turns it off")
 

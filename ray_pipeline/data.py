@@ -286,6 +286,11 @@ def read_pool(cfg: DataConfig, *, skip_bad_rows: bool = False) -> Pool:
         labels = _labels_file(cfg.labels_path, rows_in_file)[: table.num_rows]
     elif cfg.label_column:
         labels = np.array(_column(table, cfg.label_column, path, "label"), dtype=object)
+    if labels is not None:
+        missing = [i for i, v in enumerate(labels) if v is None or (isinstance(v, str) and not v.strip())]
+        if missing:
+            raise InputError(f"{path}: {len(missing)} sample(s) have no label, first at row {missing[0]} (0-based); "
+                             f"label them or remove them (or leave the label column unset)")
     if cfg.embeddings is not None:
         embeddings, file_ids = load_embeddings(cfg.embeddings, cfg.embedding_column)
         if file_ids is None and len(embeddings) == rows_in_file:

@@ -63,6 +63,11 @@ class KSelection:
     budgets: dict[int, np.ndarray]
     rank: np.ndarray
     seconds: dict[str, float] = field(default_factory=dict)
+    method: str = "kcenter"
+
+    def name(self, m: int) -> str:
+        """Candidate name: ``k{K}_m{M}`` for the method of METHOD.md, ``{method}_k{K}_m{M}`` else."""
+        return f"k{self.k}_m{m}" if self.method == "kcenter" else f"{self.method}_k{self.k}_m{m}"
 
     def members(self, m: int) -> np.ndarray:
         """(n,) bool: the candidate subset of size m."""
@@ -77,8 +82,8 @@ class Selection:
     random: dict[int, np.ndarray]  # seed -> (n,) random rank; the subset of size m is rank < m
 
     def candidates(self) -> list[dict]:
-        out = [{"name": f"k{s.k}_m{m}", "kind": "selection", "k": s.k, "m": m} for s in self.per_k
-               for m in s.budgets]
+        out = [{"name": s.name(m), "kind": "selection", "method": s.method, "k": s.k, "m": m}
+               for s in self.per_k for m in s.budgets]
         out += [{"name": f"random_m{m}_s{seed}", "kind": "random", "seed": seed, "m": m}
                 for seed in self.random for m in self.budgets]
         return out
@@ -125,19 +130,21 @@ def select_candidates(x: np.ndarray, cfg: Config, *, rng: np.random.Generator) -
         # Largest remainder is not monotone in M (the Alabama paradox): run each cluster to the
         # most any budget asks of it, so every candidate is a prefix of one order.
         run_to = np.max(np.stack(list(per_m.values())), axis=0)
-        if cfg.select.method == "centroid":
-            rank_np = np.where(eligible, centroid_ranks(km.assign, km.sim, k), -1)
-            rank_np = np.where(rank_np < run_to[km.assign], rank_np, -1)
-        else:
-            rank = k_center_greedy(x_t, assign_t, torch.from_numpy(run_to).to(device), key,
-                                   eligible=None if eligible.all() else torch.from_numpy(eligible).to(device))
-            rank_np = rank.cpu().numpy()  # the one device-to-host copy of the greedy
-        t3 = time.perf_counter()
-        per_k.append(KSelection(
-            k=k, assign=km.assign, center=center.cpu().numpy(), key=key_np, budgets=per_m, rank=rank_np,
-            seconds={"kmeans": t1 - t0, "key_samples": t2 - t1, "greedy": t3 - t2}))
-        log.info("K=%d (M=%s): k-means %.2fs, key samples %.2fs, %s %.2fs (%d empty clusters)", k,
-                 ",".join(map(str, ms)), t1 - t0, t2 - t1, cfg.select.method, t3 - t2, int((km.sizes == 0).sum()))
+        for method in cfg.select.method:
+            t2 = time.perf_counter()
+            if method == "centroid":
+                rank_np = np.where(eligible, centroid_ranks(km.assign, km.sim, k), -1)
+                rank_np = np.where(rank_np < run_to[km.assign], rank_np, -1)
+            else:
+                rank = k_center_greedy(x_t, assign_t, torch.from_numpy(run_to).to(device), key,
+                                       eligible=None if eligible.all() else torch.from_numpy(eligible).to(device))
+                rank_np = rank.cpu().numpy()  # the one device-to-host copy of the greedy
+            t3 = time.perf_counter()
+            per_k.append(KSelection(
+                k=k, assign=km.assign, center=center.cpu().numpy(), key=key_np, budgets=per_m, rank=rank_np,
+                seconds={"kmeans": t1 - t0, "key_samples": t2 - t1, "greedy": t3 - t2}, method=method))
+            log.info("K=%d (M=%s): k-means %.2fs, key samples %.2fs, %s %.2fs (%d empty clusters)", k,
+                     ",".join(map(str, ms)), t1 - t0, t2 - t1, method, t3 - t2, int((km.sizes == 0).sum()))
     children = rng.spawn(len(cfg.select.random_seeds))
     random = {seed: random_ranks(n, child) for seed, child in zip(cfg.select.random_seeds, children)}
     return Selection(n=n, budgets=budgets, per_k=per_k, random=random)
@@ -154,9 +161,9 @@ def selection_table(pool: Pool, sel: Selection) -> pa.Table:
         cols["label"] = pa.array([None if v is None else str(v) for v in pool.labels], pa.string())
     for s in sel.per_k:
         cols[f"cluster_k{s.k}"] = pa.array(s.assign.astype(np.int32))
-        cols[f"rank_k{s.k}"] = pa.array(s.rank.astype(np.int32))
+        cols["rank_" + s.name(0)[: -len("_m0")]] = pa.array(s.rank.astype(np.int32))
         for m in s.budgets:
-            cols[f"in_k{s.k}_m{m}"] = pa.array(s.members(m))
+            cols[f"in_{s.name(m)}"] = pa.array(s.members(m))
     for seed, rank in sel.random.items():
         for m in sel.budgets:
             cols[f"in_random_m{m}_s{seed}"] = pa.array(rank < m)
@@ -169,7 +176,7 @@ def clusters_table(pool: Pool, sel: Selection) -> pa.Table:
     rows: dict[str, list] = {"k": [], "cluster": [], "size": [], "center_id": [], "key_id": []}
     for m in sel.budgets:
         rows[f"budget_m{m}"] = []
-    for s in sel.per_k:
+    for s in {s.k: s for s in sel.per_k}.values():  # one row set per K, whatever the methods
         sizes = np.bincount(s.assign, minlength=s.k)
         for c in range(s.k):
             rows["k"].append(s.k)

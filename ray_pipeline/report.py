@@ -90,9 +90,9 @@ def _plot_map(x: np.ndarray, selection, column: str, key_ids: set) -> str:
 def _plot_score_vs_size(trials: list[dict]) -> str:
     fig, ax = _figure()
     sel = [t for t in trials if t["kind"] == "selection" and t["best_score"] is not None]
-    for k in sorted({t["k"] for t in sel}):
-        pts = sorted((t["size"], t["best_score"]) for t in sel if t["k"] == k)
-        ax.plot(*zip(*pts), marker="o", label=f"selection K={k}")
+    for fam in sorted({(t.get("method", "kcenter"), t["k"]) for t in sel}):
+        pts = sorted((t["size"], t["best_score"]) for t in sel if (t.get("method", "kcenter"), t["k"]) == fam)
+        ax.plot(*zip(*pts), marker="o", label=f"{fam[0]} K={fam[1]}")
     rnd: dict = {}
     for t in trials:
         if t["kind"] == "random" and t["best_score"] is not None:
@@ -166,7 +166,7 @@ def write_report(out: Path, run_info: dict, pool) -> Path:
     cand_path = out / "candidates.json"
     tuned = json.loads(cand_path.read_text()) if cand_path.is_file() else None
     stages = run_info.get("stages", {})
-    sel_cols = [c for c in selection.columns if c.startswith("in_k")]
+    sel_cols = [c for c in selection.columns if c.startswith("in_") and not c.startswith("in_random")]
     target = (tuned or {}).get("summary", {}).get("target") if tuned else None
     shown = f"in_{target['name']}" if target else (sel_cols[-1] if sel_cols else None)
 

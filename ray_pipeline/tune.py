@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -57,11 +58,14 @@ def candidates_from_selection(selection: pa.Table, include_full: bool = True) ->
         if not col.startswith("in_"):
             continue
         rows = np.flatnonzero(np.asarray(selection.column(col).to_numpy(zero_copy_only=False)))
-        parts = col[3:].split("_")
-        if parts[0] == "random":  # in_random_m{M}_s{seed}
-            out.append(Candidate(col[3:], "random", rows, m=int(parts[1][1:]), seed=int(parts[2][1:])))
-        else:  # in_k{K}_m{M}
-            out.append(Candidate(col[3:], "selection", rows, k=int(parts[0][1:]), m=int(parts[1][1:])))
+        name = col[3:]
+        rnd = re.fullmatch(r"random_m(\d+)_s(\d+)", name)
+        sel = re.fullmatch(r"(?:(\w+?)_)?k(\d+)_m(\d+)", name)
+        if rnd:
+            out.append(Candidate(name, "random", rows, m=int(rnd[1]), seed=int(rnd[2])))
+        elif sel:
+            out.append(Candidate(name, "selection", rows, k=int(sel[2]), m=int(sel[3]),
+                                 extra={"method": sel[1] or "kcenter"}))
     if include_full:
         out.append(Candidate("full", "full", np.arange(selection.num_rows)))
     return out

@@ -124,3 +124,18 @@ def test_embed_command_writes_a_stage_that_select_reads(tmp_path, shared_data, c
     assert (stage / "manifest.json").is_file()
     assert main(["select", "--embeddings", str(stage), "--k", "3", "--budgets", "6",
                  "--out", str(tmp_path / "s"), "--no-progress"]) == 0
+
+
+def test_several_methods_give_their_own_candidates(tmp_path, vectors):
+    from ray_pipeline.tune import candidates_from_selection
+
+    out = tmp_path / "methods"
+    assert main(["select", "--embeddings", str(vectors), "--k", "M", "--budgets", "30", "--out", str(out),
+                 "--set", "select.method=[kcenter, centroid]", "--set", "select.random_seeds=[0]",
+                 "--no-progress"]) == 0
+    sel = pq.read_table(out / "selection.parquet")
+    assert {"in_k30_m30", "in_centroid_k30_m30", "rank_k30", "rank_centroid_k30"} <= set(sel.column_names)
+    cands = {c.name: c for c in candidates_from_selection(sel)}
+    assert cands["centroid_k30_m30"].extra["method"] == "centroid" and cands["k30_m30"].k == 30
+    assert cands["random_m30_s0"].seed == 0 and len(cands["full"].rows) == 3000
+    assert len(cands["centroid_k30_m30"].rows) == 30

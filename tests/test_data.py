@@ -139,3 +139,9 @@ def test_text_lines_with_a_parallel_labels_file(tmp_path):
     (tmp_path / "l.txt").write_text("3\n")
     with pytest.raises(InputError, match="has 1 lines but the data file has 2 rows"):
         read_pool(DataConfig(path=str(tmp_path / "t.txt"), labels_path=str(tmp_path / "l.txt")))
+
+
+def test_missing_labels_are_named(tmp_path):
+    p = write(tmp_path, "jsonl", [{"text": "a", "label": "x"}, {"text": "b", "label": None}])
+    with pytest.raises(InputError, match="1 sample\\(s\\) have no label, first at row 1"):
+        read_pool(DataConfig(path=str(p), label_column="label"))
