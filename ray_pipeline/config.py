@@ -208,7 +208,7 @@ class SelectConfig:
 
     budgets: tuple[Budget, ...] = ("1%", "2%", "5%")
     random_seeds: tuple[int, ...] = (0, 1, 2)
-    method: tuple[Literal["kcenter", "centroid"], ...] = ("kcenter",)
+    method: tuple[Literal["kcenter", "centroid"], ...] = ("kcenter", "centroid")
     outlier_quantile: float = 0.0
     device: Literal["auto", "cpu", "cuda"] = "auto"
 

@@ -52,7 +52,8 @@ def test_outputs(tmp_path, vectors):
         assert sel[f"in_random_m60_s{seed}"].sum() == 60
     assert not list(out.glob(".*tmp*"))  # no temporary files left behind
     names = {c["name"] for c in meta["candidates"]}
-    assert {"k10_m30", "k30_m150", "random_m30_s2"} <= names and len(names) == 2 * 3 + 3 * 3
+    # 2 K x 3 M x 2 methods (kcenter, centroid) + 3 seeds x 3 M
+    assert {"k10_m30", "centroid_k30_m150", "random_m30_s2"} <= names and len(names) == 2 * 3 * 2 + 3 * 3
 
 
 def test_same_seed_byte_identical_outputs(tmp_path, vectors):

@@ -28,7 +28,7 @@ def test_run_without_tuning_writes_the_report_and_reuses_stages(tmp_path, vector
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") >= 3  # cluster sizes, map, costs
     assert not re.search(r"""(src|href)=["']?https?:""", page)  # nothing loaded from the network
-    assert "The subset k20_m50 (50 samples" in page
+    assert re.search(r"The subset (centroid_)?k20_m50 \(50 samples", page)
     # the same run again: every stage reused, byte-identical selection
     before = (out / "selection.parquet").read_bytes()
     assert main(args) == 0
