@@ -60,48 +60,67 @@ def detect_format(path: Path, fmt: str = "auto") -> str:
                          f".json, .csv, .parquet or .txt, or set data.format") from None
 
 
+def _open(path: str):
+    """(filesystem, path within it) for a local path or any URI pyarrow reads (``s3://``, ``gs://``,
+    ``hdfs://``, ``file://``); credentials come from the environment, as pyarrow finds them."""
+    import pyarrow.fs as pafs
+
+    if "://" in path:
+        try:
+            return pafs.FileSystem.from_uri(path)
+        except (pa.ArrowInvalid, OSError) as e:
+            raise InputError(f"cannot open {path!r}: {e}") from None
+    return pafs.LocalFileSystem(), str(Path(path).resolve())
+
+
 def read_table(path: str | Path, fmt: str = "auto") -> pa.Table:
     """The file as an Arrow table; errors name the file and what was wrong with it."""
-    p = Path(path)
-    if not p.is_file():
-        raise InputError(f"data file {str(p)!r} does not exist; pass an existing file with --data")
-    kind = detect_format(p, fmt)
+    import pyarrow.fs as pafs
+
+    path = str(path)
+    fs, inner = _open(path)
+    if fs.get_file_info(inner).type != pafs.FileType.File:
+        raise InputError(f"data file {path!r} does not exist; pass an existing file with --data")
+    kind = detect_format(Path(inner), fmt)
+    p = path
     try:
         if kind == "parquet":
-            return pq.read_table(p)
+            return pq.read_table(inner, filesystem=fs)
         if kind == "csv":
             # Every column as text: ids such as "007" and labels stay exactly as written.
-            names = pacsv.open_csv(p).schema.names
+            with fs.open_input_stream(inner) as f:
+                names = pacsv.open_csv(f).schema.names
             opts = pacsv.ConvertOptions(column_types={c: pa.string() for c in names})
-            return pacsv.read_csv(p, convert_options=opts)
+            with fs.open_input_stream(inner) as f:
+                return pacsv.read_csv(f, convert_options=opts)
+        with fs.open_input_stream(inner) as f:
+            text = f.read().decode("utf-8")
         if kind == "text":  # one sample per line, in a column named "text"
-            return pa.table({"text": p.read_text(encoding="utf-8").splitlines()})
+            return pa.table({"text": text.splitlines()})
         if kind == "jsonl":
             records = []
-            with p.open(encoding="utf-8") as f:
-                for line_no, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        rec = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise InputError(f"{p}: line {line_no} is not valid JSON ({e.msg}); "
-                                         f"each line of a .jsonl file must be one JSON object") from None
-                    if not isinstance(rec, dict):
-                        raise InputError(f"{p}: line {line_no} is a JSON {type(rec).__name__}, not an object")
-                    records.append(rec)
+            for line_no, line in enumerate(text.splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise InputError(f"{p}: line {line_no} is not valid JSON ({e.msg}); "
+                                     f"each line of a .jsonl file must be one JSON object") from None
+                if not isinstance(rec, dict):
+                    raise InputError(f"{p}: line {line_no} is a JSON {type(rec).__name__}, not an object")
+                records.append(rec)
             return _records_to_table(records)
-        with p.open(encoding="utf-8") as f:
-            try:
-                records = json.load(f)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{p} is not valid JSON ({e.msg} at line {e.lineno}); a .json pool "
-                                 f"is one list of objects (use .jsonl for one object per line)") from None
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{p} is not valid JSON ({e.msg} at line {e.lineno}); a .json pool "
+                             f"is one list of objects (use .jsonl for one object per line)") from None
         if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
             raise InputError(f"{p} must hold a JSON list of objects (records)")
         return _records_to_table(records)
     except (pa.ArrowInvalid, pa.ArrowTypeError, UnicodeDecodeError, OSError) as e:
-        raise InputError(f"cannot read {str(p)!r} as {kind}: {e}") from None
+        raise InputError(f"cannot read {p!r} as {kind}: {e}") from None
 
 
 def _records_to_table(records: list[dict]) -> pa.Table:

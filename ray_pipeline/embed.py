@@ -48,9 +48,14 @@ def default_text_model() -> str:
 
 
 def resolve_model_path(model: str) -> str:
-    """``"minilm"`` -> the packaged weights; anything else must be a local model directory."""
+    """``"minilm"`` / ``"smollm2"`` -> the packaged weights; anything else must be a local model
+    directory."""
     if model == "minilm":
         return default_text_model()
+    if model == "smollm2":
+        from .finetune import smollm2_path
+
+        return smollm2_path()
     p = Path(model)
     if not (p / "config.json").is_file():
         raise InputError(f"model {model!r} is not a local model directory (no config.json there); "

@@ -275,7 +275,7 @@ def train_loop_per_worker(cfg: dict) -> None:
         out = engine(**{k: v.to(device) for k, v in batch.items()})
         engine.backward(out.loss)
         engine.step()
-        losses.append(float(out.loss))
+        losses.append(float(out.loss.detach()))
         if step % cfg["eval_every"] and step != cfg["max_steps"]:
             continue
         metrics = _evaluate(engine, tok, cfg, rank, world, device)

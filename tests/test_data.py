@@ -145,3 +145,12 @@ def test_missing_labels_are_named(tmp_path):
     p = write(tmp_path, "jsonl", [{"text": "a", "label": "x"}, {"text": "b", "label": None}])
     with pytest.raises(InputError, match="1 sample\\(s\\) have no label, first at row 1"):
         read_pool(DataConfig(path=str(p), label_column="label"))
+
+
+def test_uris_read_through_pyarrow_filesystems(tmp_path):
+    # file:// goes through the same pyarrow.fs path as s3:// or gs:// (which need a network)
+    p = write(tmp_path, "csv")
+    pool = read_pool(DataConfig(path=p.as_uri(), text_column="instruction", id_column="uid"))
+    assert pool.ids.tolist() == ["007", "008"]
+    with pytest.raises(InputError, match="does not exist"):
+        read_pool(DataConfig(path=(tmp_path / "none.jsonl").as_uri()))

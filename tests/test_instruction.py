@@ -51,3 +51,16 @@ def test_instruction_worker_learns_and_the_model_generates(smollm2, tmp_path):
     assert np.isclose(h["perplexity"].iloc[-1], np.exp(h["eval_loss"].iloc[-1]))
     out = predict(str(tmp_path / "best"), ["What is the capital of France?\n"], max_new_tokens=8)
     assert isinstance(out[0]["generation"], str) and out[0]["generation"].strip()
+
+
+def test_smollm2_as_an_encoder_with_last_and_mean_pooling():
+    from ray_pipeline.config import EmbedConfig
+    from ray_pipeline.embed import TextEmbedder
+
+    texts = np.array(["How do I reset my card PIN?", "How can I change the PIN of my card?",
+                      "Tell me a poem about the sea."], dtype=object)
+    for pooling in ("last", "mean"):
+        e = TextEmbedder(EmbedConfig(model="smollm2", pooling=pooling, device="cpu"))({"text": texts})["embedding"]
+        assert e.shape == (3, 576)
+        np.testing.assert_allclose(np.linalg.norm(e, axis=1), 1.0, atol=1e-5)
+        assert e[0] @ e[1] > e[0] @ e[2]  # the two PIN questions are closer than the poem

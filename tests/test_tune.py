@@ -81,7 +81,7 @@ def test_training_function_alone_loss_goes_down(cfg, files, local_ray, tmp_path)
     assert (tmp_path / "best" / "config.json").is_file()
 
 
-def test_sweep_stops_the_worse_survives_a_failure_and_keeps_the_best(cfg, local_ray):
+def test_sweep_stops_the_worse_survives_a_failure_and_keeps_the_best(cfg, files, local_ray, tmp_path):
     pool = read_task_pool(cfg.data, cfg)
     eval_pool = read_task_pool(eval_data_config(cfg), cfg)
     labels = pool.labels.astype(str)
@@ -110,6 +110,13 @@ def test_sweep_stops_the_worse_survives_a_failure_and_keeps_the_best(cfg, local_
     assert {p["label"] for p in preds} <= set(INTENTS)
     assert all(0 < p["probability"] <= 1 for p in preds)
     assert pq.read_table(Path(out) / "target" / "subset.parquet").num_rows == 40
+    # and through the CLI: one JSON line per sample with its id and the predicted intent
+    from ray_pipeline.cli import main
+
+    rc = main(["predict", "--model", s["target"]["model"], "--input", str(files / "test.csv"),
+               "--output", str(tmp_path / "pred.jsonl")])
+    lines = [json.loads(v) for v in (tmp_path / "pred.jsonl").read_text().splitlines()]
+    assert rc == 0 and len(lines) == 60 and lines[0]["id"] == "row-0" and lines[0]["label"] in INTENTS
 
 
 @pytest.mark.gpu
