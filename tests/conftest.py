@@ -38,3 +38,15 @@ def unit_blobs(n: int, d: int, k: int, seed: int) -> np.ndarray:
     centers = rng.normal(size=(k, d)) * 3
     x = centers[rng.integers(0, k, size=n)] + rng.normal(size=(n, d))
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+@pytest.fixture(scope="session")
+def local_ray():
+    """One local Ray for the whole test session. Ray Train does not survive a second ray.init in
+    a process that already ran one (its controller is cancelled before it starts), so every test
+    that needs an in-process Ray shares this one. The dashboard stays on: Train V2 inside Tune polls
+    its state API (../shared/STACK_NOTES.md)."""
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False)
+    yield ray
+    ray.shutdown()

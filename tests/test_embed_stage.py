@@ -84,14 +84,6 @@ def test_local_engine_resumes_without_redoing_finished_shards(tmp_path, pool):
     assert embed_pool(pool, cfg, tmp_path, progress=False)["shards_computed"] == 1
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
 def test_ray_data_engine_matches_local_byte_for_byte(tmp_path, pool, local_ray):
     local = embed_pool(pool, EmbedConfig(**{**CFG.__dict__, "engine": "local"}), tmp_path / "a", progress=False)
     remote = embed_pool(pool, CFG, tmp_path / "b", progress=False)

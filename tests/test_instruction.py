@@ -25,8 +25,7 @@ def test_loss_only_on_response_tokens(smollm2):
         assert int(b["attention_mask"][i].sum()) == n_prompt + len(resp)
 
 
-def test_instruction_worker_learns_and_the_model_generates(smollm2, tmp_path):
-    ray = pytest.importorskip("ray")
+def test_instruction_worker_learns_and_the_model_generates(smollm2, tmp_path, local_ray):
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -38,14 +37,10 @@ def test_instruction_worker_learns_and_the_model_generates(smollm2, tmp_path):
             "batch_size": 2, "eval_batch_size": 2, "max_steps": 4, "eval_every": 2, "patience": 5,
             "max_length": 32, "zero_stage": 0, "precision": "fp32", "seed": 0, "threads": 2,
             "best_model_dir": str(tmp_path / "best")}
-    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False)
-    try:
-        result = TorchTrainer(train_loop_per_worker, train_loop_config=loop,
-                              scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
-                              torch_config=TorchConfig(backend="gloo"),
-                              run_config=ray.train.RunConfig(name="instr", storage_path=str(tmp_path / "s"))).fit()
-    finally:
-        ray.shutdown()
+    result = TorchTrainer(train_loop_per_worker, train_loop_config=loop,
+                          scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
+                          torch_config=TorchConfig(backend="gloo"),
+                          run_config=ray.train.RunConfig(name="instr", storage_path=str(tmp_path / "s"))).fit()
     h = result.metrics_dataframe
     assert h["eval_loss"].iloc[-1] < h["eval_loss"].iloc[0]
     assert np.isclose(h["perplexity"].iloc[-1], np.exp(h["eval_loss"].iloc[-1]))

@@ -24,11 +24,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ray_pids() -> set:
+def _pids_of_cluster(marks: tuple[str, ...]) -> set:
+    """Processes whose command line names this cluster (its GCS address or temp dir): never those
+    of another Ray on the machine, such as the test session's own."""
     out = set()
     for p in psutil.process_iter(["pid", "cmdline"]):
         cmd = " ".join(p.info["cmdline"] or [])
-        if "ray" in cmd and ("raylet" in cmd or "gcs_server" in cmd or "ray/" in cmd or "ray::" in cmd):
+        if any(m in cmd for m in marks):
             out.add(p.info["pid"])
     return out
 
@@ -41,7 +43,8 @@ def two_nodes(tmp_path_factory):
     # Ray 2.60 turns token auth on once a token exists; head, worker and client must agree.
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
     port, dash = _free_port(), _free_port()
-    before = _ray_pids()
+    marks = (f"127.0.0.1:{port}", str(temp))
+    before = _pids_of_cluster(marks)
     mem = ["--memory", str(2 * 2 ** 30), "--object-store-memory", str(500 * 2 ** 20)]
     subprocess.run([RAY, "start", "--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=true",
                     "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--temp-dir={temp}", *mem],
@@ -51,7 +54,7 @@ def two_nodes(tmp_path_factory):
                        env=env, check=True, capture_output=True, timeout=120)
         yield {"dashboard": f"http://127.0.0.1:{dash}", "env": env}
     finally:
-        ours = _ray_pids() - before
+        ours = _pids_of_cluster(marks) - before
         procs = [psutil.Process(p) for p in ours if psutil.pid_exists(p)]
         for p in procs:
             try:

@@ -41,15 +41,6 @@ def cfg(files, tmp_path_factory):
     })
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    ray = pytest.importorskip("ray")
-    # The dashboard stays on: Train V2 inside Tune polls its state API (../shared/STACK_NOTES.md).
-    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
 def test_macro_f1_by_hand():
     # class 0: tp 1, fp 1, fn 0 -> 2/3; class 1: tp 1, fp 0, fn 1 -> 2/3; class 2 absent: skipped
     assert macro_f1(np.array([0, 1, 1]), np.array([0, 0, 1]), 3) == pytest.approx(2 / 3)
