@@ -46,11 +46,16 @@ def two_nodes(tmp_path_factory):
     marks = (f"127.0.0.1:{port}", str(temp))
     before = _pids_of_cluster(marks)
     mem = ["--memory", str(2 * 2 ** 30), "--object-store-memory", str(500 * 2 ** 20)]
+
+    def own_ports():  # another Ray on the machine (the test session's) holds Ray's default agent ports
+        return [f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+                f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}"]
+
     subprocess.run([RAY, "start", "--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=true",
-                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--temp-dir={temp}", *mem],
-                   env=env, check=True, capture_output=True, timeout=120)
+                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--temp-dir={temp}", *mem,
+                    *own_ports()], env=env, check=True, capture_output=True, timeout=120)
     try:
-        subprocess.run([RAY, "start", f"--address=127.0.0.1:{port}", "--num-cpus=1", *mem],
+        subprocess.run([RAY, "start", f"--address=127.0.0.1:{port}", "--num-cpus=1", *mem, *own_ports()],
                        env=env, check=True, capture_output=True, timeout=120)
         yield {"dashboard": f"http://127.0.0.1:{dash}", "env": env}
     finally:
@@ -82,8 +87,15 @@ def test_submitted_job_runs_across_both_nodes(two_nodes, shared_data, tmp_path):
         f"data:\n  path: {shared_data / 'banking77' / 'train.csv'}\n  label_column: category\n  limit: 240\n"
         f"embed:\n  engine: ray\n  actors: 2\n  threads_per_actor: 1\n  shard_size: 40\n"
         f"cluster:\n  k: [6]\nselect:\n  budgets: [24]\noutput_dir: {out}\n")
-    job = client.submit_job(entrypoint=f"{sys.executable} -m ray_pipeline.cli run job.yaml --no-progress",
-                            runtime_env={"working_dir": str(work), "env_vars": {"RAY_AUTH_MODE": "disabled"}})
+    for attempt in range(30):  # the head's job agent takes a few seconds to come up
+        try:
+            job = client.submit_job(entrypoint=f"{sys.executable} -m ray_pipeline.cli run job.yaml --no-progress",
+                                    runtime_env={"working_dir": str(work), "env_vars": {"RAY_AUTH_MODE": "disabled"}})
+            break
+        except RuntimeError as e:
+            if "No available agent" not in str(e) or attempt == 29:
+                raise
+            time.sleep(2)
     deadline = time.time() + 420
     while client.get_job_status(job) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
         assert time.time() < deadline, client.get_job_logs(job)[-3000:]
