@@ -447,14 +447,25 @@ def run_embed(cfg: Config, *, progress: bool = True) -> Path:
     return Path(cfg.output_dir) / "embeddings" / manifest["key"]
 
 
+def _one_ray(cfg: Config, needed: bool):
+    """One Ray session for a whole command: stages that use Ray join it instead of starting and
+    stopping their own (Ray Train does not survive a second ray.init in one process)."""
+    from contextlib import nullcontext
+
+    from .runtime import ray_session
+
+    return ray_session(cfg.ray_address) if needed else nullcontext()
+
+
 def run_tune(cfg: Config, *, overwrite: bool = False, resume: bool = False, progress: bool = True) -> dict:
     """Selection, then the Tune sweep over every candidate, the random baselines and the full pool."""
     from .tune import eval_data_config
 
     eval_data_config(cfg)  # no held-out set: fail before any work
     run = Run(cfg, resume=resume, overwrite=overwrite)
-    pool = _read_and_embed(cfg, run, progress)
-    result = tune_stage(pool, select_stage(pool, cfg, run), cfg, run, resume=resume)
+    with _one_ray(cfg, True):
+        pool = _read_and_embed(cfg, run, progress)
+        result = tune_stage(pool, select_stage(pool, cfg, run), cfg, run, resume=resume)
     run.finish()
     return result
 
@@ -464,12 +475,14 @@ def run_all(cfg: Config, *, overwrite: bool = False, resume: bool = False, progr
     from .report import write_report
 
     run = Run(cfg, resume=resume, overwrite=overwrite)
-    pool = _read_and_embed(cfg, run, progress)
-    select_dir = select_stage(pool, cfg, run)
-    if cfg.finetune.eval_path:
-        tune_stage(pool, select_dir, cfg, run, resume=resume)
-    else:
-        log.info("stage tune: skipped (no finetune.eval_path)")
+    embeds_with_ray = cfg.embed.engine == "ray" and cfg.data.embeddings is None
+    with _one_ray(cfg, embeds_with_ray or bool(cfg.finetune.eval_path)):
+        pool = _read_and_embed(cfg, run, progress)
+        select_dir = select_stage(pool, cfg, run)
+        if cfg.finetune.eval_path:
+            tune_stage(pool, select_dir, cfg, run, resume=resume)
+        else:
+            log.info("stage tune: skipped (no finetune.eval_path)")
     t0 = time.perf_counter()
     log.info("stage report: start")
     write_report(run.out, run.info, pool)
