@@ -27,7 +27,11 @@ def test_random_configs_are_valid_or_a_config_error(raw):
         cfg = Config.from_dict(raw)
     except PipelineError:
         return
-    cfg.candidate_grid(10**6) if cfg.cluster.k else None  # a valid config resolves or says why
+    try:  # a valid config resolves against a pool, or says why (budgets or K above it)
+        grid = cfg.candidate_grid(10**6)
+    except PipelineError:
+        return
+    assert grid and all(1 <= k <= 10**6 and 1 <= m <= 10**6 for k, m in grid)
 
 
 records = st.lists(st.dictionaries(st.sampled_from(["id", "text", "label", "extra"]),

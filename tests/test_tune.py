@@ -110,9 +110,11 @@ def test_sweep_stops_the_worse_survives_a_failure_and_keeps_the_best(cfg, files,
     assert rc == 0 and len(lines) == 60 and lines[0]["id"] == "row-0" and lines[0]["label"] in INTENTS
 
 
-@pytest.mark.gpu
-def test_deepspeed_zero2_bf16_on_gpu(cfg, local_ray, tmp_path):
+def test_deepspeed_defaults_zero2_bf16_on_gpu_zero0_fp32_on_cpu():
     from ray_pipeline.finetune import deepspeed_config
 
-    ds = deepspeed_config({"precision": "auto", "zero_stage": None, "batch_size": 8}, on_gpu=True)
-    assert ds["bf16"]["enabled"] and ds["zero_optimization"]["stage"] == 2
+    auto = {"precision": "auto", "zero_stage": None, "batch_size": 8}
+    gpu, cpu = deepspeed_config(auto, on_gpu=True), deepspeed_config(auto, on_gpu=False)
+    assert gpu["bf16"]["enabled"] and gpu["zero_optimization"]["stage"] == 2
+    assert not cpu["bf16"]["enabled"] and not cpu["fp16"]["enabled"] and cpu["zero_optimization"]["stage"] == 0
+    assert deepspeed_config({**auto, "zero_stage": 1}, on_gpu=True)["zero_optimization"]["stage"] == 1
