@@ -2,7 +2,9 @@
 
 A pure kernel over arrays: :func:`kmeans` takes L2-normalised float32 vectors and returns the
 centroids, each point's cluster and its cosine similarity to that centroid. faiss trains on a
-seeded sample of at most ``k * max_points_per_centroid`` points, then every point is assigned.
+seeded sample of at most ``k * max_points_per_centroid`` points (:func:`training_rows`, drawn
+here rather than inside faiss so that a reader of sharded vectors can fetch exactly those rows),
+then every point is assigned by :func:`assign` (which shard tasks call on their own rows).
 """
 
 from __future__ import annotations
@@ -55,18 +57,65 @@ def kmeans(x: np.ndarray, k: int, *, seed: int, niter: int = 20,
     if not 1 <= k <= n:
         raise InputError(f"cannot make k={k} clusters of n={n} samples; choose 1 <= k <= {n}")
     x = np.ascontiguousarray(x, dtype=np.float32)
+    rows = training_rows(n, k, seed=seed, max_points_per_centroid=max_points_per_centroid)
+    centroids = train_centroids(x if rows is None else x[rows], k, seed=seed, niter=niter, gpus=gpus)
+    assign_, sim = assign(x, centroids, gpus=gpus)
+    return KMeansResult(centroids=centroids, assign=assign_, sim=sim)
+
+
+def training_rows(n: int, k: int, *, seed: int, max_points_per_centroid: int = 256) -> np.ndarray | None:
+    """The sorted rows k-means trains on: a seeded sample of ``k * max_points_per_centroid`` of
+    the ``n`` rows, or None (all of them) when there are no more than that."""
+    cap = k * max_points_per_centroid
+    if n <= cap:
+        return None
+    return np.sort(np.random.default_rng(seed).choice(n, size=cap, replace=False))
+
+
+def train_centroids(sample: np.ndarray, k: int, *, seed: int, niter: int = 20, gpus: int = 0) -> np.ndarray:
+    """(k, d) float32 unit centroids of spherical k-means trained on every row of ``sample``."""
+    import faiss
+
     km = faiss.Kmeans(
-        d, k, niter=niter, seed=seed, spherical=True, gpu=gpus if gpus > 0 else False,
-        max_points_per_centroid=max_points_per_centroid,
+        sample.shape[1], k, niter=niter, seed=seed, spherical=True, gpu=gpus if gpus > 0 else False,
+        max_points_per_centroid=max(1, -(-len(sample) // k)),  # the sample is already drawn: use all of it
         min_points_per_centroid=1,  # small pools are legitimate here; no faiss warning
         verbose=False,
     )
-    km.train(x)
-    # For spherical k-means faiss keeps an inner-product index: the top-1 "distance" is the
-    # cosine similarity to the nearest (= own) centroid.
-    sim, assign = km.index.search(x, 1)
-    return KMeansResult(
-        centroids=np.ascontiguousarray(km.centroids, dtype=np.float32),
-        assign=assign[:, 0].astype(np.int64),
-        sim=sim[:, 0].astype(np.float32),
-    )
+    km.train(np.ascontiguousarray(sample, dtype=np.float32))
+    return np.ascontiguousarray(km.centroids, dtype=np.float32)
+
+
+def assign(x: np.ndarray, centroids: np.ndarray, *, gpus: int = 0,
+           batch_rows: int = 1 << 16) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's nearest centroid by inner product: (assign (n,) int64, sim (n,) float32).
+
+    For unit vectors and the unit centroids of spherical k-means the similarity is the cosine.
+    Rows are searched in batches of ``batch_rows`` (bounded temporaries). A BLAS product's last
+    bits depend on the shape it is computed in, so faiss's top two per row are re-scored one row at
+    a time (ties: the lower centroid): a row's result then does not depend on its batch, and
+    shards assigned apart agree with one pass over all rows, bit for bit.
+    """
+    import faiss
+
+    index = faiss.IndexFlatIP(centroids.shape[1])
+    if gpus > 0:
+        index = faiss.index_cpu_to_all_gpus(index, ngpu=gpus)
+    centroids = np.ascontiguousarray(centroids, dtype=np.float32)
+    index.add(centroids)
+    top = min(2, len(centroids))
+    n = len(x)
+    out_a = np.empty(n, dtype=np.int64)
+    out_s = np.empty(n, dtype=np.float32)
+    for lo in range(0, n, batch_rows):
+        hi = min(lo + batch_rows, n)
+        xb = np.ascontiguousarray(x[lo:hi], dtype=np.float32)
+        _, idx = index.search(xb, top)
+        sims = np.stack([np.einsum("ij,ij->i", xb, centroids[idx[:, j]]) for j in range(top)], axis=1)
+        best = np.argmax(sims, axis=1)  # first of equal maxima; make that the lower centroid
+        if top == 2:
+            tie = sims[:, 0] == sims[:, 1]
+            best[tie] = np.argmin(idx[tie], axis=1)
+        rows = np.arange(hi - lo)
+        out_a[lo:hi], out_s[lo:hi] = idx[rows, best], sims[rows, best]
+    return out_a, out_s

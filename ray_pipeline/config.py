@@ -202,8 +202,12 @@ class SelectConfig:
     and the random baselines.
 
     ``method``: one or more of ``kcenter`` (METHOD.md: farthest-first from the key sample) and
-    ``centroid`` (the members nearest the centroid); each gives its own candidates. ``outlier_quantile``: robust k-center: in each cluster the
-    members farthest from the centroid (this share of them) are never picked (0: off).
+    ``centroid`` (the members nearest the centroid); each gives its own candidates.
+    ``outlier_quantile``: robust k-center: in each cluster the members farthest from the centroid
+    (this share of them) are never picked (0: off). ``engine``: ``driver`` (all vectors in the
+    driver's memory) or ``ray`` (tasks over the embedding stage's shards; the same selection, index
+    for index, for pools whose vectors do not fit one machine; ``groups`` splits the clusters into
+    that many tasks, 0: twice the cluster's CPUs).
     """
 
     budgets: tuple[Budget, ...] = ("1%", "2%", "5%")
@@ -211,6 +215,8 @@ class SelectConfig:
     method: tuple[Literal["kcenter", "centroid"], ...] = ("kcenter", "centroid")
     outlier_quantile: float = 0.0
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    engine: Literal["driver", "ray"] = "driver"
+    groups: int = 0
 
     def __post_init__(self) -> None:
         if not self.budgets:
@@ -224,6 +230,8 @@ class SelectConfig:
             _fail("select.method", list(self.method), "a non-empty list of distinct 'kcenter', 'centroid'")
         if not 0.0 <= self.outlier_quantile < 0.5:
             _fail("select.outlier_quantile", self.outlier_quantile, "a share in [0, 0.5): 0 turns it off")
+        if self.groups < 0:
+            _fail("select.groups", self.groups, "an int >= 0 (0: twice the cluster's CPUs)")
 
     def resolve_budgets(self, n: int) -> tuple[int, ...]:
         """Budgets as sample counts for a pool of ``n``; a count above ``n`` is an error."""

@@ -30,6 +30,7 @@ from typing import Optional
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 
 from . import __version__
 from .artifacts import atomic_path, write_json, write_parquet
@@ -37,7 +38,7 @@ from .cluster import kmeans
 from .config import Config
 from .data import Pool, read_pool
 from .device import faiss_gpus, torch_device
-from .errors import InputError, OutputError
+from .errors import ConfigError, InputError, OutputError
 from .select import (
     center_and_key_samples,
     centroid_ranks,
@@ -124,30 +125,45 @@ def select_candidates(x: np.ndarray, cfg: Config, *, rng: np.random.Generator) -
         center, key = center_and_key_samples(x_t, assign_t, torch.from_numpy(km.sim).to(device), k)
         key_np = key.cpu().numpy()
         t2 = time.perf_counter()
-        eligible = outlier_mask(km.assign, km.sim, k, cfg.select.outlier_quantile, key_np)
-        room = np.bincount(km.assign[eligible], minlength=k)
-        per_m = {m: largest_remainder(km.sizes, m, room) for m in ms}
-        # Largest remainder is not monotone in M (the Alabama paradox): run each cluster to the
-        # most any budget asks of it, so every candidate is a prefix of one order.
-        run_to = np.max(np.stack(list(per_m.values())), axis=0)
+        per_m, run_to, eligible = _budgets_and_eligible(km.assign, km.sim, k, key_np, ms, cfg)
         for method in cfg.select.method:
-            t2 = time.perf_counter()
+            t3 = time.perf_counter()
             if method == "centroid":
-                rank_np = np.where(eligible, centroid_ranks(km.assign, km.sim, k), -1)
-                rank_np = np.where(rank_np < run_to[km.assign], rank_np, -1)
+                rank_np = _centroid_rank(km.assign, km.sim, k, eligible, run_to)
             else:
                 rank = k_center_greedy(x_t, assign_t, torch.from_numpy(run_to).to(device), key,
                                        eligible=None if eligible.all() else torch.from_numpy(eligible).to(device))
                 rank_np = rank.cpu().numpy()  # the one device-to-host copy of the greedy
-            t3 = time.perf_counter()
+            t4 = time.perf_counter()
             per_k.append(KSelection(
                 k=k, assign=km.assign, center=center.cpu().numpy(), key=key_np, budgets=per_m, rank=rank_np,
-                seconds={"kmeans": t1 - t0, "key_samples": t2 - t1, "greedy": t3 - t2}, method=method))
+                seconds={"kmeans": t1 - t0, "key_samples": t2 - t1, "greedy": t4 - t3}, method=method))
             log.info("K=%d (M=%s): k-means %.2fs, key samples %.2fs, %s %.2fs (%d empty clusters)", k,
-                     ",".join(map(str, ms)), t1 - t0, t2 - t1, method, t3 - t2, int((km.sizes == 0).sum()))
+                     ",".join(map(str, ms)), t1 - t0, t2 - t1, method, t4 - t3, int((km.sizes == 0).sum()))
     children = rng.spawn(len(cfg.select.random_seeds))
     random = {seed: random_ranks(n, child) for seed, child in zip(cfg.select.random_seeds, children)}
     return Selection(n=n, budgets=budgets, per_k=per_k, random=random)
+
+
+def _budgets_and_eligible(assign: np.ndarray, sim: np.ndarray, k: int, key: np.ndarray, ms: list[int],
+                          cfg: Config) -> tuple[dict[int, np.ndarray], np.ndarray, np.ndarray]:
+    """Per budget M the (k,) per-cluster counts; how far each cluster's order must run; the (n,)
+    rows that may be picked (all but the robust variant's outliers)."""
+    eligible = outlier_mask(assign, sim, k, cfg.select.outlier_quantile, key)
+    room = np.bincount(assign[eligible], minlength=k)
+    sizes = np.bincount(assign, minlength=k)
+    per_m = {m: largest_remainder(sizes, m, room) for m in ms}
+    # Largest remainder is not monotone in M (the Alabama paradox): run each cluster to the most
+    # any budget asks of it, so every candidate is a prefix of one order.
+    run_to = np.max(np.stack(list(per_m.values())), axis=0)
+    return per_m, run_to, eligible
+
+
+def _centroid_rank(assign: np.ndarray, sim: np.ndarray, k: int, eligible: np.ndarray,
+                   run_to: np.ndarray) -> np.ndarray:
+    """The nearest-to-centroid order, cut at each cluster's ``run_to`` (-1 beyond and for outliers)."""
+    rank = np.where(eligible, centroid_ranks(assign, sim, k), -1)
+    return np.where(rank < run_to[assign], rank, -1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -318,7 +334,10 @@ def select_stage(pool: Pool, cfg: Config, run: Run) -> Path:
         meta = json.loads(marker.read_text())
         reused = True
     else:
-        sel = select_candidates(x, cfg, rng=np.random.default_rng(cfg.seed))
+        if cfg.select.engine == "ray":
+            sel = _select_over_shards(pool, cfg, run)
+        else:
+            sel = select_candidates(x, cfg, rng=np.random.default_rng(cfg.seed))
         write_parquet(selection_table(pool, sel), d / "selection.parquet")
         write_parquet(clusters_table(pool, sel), d / "clusters.parquet")
         meta = {"n": len(pool), "dim": int(x.shape[1]), "budgets": list(sel.budgets),
@@ -331,6 +350,32 @@ def select_stage(pool: Pool, cfg: Config, run: Run) -> Path:
     _publish(d / "clusters.parquet", run.out / "clusters.parquet")
     run.stage("select", seconds=time.perf_counter() - t0, reused=reused, key=key, dir=str(d), **meta)
     return d
+
+
+def _select_over_shards(pool: Pool, cfg: Config, run: Run) -> Selection:
+    """``select.engine: ray``: the selection as Ray tasks over the embedding stage's shards (this
+    run's, or a stage directory given as ``data.embeddings``)."""
+    import pyarrow.parquet as pq
+
+    from .distributed import select_candidates_sharded, shard_paths
+
+    stage = run.info["stages"].get("embed", {}).get("dir")
+    if stage is None and cfg.data.embeddings and Path(cfg.data.embeddings).is_dir():
+        stage = cfg.data.embeddings
+    if stage is None:
+        raise ConfigError("select.engine 'ray' reads the vectors from the embedding stage's shards; embed the "
+                          "pool with this tool, or give data.embeddings as a directory the embedding stage wrote, "
+                          "or use select.engine 'driver' for .npy / Parquet vectors")
+    paths = shard_paths(stage)
+    where = {v: i for i, v in enumerate(pool.ids.tolist())}
+    tables = [pq.read_table(f, columns=["id", "row"]) for f in paths]
+    size = 1 + max((int(pa.compute.max(t.column("row")).as_py() or 0) for t in tables if len(t)), default=0)
+    row_map = np.full(size, -1, dtype=np.int64)
+    for t in tables:
+        row_map[t.column("row").to_numpy()] = [where.get(v, -1) for v in t.column("id").to_pylist()]
+    with _one_ray(cfg, True):
+        return select_candidates_sharded(paths, len(pool), cfg, rng=np.random.default_rng(cfg.seed),
+                                         row_map=row_map, groups=cfg.select.groups)
 
 
 def proxy_scores(pool: Pool, eval_pool: Pool, candidates: list, cfg: Config, run: Run) -> dict:
@@ -428,8 +473,10 @@ def _read_and_embed(cfg: Config, run: Run, progress: bool) -> Pool:
 def run_select(cfg: Config, *, overwrite: bool = False, resume: bool = False, progress: bool = True) -> Path:
     """Read, embed (unless vectors are given), select; returns the run directory."""
     run = Run(cfg, resume=resume, overwrite=overwrite)
-    pool = _read_and_embed(cfg, run, progress)
-    select_stage(pool, cfg, run)
+    embeds_with_ray = cfg.embed.engine == "ray" and cfg.data.embeddings is None
+    with _one_ray(cfg, embeds_with_ray or cfg.select.engine == "ray"):
+        pool = _read_and_embed(cfg, run, progress)
+        select_stage(pool, cfg, run)
     run.finish()
     return run.out
 
@@ -476,7 +523,7 @@ def run_all(cfg: Config, *, overwrite: bool = False, resume: bool = False, progr
 
     run = Run(cfg, resume=resume, overwrite=overwrite)
     embeds_with_ray = cfg.embed.engine == "ray" and cfg.data.embeddings is None
-    with _one_ray(cfg, embeds_with_ray or bool(cfg.finetune.eval_path)):
+    with _one_ray(cfg, embeds_with_ray or cfg.select.engine == "ray" or bool(cfg.finetune.eval_path)):
         pool = _read_and_embed(cfg, run, progress)
         select_dir = select_stage(pool, cfg, run)
         if cfg.finetune.eval_path:
