@@ -34,6 +34,21 @@ def _fail(name: str, value: Any, allowed: str) -> None:
     raise ConfigError(f"config field {name!r} is {value!r}; allowed: {allowed}")
 
 
+def _no_credentials_in(name: str, uri: Optional[str]) -> None:
+    """A location such as ``s3://KEY:SECRET@bucket/x`` would put a secret in run.json, logs and the
+    report: refuse it, naming the field but never echoing the secret."""
+    if not uri or "://" not in uri:
+        return
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(uri)
+    if parts.username is not None or parts.password is not None:
+        redacted = f"{parts.scheme}://***@{parts.hostname or ''}{parts.path}"
+        raise ConfigError(f"config field {name!r} ({redacted}) carries credentials in the URI; give them "
+                          f"through the environment instead (e.g. AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, "
+                          f"GOOGLE_APPLICATION_CREDENTIALS), which this tool never writes anywhere")
+
+
 def parse_k(name: str, value: KValue) -> tuple[str, float]:
     """``("abs", K)`` for an int >= 1, ``("ratio", r)`` for ``"M"``, ``"M/4"`` or ``"0.5M"`` (K = r M)."""
     allowed = "an int >= 1, or a ratio of the budget: 'M', 'M/2', 'M/4', '0.5M'"
@@ -124,6 +139,8 @@ class DataConfig:
             _fail("data.labels_path", self.labels_path, "leave it empty when data.label_column is set")
         if self.limit is not None and self.limit < 1:
             _fail("data.limit", self.limit, "empty (the whole pool) or an int >= 1")
+        for name in ("path", "labels_path", "embeddings"):
+            _no_credentials_in(f"data.{name}", getattr(self, name))
 
 
 @dataclass(frozen=True)
@@ -340,6 +357,9 @@ class Config:
             _fail("threads", self.threads, "empty (torch's default) or an int >= 1")
         if not self.output_dir:
             _fail("output_dir", self.output_dir, "a directory path")
+        _no_credentials_in("output_dir", self.output_dir)
+        _no_credentials_in("finetune.eval_path", self.finetune.eval_path)
+        _no_credentials_in("ray_address", self.ray_address)
 
     def candidate_grid(self, n: int) -> list[tuple[int, int]]:
         """The (K, M) pairs for a pool of ``n``: every absolute K with every M, and each ratio K

@@ -32,7 +32,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 
-from . import __version__
+from . import __version__, faults
 from .artifacts import atomic_path, write_json, write_parquet
 from .cluster import kmeans
 from .config import Config
@@ -121,6 +121,7 @@ def select_candidates(x: np.ndarray, cfg: Config, *, rng: np.random.Generator) -
         km = kmeans(x, k, seed=cfg.seed, niter=cfg.cluster.niter,
                     max_points_per_centroid=cfg.cluster.max_points_per_centroid, gpus=gpus)
         t1 = time.perf_counter()
+        faults.point("select:kmeans")
         assign_t = torch.from_numpy(km.assign).to(device)
         center, key = center_and_key_samples(x_t, assign_t, torch.from_numpy(km.sim).to(device), k)
         key_np = key.cpu().numpy()
@@ -339,6 +340,7 @@ def select_stage(pool: Pool, cfg: Config, run: Run) -> Path:
         else:
             sel = select_candidates(x, cfg, rng=np.random.default_rng(cfg.seed))
         write_parquet(selection_table(pool, sel), d / "selection.parquet")
+        faults.point("select:written")
         write_parquet(clusters_table(pool, sel), d / "clusters.parquet")
         meta = {"n": len(pool), "dim": int(x.shape[1]), "budgets": list(sel.budgets),
                 "seeds": {"seed": cfg.seed, "random_seeds": list(cfg.select.random_seeds)},
@@ -532,6 +534,7 @@ def run_all(cfg: Config, *, overwrite: bool = False, resume: bool = False, progr
             log.info("stage tune: skipped (no finetune.eval_path)")
     t0 = time.perf_counter()
     log.info("stage report: start")
+    faults.point("report")
     write_report(run.out, run.info, pool)
     run.stage("report", seconds=time.perf_counter() - t0, path=str(run.out / "report.html"))
     run.finish()

@@ -1,0 +1,18 @@
+"""Fault injection for the reliability tests: the driver kills itself at a named point.
+
+``RAY_PIPELINE_KILL_AT=<point>`` in the environment makes :func:`point` send SIGKILL to this
+process when the run reaches that point (no cleanup, no atexit: a crash as the OS would deliver
+it). Unset, :func:`point` does nothing. Points: ``select:kmeans`` (after the first K's k-means),
+``select:written`` (selection.parquet written, the stage's marker not yet), ``report`` (before the
+report is written).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+
+def point(name: str) -> None:
+    if os.environ.get("RAY_PIPELINE_KILL_AT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -1,0 +1,132 @@
+"""Load and soak: 1M precomputed vectors within this machine's memory; 20 full runs in one Ray
+session with no growth in memory and no leaked processes, actors or resources; credentials from the
+environment never written anywhere."""
+
+import json
+import logging
+import os
+import subprocess
+import sys
+
+import numpy as np
+import psutil
+import pytest
+
+from conftest import unit_blobs
+from ray_pipeline.cli import main
+
+
+def test_one_million_vectors_select_within_memory(tmp_path):
+    n, d = 1_000_000, 384
+    rng = np.random.default_rng(0)
+    x = np.lib.format.open_memmap(tmp_path / "x.npy", mode="w+", dtype=np.float32, shape=(n, d))
+    for lo in range(0, n, 100_000):  # written in pieces: the test process never holds all of it
+        block = rng.standard_normal((100_000, d), dtype=np.float32)
+        x[lo:lo + 100_000] = block / np.linalg.norm(block, axis=1, keepdims=True)
+    x.flush()
+    del x
+    proc = subprocess.Popen([sys.executable, "-m", "ray_pipeline.cli", "select", "--embeddings",
+                             str(tmp_path / "x.npy"), "--k", "300", "--budgets", "1%", "--set",
+                             "select.random_seeds=[0]", "--set", "select.method=[kcenter]", "--out",
+                             str(tmp_path / "run"), "--no-progress"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, _, usage = os.wait4(proc.pid, 0)
+    err = proc.stderr.read().decode()
+    peak_gib = usage.ru_maxrss / 2 ** 20  # KiB on Linux
+    print(f"1M x 384 select: peak RSS {peak_gib:.2f} GiB, major page faults {usage.ru_majflt}")
+    assert (tmp_path / "run" / "run.json").is_file(), err[-2000:]
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert info["status"] == "complete"
+    # x is 1.43 GiB; the run holds it once, its torch view and one greedy block: well under 4 GiB
+    assert peak_gib < 4.0, f"peak RSS {peak_gib:.2f} GiB"
+    assert usage.ru_majflt < 50_000, "the run paged heavily (thrashing)"
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(tmp_path / "run" / "selection.parquet", columns=["in_k300_m10000", "in_random_m10000_s0"])
+    assert t.num_rows == n
+    assert sum(t.column("in_k300_m10000").to_pylist()) == 10_000
+
+
+def _ray_worker_processes() -> list[psutil.Process]:
+    out = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if "default_worker.py" in cmd or cmd.startswith("ray::"):
+            out.append(p)
+    return out
+
+
+@pytest.fixture(scope="module")
+def bank4(shared_data, tmp_path_factory):
+    import pyarrow.csv as pacsv
+
+    d = tmp_path_factory.mktemp("bank4")
+    intents = ["activate_my_card", "card_arrival", "exchange_rate", "lost_or_stolen_card"]
+    for split, per in (("train", 30), ("test", 10)):
+        t = pacsv.read_csv(shared_data / "banking77" / f"{split}.csv").to_pandas()
+        t[t.category.isin(intents)].groupby("category").head(per).to_csv(d / f"{split}.csv", index=False)
+    return d
+
+
+def test_soak_twenty_full_runs_in_one_ray_session(tmp_path, bank4, local_ray):
+    """embed (Ray Data) -> select (Ray tasks) -> tune (Tune over Train + DeepSpeed) -> report, 20
+    times in one process and one Ray session: after each run no actor is alive and every CPU is
+    free again; from the 5th run to the 20th the driver's memory and the number of Ray worker
+    processes do not grow."""
+    import ray
+    from ray.util.state import list_actors
+
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text(f"data:\n  path: {bank4 / 'train.csv'}\n  label_column: category\n"
+                   f"embed:\n  engine: ray\n  shard_size: 40\n  threads_per_actor: 1\ncluster:\n  k: [4]\n"
+                   f"select:\n  budgets: [12]\n  random_seeds: [0]\n  method: [kcenter]\n  engine: ray\n"
+                   f"finetune:\n  eval_path: {bank4 / 'test.csv'}\n  max_steps: 2\n  eval_every: 2\n"
+                   f"  batch_size: 8\n  max_length: 24\n  threads_per_worker: 1\n  max_concurrent_trials: 1\n"
+                   f"  include_full: false\n")
+    me = psutil.Process()
+    rss, workers, targets = [], [], set()
+    for i in range(20):
+        out = tmp_path / f"run{i}"
+        assert main(["run", str(cfg), "--out", str(out), "--no-progress"]) == 0
+        targets.add(json.loads((out / "candidates.json").read_text())["summary"]["target"]["name"])
+        alive = [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if a.get("ray_namespace", "") != "_ray_internal"]
+        assert not alive, f"run {i}: actors left alive: {[a['class_name'] for a in alive]}"
+        assert ray.available_resources().get("CPU") == ray.cluster_resources()["CPU"], f"run {i}: CPUs still held"
+        rss.append(me.memory_info().rss / 2 ** 20)
+        workers.append(len(_ray_worker_processes()))
+    logging.getLogger(__name__).info("soak: driver RSS MiB %s; Ray worker processes %s", rss, workers)
+    print(f"soak: driver RSS {rss[4]:.0f} -> {rss[-1]:.0f} MiB; Ray worker processes {workers}")
+    assert targets == {"k4_m12"}  # the same answer every time
+    assert rss[-1] - rss[4] < 200, f"driver memory grew {rss[-1] - rss[4]:.0f} MiB over 15 runs: {rss}"
+    assert max(workers[4:]) <= workers[4] + 2, f"Ray worker processes accumulate: {workers}"
+
+
+SECRETS = {"AWS_ACCESS_KEY_ID": "AKIASENTINEL0000XYZ", "AWS_SECRET_ACCESS_KEY": "sentinel/secret+value/123",
+           "HF_TOKEN": "hf_sentinelTokenValue", "AZURE_STORAGE_KEY": "sentinel-azure-key=="}
+
+
+def test_credentials_from_the_environment_are_never_written(tmp_path, monkeypatch, caplog, capsys):
+    for k, v in SECRETS.items():
+        monkeypatch.setenv(k, v)
+    np.save(tmp_path / "x.npy", unit_blobs(600, 8, 4, 0))
+    caplog.set_level(logging.DEBUG)
+    out = tmp_path / "run"
+    assert main(["run", "--embeddings", str(tmp_path / "x.npy"), "--k", "4", "--budgets", "20", "--out", str(out),
+                 "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    logs = caplog.text + captured.out + captured.err
+    written = b"".join(f.read_bytes() for f in out.rglob("*") if f.is_file())
+    for v in SECRETS.values():
+        assert v not in logs and v.encode() not in written
+
+
+def test_a_uri_with_credentials_is_refused_without_echoing_them(tmp_path, caplog, capsys):
+    caplog.set_level(logging.DEBUG)
+    rc = main(["run", "--set", "data.path=s3://AKIAEXAMPLE:sup3rS3cret@bucket/pool.jsonl", "--out",
+               str(tmp_path / "run"), "--no-progress"])
+    captured = capsys.readouterr()
+    text = caplog.text + captured.out + captured.err
+    assert rc == 2
+    assert "carries credentials" in text and "AWS_SECRET_ACCESS_KEY" in text
+    assert "sup3rS3cret" not in text and "AKIAEXAMPLE" not in text
+    assert not (tmp_path / "run").exists()
