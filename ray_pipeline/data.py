@@ -222,17 +222,35 @@ def _vectors_from_column(table: pa.Table, column: str, path: str) -> np.ndarray:
 
 
 def check_vectors(x: np.ndarray, path: str) -> np.ndarray:
-    """Float, 2-D, non-empty, finite, non-zero rows; returned L2-normalised float32."""
+    """Float, 2-D, non-empty, finite, non-zero rows; returned L2-normalised float32.
+
+    Meant for arrays just read from a file: a writable float32 array is normalised in place, in
+    pieces, so a pool of vectors costs its own size in memory and not two or three times it."""
     if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0:
         raise InputError(f"{path}: embeddings must be a non-empty 2-D array (n, d), got shape {x.shape}")
     if not np.issubdtype(x.dtype, np.floating):
         raise InputError(f"{path}: embeddings must be floats, got {x.dtype}")
-    x = np.asarray(x, dtype=np.float32)
-    finite = np.isfinite(x).all(axis=1)
-    if not finite.all():
-        raise InputError(f"{path}: {int((~finite).sum())} vector(s) hold NaN or inf, first at row "
-                         f"{int(np.flatnonzero(~finite)[0])}; recompute or drop them")
-    return normalize(x, path)
+    if x.dtype != np.float32 or not x.flags.writeable or not x.flags.c_contiguous:
+        x = np.array(x, dtype=np.float32, order="C")
+    step = 1 << 16
+    for lo in range(0, len(x), step):
+        part = x[lo:lo + step]
+        finite = np.isfinite(part).all(axis=1)
+        if not finite.all():
+            bad = np.flatnonzero(~np.isfinite(x).all(axis=1))
+            raise InputError(f"{path}: {len(bad)} vector(s) hold NaN or inf, first at row {int(bad[0])}; "
+                             f"recompute or drop them")
+        norms = np.linalg.norm(part, axis=1, keepdims=True)
+        if (norms == 0).any():
+            zero = int((np.linalg.norm(x, axis=1) == 0).sum())
+            raise InputError(f"{path}: {zero} vector(s) are all zeros and have no direction")
+        np.divide(part, norms, out=part)
+    return x
+
+
+def normalize(x: np.ndarray, what: str = "embeddings") -> np.ndarray:
+    """Rows scaled to unit L2 norm (float32, a new array); a zero row is an error."""
+    return check_vectors(np.array(x, dtype=np.float32, order="C"), what)
 
 
 def load_embeddings(path: str | Path, column: str = "embedding") -> tuple[np.ndarray, Optional[np.ndarray]]:
@@ -266,14 +284,6 @@ def load_embeddings(path: str | Path, column: str = "embedding") -> tuple[np.nda
     else:
         raise InputError(f"embeddings file {str(p)!r} must be .npy or .parquet")
     return check_vectors(x, str(p)), ids
-
-
-def normalize(x: np.ndarray, what: str = "embeddings") -> np.ndarray:
-    """Rows scaled to unit L2 norm (float32); a zero row is an error."""
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    if (norms == 0).any():
-        raise InputError(f"{what}: {int((norms == 0).sum())} vector(s) are all zeros and have no direction")
-    return np.ascontiguousarray(x / norms, dtype=np.float32)
 
 
 def read_pool(cfg: DataConfig, *, skip_bad_rows: bool = False) -> Pool:

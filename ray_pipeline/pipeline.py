@@ -232,7 +232,7 @@ def _digest(*parts) -> str:
     h = hashlib.sha256()
     for part in parts:
         if isinstance(part, np.ndarray) and part.dtype != object:
-            h.update(np.ascontiguousarray(part).tobytes())
+            h.update(memoryview(np.ascontiguousarray(part)).cast("B"))  # no copy of a large array
         else:
             h.update(json.dumps(part, sort_keys=True, default=str).encode())
         h.update(b"\x00")

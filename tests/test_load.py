@@ -37,8 +37,9 @@ def test_one_million_vectors_select_within_memory(tmp_path):
     assert (tmp_path / "run" / "run.json").is_file(), err[-2000:]
     info = json.loads((tmp_path / "run" / "run.json").read_text())
     assert info["status"] == "complete"
-    # x is 1.43 GiB; the run holds it once, its torch view and one greedy block: well under 4 GiB
-    assert peak_gib < 4.0, f"peak RSS {peak_gib:.2f} GiB"
+    # x is 1.43 GiB and the run holds it once (it was 3.2 GiB when loading copied it twice and the
+    # stage key hashed a bytes copy); torch, faiss and pyarrow add about 0.5 GiB
+    assert peak_gib < 2.6, f"peak RSS {peak_gib:.2f} GiB"
     assert usage.ru_majflt < 50_000, "the run paged heavily (thrashing)"
     import pyarrow.parquet as pq
 
