@@ -253,7 +253,9 @@ def _trial_record(result, ft, max_t: int, plan: dict) -> dict:
     history = []
     if df is not None and len(df) and "step" in df:
         cols = [c for c in ("step", "score", "eval_loss", "accuracy", "train_loss") if c in df]
-        history = df[cols].to_dict("records")
+        # A trial restarted after a crash (or a resumed sweep) reports its steps again: the later
+        # report of a step is the one the trial's final state comes from.
+        history = sorted({r["step"]: r for r in df[cols].to_dict("records")}.values(), key=lambda r: r["step"])
     last = result.metrics or {}
     if result.error is not None:
         rec["status"] = "failed"
