@@ -11,6 +11,9 @@ embeddings, scored on held-out data:
 - ``centroid K=M``: the members nearest each centroid (the nearest-to-centroid variant);
 - ``robust K=M/2``: k-center with the 10% of each cluster farthest from its centroid left out;
 - ``global k-center``: one cluster, farthest-first over the whole pool (DeepCore / Google style);
+- ``dedup K=M``: near-duplicates (cosine > 0.95, SemDeDup) removed before clustering;
+- ``stratified K=M`` / ``stratified centroid K=M``: label-stratified budgets (the labels known);
+- ``pipeline (stratified)``: the pipeline's own choice with ``select.stratify: label``;
 - ``pipeline``: the pipeline's own choice, no oracle: the candidates of the default config
   (``cluster.k: [M/2, M]``, ``select.method: [kcenter, centroid]``), of which the one with the
   best probe score on a *validation* half of the official test set is reported on the other half
@@ -64,6 +67,9 @@ METHODS = [
     ("centroid K=M", ["M"], {"method": "centroid"}),
     ("robust K=M/2", ["M/2"], {"outlier_quantile": 0.1}),
     ("global k-center", [1], {}),
+    ("dedup K=M", ["M"], {"dedup_threshold": 0.95}),
+    ("stratified K=M", ["M"], {"stratify": "label"}),
+    ("stratified centroid K=M", ["M"], {"stratify": "label", "method": "centroid"}),
 ]
 
 
@@ -112,22 +118,24 @@ def run_dataset(name: str, budgets_pct: list[float], seeds: int) -> dict:
             cfg = Config.from_dict({"cluster": {"k": k}, "select": {"budgets": [m], "random_seeds": [], **opts},
                                     "seed": 0})
             t1 = time.perf_counter()
-            sel = select_candidates(x, cfg, rng=np.random.default_rng(0))
+            sel = select_candidates(x, cfg, rng=np.random.default_rng(0), labels=labels)
             rows = np.flatnonzero(sel.per_k[0].members(m))
             row[label] = {"mean": probe(rows, test), "std": 0.0, "coverage": coverage(rows),
                           "select_s": time.perf_counter() - t1}
-        # The pipeline as it ships: the default grid, chosen by the proxy on the validation half.
-        cfg = Config.from_dict({"select": {"budgets": [m], "random_seeds": []}, "seed": 0})
-        sel = select_candidates(x, cfg, rng=np.random.default_rng(0))
-        subsets = {s.name(m): np.flatnonzero(s.members(m)) for s in sel.per_k}
-        val_scores = {name: probe(rows, val) for name, rows in subsets.items()}
-        choice = max(val_scores, key=val_scores.get)
-        row["pipeline"] = {"mean": probe(subsets[choice], test), "std": 0.0,
-                           "coverage": coverage(subsets[choice]), "chose": choice}
+        # The pipeline as it ships: the default grid, chosen by the proxy on the validation half;
+        # and the same with label-stratified budgets.
+        for label, extra in (("pipeline", {}), ("pipeline (stratified)", {"stratify": "label"})):
+            cfg = Config.from_dict({"select": {"budgets": [m], "random_seeds": [], **extra}, "seed": 0})
+            sel = select_candidates(x, cfg, rng=np.random.default_rng(0), labels=labels)
+            subsets = {s.name(m): np.flatnonzero(s.members(m)) for s in sel.per_k}
+            val_scores = {name: probe(rows, val) for name, rows in subsets.items()}
+            choice = max(val_scores, key=val_scores.get)
+            row[label] = {"mean": probe(subsets[choice], test), "std": 0.0,
+                          "coverage": coverage(subsets[choice]), "chose": choice}
         table[f"{pct:g}%"] = row
         print(f"  {pct:g}% (M={m:,}): random {row['random']['mean']:.3f}±{row['random']['std']:.3f}; "
               + "; ".join(f"{k} {v['mean']:.3f}" for k, v in row.items() if k not in ("random",))
-              + f" [pipeline chose {choice}]", flush=True)
+              + f" [pipeline chose {row['pipeline']['chose']}]", flush=True)
     print(f"  full pool: {full:.3f}", flush=True)
     return {"n": n, "labels": len(classes), "held_out": len(ye), "full": full, "budgets": table,
             "seconds": time.perf_counter() - t0}
@@ -135,7 +143,7 @@ def run_dataset(name: str, budgets_pct: list[float], seeds: int) -> dict:
 
 def markdown(name: str, r: dict) -> str:
     budgets = list(r["budgets"])
-    methods = ["pipeline", "random"] + [m[0] for m in METHODS]
+    methods = ["pipeline", "pipeline (stratified)", "random"] + [m[0] for m in METHODS]
     head = f"| {name}, {r['n']:,} samples, {r['labels']} labels | " + " | ".join(budgets) + " | full |"
     lines = [head, "|" + "---|" * (len(budgets) + 2)]
     for meth in methods:

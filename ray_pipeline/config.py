@@ -224,7 +224,10 @@ class SelectConfig:
     (this share of them) are never picked (0: off). ``engine``: ``driver`` (all vectors in the
     driver's memory) or ``ray`` (tasks over the embedding stage's shards; the same selection, index
     for index, for pools whose vectors do not fit one machine; ``groups`` splits the clusters into
-    that many tasks, 0: twice the cluster's CPUs).
+    that many tasks, 0: twice the cluster's CPUs). ``dedup_threshold``: remove near-duplicates
+    before clustering, SemDeDup-style (a sample within this cosine similarity of another in its
+    neighbourhood; empty: off). ``stratify``: ``label`` splits every budget and K over the labels
+    by their share of the pool and selects inside each label (needs labels); ``none``: off.
     """
 
     budgets: tuple[Budget, ...] = ("1%", "2%", "5%")
@@ -234,6 +237,8 @@ class SelectConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     engine: Literal["driver", "ray"] = "driver"
     groups: int = 0
+    dedup_threshold: Optional[float] = None
+    stratify: Literal["none", "label"] = "none"
 
     def __post_init__(self) -> None:
         if not self.budgets:
@@ -249,6 +254,12 @@ class SelectConfig:
             _fail("select.outlier_quantile", self.outlier_quantile, "a share in [0, 0.5): 0 turns it off")
         if self.groups < 0:
             _fail("select.groups", self.groups, "an int >= 0 (0: twice the cluster's CPUs)")
+        if self.dedup_threshold is not None and not 0.0 < self.dedup_threshold <= 1.0:
+            _fail("select.dedup_threshold", self.dedup_threshold, "a cosine similarity in (0, 1], e.g. 0.95; "
+                  "empty turns it off")
+        if self.engine == "ray" and (self.dedup_threshold is not None or self.stratify != "none"):
+            _fail("select.engine", self.engine, "'driver' when select.dedup_threshold or select.stratify is set "
+                  "(the shard engine does not do them)")
 
     def resolve_budgets(self, n: int) -> tuple[int, ...]:
         """Budgets as sample counts for a pool of ``n``; a count above ``n`` is an error."""

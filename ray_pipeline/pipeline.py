@@ -90,12 +90,16 @@ class Selection:
         return out
 
 
-def select_candidates(x: np.ndarray, cfg: Config, *, rng: np.random.Generator) -> Selection:
+def select_candidates(x: np.ndarray, cfg: Config, *, rng: np.random.Generator,
+                      labels: Optional[np.ndarray] = None) -> Selection:
     """Candidate subsets for every (K, M) of ``cfg.candidate_grid`` plus seeded random baselines.
 
     x: (n, d) float32, L2-normalised rows. rng: draws the random baselines (one child stream per
-    seed in ``cfg.select.random_seeds``, so adding a seed does not change the others). k-means
-    runs once per distinct K; one greedy pass per K serves all of its budgets.
+    seed in ``cfg.select.random_seeds``, so adding a seed does not change the others). labels:
+    (n,) the pool's labels, needed by ``select.stratify: label``. k-means runs once per distinct
+    K; one greedy pass per K serves all of its budgets. With ``select.dedup_threshold`` the
+    near-duplicates are removed first (:func:`select.semantic_duplicates`) and never selected;
+    the random baselines still draw from the whole pool.
 
     Example:
         >>> rng = np.random.default_rng(0)
@@ -106,44 +110,132 @@ def select_candidates(x: np.ndarray, cfg: Config, *, rng: np.random.Generator) -
         >>> [int(sel.per_k[0].members(m).sum()) for m in (10, 50)]
         [10, 50]
     """
-    import torch
-
     n = len(x)
     budgets = cfg.select.resolve_budgets(n)
     grid = cfg.candidate_grid(n)
-    device = torch_device(cfg.select.device)
-    gpus = faiss_gpus(cfg.cluster.gpu)
-    x_t = torch.from_numpy(x).to(device)
+    if cfg.select.stratify == "label" and labels is None:
+        raise ConfigError("select.stratify 'label' needs the pool's labels: set data.label_column (or "
+                          "data.labels_path), or use select.stratify 'none'")
+    rows = np.arange(n)
+    dropped = 0
+    if cfg.select.dedup_threshold is not None:
+        rows = np.flatnonzero(~_near_duplicates(x, cfg))
+        dropped = n - len(rows)
+        if len(rows) < max(budgets):
+            raise InputError(f"after removing {dropped} near-duplicates (select.dedup_threshold "
+                             f"{cfg.select.dedup_threshold}) the pool holds {len(rows)} samples, fewer than the "
+                             f"budget {max(budgets)}; raise the threshold or lower the budget")
+        log.info("near-duplicates: %d of %d samples removed before clustering (cosine > %g)", dropped, n,
+                 cfg.select.dedup_threshold)
     per_k = []
     for k in sorted({k for k, _ in grid}):
         ms = [m for kk, m in grid if kk == k]
-        t0 = time.perf_counter()
-        km = kmeans(x, k, seed=cfg.seed, niter=cfg.cluster.niter,
-                    max_points_per_centroid=cfg.cluster.max_points_per_centroid, gpus=gpus)
-        t1 = time.perf_counter()
-        faults.point("select:kmeans")
-        assign_t = torch.from_numpy(km.assign).to(device)
-        center, key = center_and_key_samples(x_t, assign_t, torch.from_numpy(km.sim).to(device), k)
-        key_np = key.cpu().numpy()
-        t2 = time.perf_counter()
-        per_m, run_to, eligible = _budgets_and_eligible(km.assign, km.sim, k, key_np, ms, cfg)
-        for method in cfg.select.method:
-            t3 = time.perf_counter()
-            if method == "centroid":
-                rank_np = _centroid_rank(km.assign, km.sim, k, eligible, run_to)
-            else:
-                rank = k_center_greedy(x_t, assign_t, torch.from_numpy(run_to).to(device), key,
-                                       eligible=None if eligible.all() else torch.from_numpy(eligible).to(device))
-                rank_np = rank.cpu().numpy()  # the one device-to-host copy of the greedy
-            t4 = time.perf_counter()
-            per_k.append(KSelection(
-                k=k, assign=km.assign, center=center.cpu().numpy(), key=key_np, budgets=per_m, rank=rank_np,
-                seconds={"kmeans": t1 - t0, "key_samples": t2 - t1, "greedy": t4 - t3}, method=method))
-            log.info("K=%d (M=%s): k-means %.2fs, key samples %.2fs, %s %.2fs (%d empty clusters)", k,
-                     ",".join(map(str, ms)), t1 - t0, t2 - t1, method, t4 - t3, int((km.sizes == 0).sum()))
+        if cfg.select.stratify == "label":
+            per_k += _select_stratified(x, rows, np.asarray(labels)[rows], k, ms, cfg, n)
+        else:
+            per_k += [_lift(s, rows, n) for s in _select_k(x[rows] if dropped else x, k, ms, cfg)]
     children = rng.spawn(len(cfg.select.random_seeds))
     random = {seed: random_ranks(n, child) for seed, child in zip(cfg.select.random_seeds, children)}
     return Selection(n=n, budgets=budgets, per_k=per_k, random=random)
+
+
+def _near_duplicates(x: np.ndarray, cfg: Config) -> np.ndarray:
+    """(n,) bool, SemDeDup: k-means into sqrt(n) clusters, then per cluster the members within
+    ``select.dedup_threshold`` cosine of a member farther from the centroid."""
+    import torch
+
+    from .select import semantic_duplicates
+
+    k = max(1, int(round(np.sqrt(len(x)))))
+    km = kmeans(x, k, seed=cfg.seed, niter=cfg.cluster.niter,
+                max_points_per_centroid=cfg.cluster.max_points_per_centroid, gpus=faiss_gpus(cfg.cluster.gpu))
+    device = torch_device(cfg.select.device)
+    dup = semantic_duplicates(torch.from_numpy(x).to(device), torch.from_numpy(km.assign).to(device),
+                              torch.from_numpy(km.sim).to(device), k, cfg.select.dedup_threshold)
+    return dup.cpu().numpy()
+
+
+def _select_k(x: np.ndarray, k: int, ms: list[int], cfg: Config) -> list[KSelection]:
+    """One K on the rows of ``x``: k-means, key samples, budgets for each M in ``ms``, and one
+    candidate order per method of ``select.method``."""
+    import torch
+
+    device = torch_device(cfg.select.device)
+    x_t = torch.from_numpy(x).to(device)
+    t0 = time.perf_counter()
+    km = kmeans(x, k, seed=cfg.seed, niter=cfg.cluster.niter,
+                max_points_per_centroid=cfg.cluster.max_points_per_centroid, gpus=faiss_gpus(cfg.cluster.gpu))
+    t1 = time.perf_counter()
+    faults.point("select:kmeans")
+    assign_t = torch.from_numpy(km.assign).to(device)
+    center, key = center_and_key_samples(x_t, assign_t, torch.from_numpy(km.sim).to(device), k)
+    key_np = key.cpu().numpy()
+    t2 = time.perf_counter()
+    per_m, run_to, eligible = _budgets_and_eligible(km.assign, km.sim, k, key_np, ms, cfg)
+    out = []
+    for method in cfg.select.method:
+        t3 = time.perf_counter()
+        if method == "centroid":
+            rank_np = _centroid_rank(km.assign, km.sim, k, eligible, run_to)
+        else:
+            rank = k_center_greedy(x_t, assign_t, torch.from_numpy(run_to).to(device), key,
+                                   eligible=None if eligible.all() else torch.from_numpy(eligible).to(device))
+            rank_np = rank.cpu().numpy()  # the one device-to-host copy of the greedy
+        t4 = time.perf_counter()
+        out.append(KSelection(
+            k=k, assign=km.assign, center=center.cpu().numpy(), key=key_np, budgets=per_m, rank=rank_np,
+            seconds={"kmeans": t1 - t0, "key_samples": t2 - t1, "greedy": t4 - t3}, method=method))
+        log.info("K=%d (M=%s): k-means %.2fs, key samples %.2fs, %s %.2fs (%d empty clusters)", k,
+                 ",".join(map(str, ms)), t1 - t0, t2 - t1, method, t4 - t3, int((km.sizes == 0).sum()))
+    return out
+
+
+def _lift(s: KSelection, rows: np.ndarray, n: int) -> KSelection:
+    """A selection made on ``x[rows]`` as one on all ``n`` rows (the others: cluster -1, never chosen)."""
+    if len(rows) == n:
+        return s
+    assign, rank = np.full(n, -1, dtype=np.int64), np.full(n, -1, dtype=np.int64)
+    assign[rows], rank[rows] = s.assign, s.rank
+    lift = lambda idx: np.where(idx >= 0, rows[np.maximum(idx, 0)], -1)  # noqa: E731
+    return KSelection(k=s.k, assign=assign, center=lift(s.center), key=lift(s.key), budgets=s.budgets, rank=rank,
+                      seconds=s.seconds, method=s.method)
+
+
+def _select_stratified(x: np.ndarray, rows: np.ndarray, labels: np.ndarray, k: int, ms: list[int], cfg: Config,
+                       n: int) -> list[KSelection]:
+    """Label-stratified budgets: each M split over the labels by their share of the pool (largest
+    remainder), K likewise (at least one cluster a label), and the method run inside each label.
+    The clusters of all labels are numbered one after another."""
+    values = np.array([str(v) for v in labels], dtype=object)
+    names, code = np.unique(values, return_inverse=True)
+    sizes = np.bincount(code, minlength=len(names))
+    ks = np.maximum(1, np.minimum(sizes, largest_remainder(sizes, min(k, len(rows)), sizes)))
+    share = {m: largest_remainder(sizes, m, sizes) for m in ms}
+    parts: list[tuple[np.ndarray, list[KSelection], dict[int, int]]] = []
+    for lab in range(len(names)):
+        sub = rows[code == lab]
+        local = {m: int(share[m][lab]) for m in ms}
+        sels = _select_k(x[sub], int(ks[lab]), sorted(set(local.values())), cfg)
+        parts.append((sub, sels, local))
+    out = []
+    for j, method in enumerate(cfg.select.method):
+        assign, rank = np.full(n, -1, dtype=np.int64), np.full(n, -1, dtype=np.int64)
+        center, key, per_m, offset = [], [], {m: [] for m in ms}, 0
+        seconds: dict[str, float] = {}
+        for sub, sels, local in parts:
+            s = sels[j]
+            assign[sub], rank[sub] = s.assign + offset, s.rank
+            center.append(np.where(s.center >= 0, sub[np.maximum(s.center, 0)], -1))
+            key.append(np.where(s.key >= 0, sub[np.maximum(s.key, 0)], -1))
+            for m in ms:
+                per_m[m].append(s.budgets[local[m]])
+            offset += len(s.center)
+            for name, v in s.seconds.items():
+                seconds[name] = seconds.get(name, 0.0) + v
+        out.append(KSelection(k=k, assign=assign, center=np.concatenate(center), key=np.concatenate(key),
+                              budgets={m: np.concatenate(v) for m, v in per_m.items()}, rank=rank,
+                              seconds=seconds, method=method))
+    return out
 
 
 def _budgets_and_eligible(assign: np.ndarray, sim: np.ndarray, k: int, key: np.ndarray, ms: list[int],
@@ -194,8 +286,8 @@ def clusters_table(pool: Pool, sel: Selection) -> pa.Table:
     for m in sel.budgets:
         rows[f"budget_m{m}"] = []
     for s in {s.k: s for s in sel.per_k}.values():  # one row set per K, whatever the methods
-        sizes = np.bincount(s.assign, minlength=s.k)
-        for c in range(s.k):
+        sizes = np.bincount(s.assign[s.assign >= 0], minlength=len(s.center))
+        for c in range(len(s.center)):
             rows["k"].append(s.k)
             rows["cluster"].append(c)
             rows["size"].append(int(sizes[c]))
@@ -338,7 +430,7 @@ def select_stage(pool: Pool, cfg: Config, run: Run) -> Path:
         if cfg.select.engine == "ray":
             sel = _select_over_shards(pool, cfg, run)
         else:
-            sel = select_candidates(x, cfg, rng=np.random.default_rng(cfg.seed))
+            sel = select_candidates(x, cfg, rng=np.random.default_rng(cfg.seed), labels=pool.labels)
         write_parquet(selection_table(pool, sel), d / "selection.parquet")
         faults.point("select:written")
         write_parquet(clusters_table(pool, sel), d / "clusters.parquet")

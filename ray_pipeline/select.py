@@ -310,6 +310,54 @@ def outlier_mask(assign: np.ndarray, centroid_sim: np.ndarray, k: int, quantile:
     return mask
 
 
+def semantic_duplicates(x: torch.Tensor, assign: torch.Tensor, sim: torch.Tensor, k: int,
+                        threshold: float, chunk_rows: int = 2048) -> torch.Tensor:
+    """(n,) bool, True for a near-duplicate to remove (SemDeDup, Abbas et al. 2023, section 3).
+
+    x: (n, d) unit rows; assign: (n,) cluster of each row in [0, k); sim: (n,) similarity to its
+    centroid. In each cluster the members are ordered by similarity to the centroid, farthest
+    first (ties: lower index first), and a member is a duplicate when its cosine similarity to a
+    member *earlier* in that order exceeds ``threshold``; so of a group of near-copies the one
+    farthest from the centroid stays. Work O(sum_k |C_k|^2 d), in pieces of ``chunk_rows`` rows.
+
+    Example:
+        >>> x = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0], [0.28, 0.96]])
+        >>> semantic_duplicates(x, torch.zeros(4, dtype=torch.int64), torch.tensor([.7, .99, .7, .98]), 1, 0.95)
+        tensor([False, False, False,  True])
+    """
+    n = x.shape[0]
+    dup = torch.zeros(n, dtype=torch.bool, device=x.device)
+    order = torch.from_numpy(np.lexsort((np.arange(n), sim.cpu().numpy(), assign.cpu().numpy()))).to(x.device)
+    sizes = torch.bincount(assign, minlength=k).cpu().numpy()
+    lo = 0
+    for size in sizes:
+        members = order[lo:lo + size]  # farthest from the centroid first
+        lo += int(size)
+        if size < 2:
+            continue
+        xm = x[members]
+        for r0 in range(0, int(size), chunk_rows):
+            r1 = min(r0 + chunk_rows, int(size))
+            s = xm[r0:r1] @ xm[:r1].T  # (rows, rows and everything before them)
+            earlier = torch.arange(r1, device=x.device)[None, :] < torch.arange(r0, r1, device=x.device)[:, None]
+            s = torch.where(earlier, s, torch.full_like(s, float("-inf")))
+            dup[members[r0:r1]] = s.max(dim=1).values > threshold
+    return dup
+
+
+def semantic_duplicates_reference(x: np.ndarray, assign: np.ndarray, sim: np.ndarray, threshold: float) -> np.ndarray:
+    """The obvious double loop over pairs, for tests."""
+    dup = np.zeros(len(x), dtype=bool)
+    for i in range(len(x)):
+        for j in range(len(x)):
+            if i == j or assign[i] != assign[j]:
+                continue
+            before = (sim[j], j) < (sim[i], i)  # j is farther from the centroid, or equal and lower
+            if before and float(x[i] @ x[j]) > threshold:
+                dup[i] = True
+    return dup
+
+
 # ----------------------------------------------------------------------------------------------
 # step 7: candidates
 
