@@ -227,7 +227,9 @@ class SelectConfig:
     that many tasks, 0: twice the cluster's CPUs). ``dedup_threshold``: remove near-duplicates
     before clustering, SemDeDup-style (a sample within this cosine similarity of another in its
     neighbourhood; empty: off). ``stratify``: ``label`` splits every budget and K over the labels
-    by their share of the pool and selects inside each label (needs labels); ``none``: off.
+    by their share of the pool and selects inside each label (needs labels); ``auto`` (default):
+    ``label`` when the pool has labels, else ``none`` (the quality benchmark's evidence: README);
+    the shard engine does not stratify.
     """
 
     budgets: tuple[Budget, ...] = ("1%", "2%", "5%")
@@ -238,7 +240,7 @@ class SelectConfig:
     engine: Literal["driver", "ray"] = "driver"
     groups: int = 0
     dedup_threshold: Optional[float] = None
-    stratify: Literal["none", "label"] = "none"
+    stratify: Literal["auto", "none", "label"] = "auto"
 
     def __post_init__(self) -> None:
         if not self.budgets:
@@ -257,7 +259,7 @@ class SelectConfig:
         if self.dedup_threshold is not None and not 0.0 < self.dedup_threshold <= 1.0:
             _fail("select.dedup_threshold", self.dedup_threshold, "a cosine similarity in (0, 1], e.g. 0.95; "
                   "empty turns it off")
-        if self.engine == "ray" and (self.dedup_threshold is not None or self.stratify != "none"):
+        if self.engine == "ray" and (self.dedup_threshold is not None or self.stratify == "label"):
             _fail("select.engine", self.engine, "'driver' when select.dedup_threshold or select.stratify is set "
                   "(the shard engine does not do them)")
 

@@ -96,7 +96,7 @@ def select_candidates(x: np.ndarray, cfg: Config, *, rng: np.random.Generator,
 
     x: (n, d) float32, L2-normalised rows. rng: draws the random baselines (one child stream per
     seed in ``cfg.select.random_seeds``, so adding a seed does not change the others). labels:
-    (n,) the pool's labels, needed by ``select.stratify: label``. k-means runs once per distinct
+    (n,) the pool's labels, used by ``select.stratify`` (``auto``: stratify when given). k-means runs once per distinct
     K; one greedy pass per K serves all of its budgets. With ``select.dedup_threshold`` the
     near-duplicates are removed first (:func:`select.semantic_duplicates`) and never selected;
     the random baselines still draw from the whole pool.
@@ -127,10 +127,11 @@ def select_candidates(x: np.ndarray, cfg: Config, *, rng: np.random.Generator,
                              f"budget {max(budgets)}; raise the threshold or lower the budget")
         log.info("near-duplicates: %d of %d samples removed before clustering (cosine > %g)", dropped, n,
                  cfg.select.dedup_threshold)
+    stratify = cfg.select.stratify == "label" or (cfg.select.stratify == "auto" and labels is not None)
     per_k = []
     for k in sorted({k for k, _ in grid}):
         ms = [m for kk, m in grid if kk == k]
-        if cfg.select.stratify == "label":
+        if stratify:
             per_k += _select_stratified(x, rows, np.asarray(labels)[rows], k, ms, cfg, n)
         else:
             per_k += [_lift(s, rows, n) for s in _select_k(x[rows] if dropped else x, k, ms, cfg)]

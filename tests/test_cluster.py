@@ -48,3 +48,28 @@ def test_seeded_runs_are_identical_and_seeds_differ():
 def test_k_out_of_range_is_an_input_error(k):
     with pytest.raises(InputError, match="choose 1 <= k <= 10"):
         kmeans(unit_blobs(10, 4, 2, 0), k, seed=0)
+
+
+@pytest.mark.gpu
+def test_gpu_selection_agrees_with_the_cpu_within_tolerance():
+    """faiss k-means on the GPU is not bit-exact against the CPU (different reduction orders), so
+    the selections may differ in a few members: at least 90% of every candidate must agree."""
+    import numpy as np
+
+    from conftest import unit_blobs
+    from ray_pipeline.config import Config
+    from ray_pipeline.pipeline import select_candidates
+
+    x = unit_blobs(50_000, 64, 50, 0)
+    base = {"cluster": {"k": [50, 200]}, "select": {"budgets": [500, 2000], "stratify": "none"}}
+    gpu = select_candidates(x, Config.from_dict({**base, "cluster": {**base["cluster"], "gpu": "auto"},
+                                                 "select": {**base["select"], "device": "cuda"}}),
+                            rng=np.random.default_rng(0))
+    cpu = select_candidates(x, Config.from_dict({**base, "cluster": {**base["cluster"], "gpu": "never"},
+                                                 "select": {**base["select"], "device": "cpu"}}),
+                            rng=np.random.default_rng(0))
+    for sg, sc in zip(gpu.per_k, cpu.per_k):
+        for m in sg.budgets:
+            a, b = sg.members(m), sc.members(m)
+            assert a.sum() == b.sum() == m
+            assert (a & b).sum() >= 0.9 * m, f"{sg.name(m)}: {(a & b).sum()} of {m} shared"

@@ -96,7 +96,7 @@ def test_sharded_selection_reports_shards_that_miss_rows(tmp_path, local_ray):
 def test_select_engine_ray_in_a_run_gives_the_driver_runs_bytes(tmp_path, shared_data, local_ray):
     base = (f"data:\n  path: {shared_data / 'banking77' / 'train.csv'}\n  label_column: category\n  limit: 400\n"
             f"embed:\n  engine: local\n  shard_size: 64\n  threads_per_actor: 1\n"
-            f"cluster:\n  k: [8, 20]\nselect:\n  budgets: [16, 40]\n")
+            f"cluster:\n  k: [8, 20]\nselect:\n  budgets: [16, 40]\n  stratify: none\n")
     (tmp_path / "driver.yaml").write_text(base)
     assert main(["run", str(tmp_path / "driver.yaml"), "--out", str(tmp_path / "a"), "--no-progress"]) == 0
     (tmp_path / "ray.yaml").write_text(base + "  engine: ray\n  groups: 3\n")
