@@ -102,7 +102,7 @@ def test_config_file_and_flags(tmp_path, vectors):
 def test_real_pool_embedded_with_minilm(tmp_path, shared_data):
     out = tmp_path / "bank"
     rc = main(["select", "--data", str(shared_data / "banking77" / "train.csv"), "--label-column", "category",
-               "--set", "data.limit=400", "--engine", "local", "--k", "8", "--budgets", "40", "--out", str(out),
+               "--set", "data.limit=400", "--set", "select.stratify=none", "--engine", "local", "--k", "8", "--budgets", "40", "--out", str(out),
                "--no-progress"])
     assert rc == 0
     sel = pq.read_table(out / "selection.parquet").to_pandas()
