@@ -7,7 +7,7 @@ driver holds about 21 bytes per row (cluster, similarity, rank, a flag) plus the
 sample (``k * max_points_per_centroid`` rows); the vectors move between tasks through Ray's
 object store. Per K:
 
-1. ``_fetch_rows`` tasks send the driver its seeded training sample; it trains the centroids.
+1. ``read_shard`` tasks send the driver its seeded training sample; it trains the centroids.
 2. ``_assign_shard`` tasks: every row's cluster and similarity to it (:func:`cluster.assign`,
    whose results do not depend on how rows are batched).
 3. The driver cuts the clusters into groups of consecutive ids with about equal rows;
@@ -79,10 +79,6 @@ def _group_arrays(pieces: list[tuple]) -> tuple[np.ndarray, np.ndarray]:
 # task bodies (plain functions; wrapped with ray.remote where they run)
 
 
-def _fetch_rows(path, row_map, wanted):
-    return read_shard(path, row_map, wanted)
-
-
 def _assign_shard(path, row_map, centroids):
     rows, x = read_shard(path, row_map)
     a, s = assign_rows(x, centroids)
@@ -151,7 +147,7 @@ def select_candidates_sharded(shards: list[str], n: int, cfg: Config, *, rng: np
     budgets = cfg.select.resolve_budgets(n)
     grid = cfg.candidate_grid(n)
     groups = groups or max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
-    fetch, assign_t = ray.remote(_fetch_rows), ray.remote(_assign_shard)
+    fetch, assign_t = ray.remote(read_shard), ray.remote(_assign_shard)
     row_map_ref = ray.put(row_map)
     per_k = []
     for k in sorted({k for k, _ in grid}):
