@@ -11,7 +11,15 @@ On random unit vectors (default 1M x 384) and on real MiniLM embeddings of a sha
   (b) a per-cluster loop written the way Google's active-learning ``kcenter_greedy.py`` does it
   (for each pick, ``sklearn.metrics.pairwise_distances(features, [new center])`` then a running
   ``np.minimum``; reimplemented here from that file's published description), on the same
-  assignments, budgets and start samples; and whether the selections agree index for index.
+  assignments, budgets and start samples; and whether the selections agree index for index;
+- the whole selection (k-means + key samples + greedy) against a *global* k-center greedy with no
+  clusters, on the same ``--global-n`` rows and the same M, written as (a) Google's active-learning
+  ``sampling_methods/kcenter_greedy.py`` does it (random first center, then for each pick
+  ``pairwise_distances(features, [center])`` over the whole pool, running ``np.minimum``, argmax)
+  and (b) as DeepCore's ``methods/k_center_greedy.py`` does it (torch, a (M-1) x N matrix holding
+  each center's distances to the pool, ``torch.min`` into ``mins``, argmax; its ``euclidean_dist``).
+  Both reimplemented here from those published files. DeepCore's matrix is M x N floats (40 GB at
+  1M with M = 1%), which is why the global comparison runs on a subsample of the rows.
 
 Each stage's wall time and peak RSS are printed and written to
 ``benchmarks/results/selection-{cpu,gpu}.json`` with the machine's description.
@@ -63,6 +71,85 @@ def google_style_greedy(x: np.ndarray, assign: np.ndarray, budgets: np.ndarray, 
             min_d = dist if min_d is None else np.minimum(min_d, dist)
             min_d[ind] = -1.0  # Google asserts a pick is new; mask it so duplicates cannot repeat
     return rank
+
+
+def global_greedy_google(x: np.ndarray, m: int, seed: int) -> np.ndarray:
+    """Google active-learning's kCenterGreedy.select_batch_ over the whole pool: a random first
+    center, then M-1 times pairwise_distances to the newest center, running minimum, argmax."""
+    from sklearn.metrics import pairwise_distances
+
+    picks = [int(np.random.default_rng(seed).integers(len(x)))]
+    min_d = pairwise_distances(x, x[picks[0]:picks[0] + 1], metric="euclidean")
+    for _ in range(m - 1):
+        ind = int(np.argmax(min_d))
+        picks.append(ind)
+        min_d = np.minimum(min_d, pairwise_distances(x, x[ind:ind + 1], metric="euclidean"))
+    return np.array(picks)
+
+
+def _deepcore_euclidean(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """DeepCore's methods_utils.euclidean_dist: ||x||^2 + ||y||^2 - 2 x y^T, clamped, square root."""
+    xx = x.pow(2).sum(1, keepdim=True).expand(x.shape[0], y.shape[0])
+    yy = y.pow(2).sum(1, keepdim=True).expand(y.shape[0], x.shape[0]).t()
+    return (xx + yy - 2 * x @ y.t()).clamp(min=1e-12).sqrt()
+
+
+def global_greedy_deepcore(x: np.ndarray, m: int, seed: int) -> np.ndarray:
+    """DeepCore's k_center_greedy over the whole pool: a random first center, a (M-1) x N matrix
+    whose row j holds center j's distances to the rows not yet selected, ``mins`` its running
+    column minimum."""
+    with torch.no_grad():
+        matrix = torch.from_numpy(x)
+        n = len(x)
+        selected = np.zeros(n, dtype=bool)
+        first = int(np.random.default_rng(seed).integers(n))
+        selected[first] = True
+        picks = [first]
+        dis = -1 * torch.ones([m - 1, n])
+        rest = torch.from_numpy(~selected)
+        dis[0, rest] = _deepcore_euclidean(matrix[[first]], matrix[rest])
+        mins = dis[:1].min(dim=0).values
+        for i in range(m - 1):
+            p = int(torch.argmax(mins))
+            selected[p] = True
+            picks.append(p)
+            if i == m - 2:
+                break
+            mins[p] = -1
+            rest = torch.from_numpy(~selected)
+            dis[1 + i, rest] = _deepcore_euclidean(matrix[[p]], matrix[rest])
+            mins = torch.min(mins, dis[1 + i])
+    return np.array(picks)
+
+
+def bench_global(name: str, x: np.ndarray, k: int, budget: float, global_n: int, seed: int) -> dict:
+    """Ours (k-means with K clusters, key samples, greedy) against the two global k-center greedies
+    on the same rows and the same M."""
+    rows = x if len(x) <= global_n else x[np.sort(np.random.default_rng(seed).choice(len(x), global_n,
+                                                                                     replace=False))]
+    rows = np.ascontiguousarray(rows)
+    n, d = rows.shape
+    m = max(2, int(round(budget * n)))
+    r: dict = {"data": name, "n": n, "d": d, "k": k, "m": m}
+    print(f"\n== global k-center vs ours on {name}: n={n:,} d={d} M={m:,} (ours with K={k}) ==", flush=True)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    with timed(r, "ours_total"):
+        km = kmeans(rows, k, seed=seed, gpus=torch.cuda.device_count() if device.type == "cuda" else 0)
+        xt, at = torch.from_numpy(rows).to(device), torch.from_numpy(km.assign).to(device)
+        _, key = center_and_key_samples(xt, at, torch.from_numpy(km.sim).to(device), k)
+        ours = k_center_greedy(xt, at, torch.from_numpy(proportional_budgets(km.sizes, m)).to(device), key)
+        ours = ours.cpu().numpy()
+    with timed(r, "global_google_style"):
+        goog = global_greedy_google(rows, m, seed)
+    with timed(r, "global_deepcore_style"):
+        deep = global_greedy_deepcore(rows, m, seed)
+    r["global_styles_same_subset_share"] = round(len(np.intersect1d(goog, deep)) / m, 4)
+    r["ours_selected"] = int((ours >= 0).sum())
+    r["ratio_global_google_vs_ours_total"] = round(r["global_google_style_s"] / r["ours_total_s"], 2)
+    r["ratio_global_deepcore_vs_ours_total"] = round(r["global_deepcore_style_s"] / r["ours_total_s"], 2)
+    for key_, value in r.items():
+        print(f"  {key_:42s} {value}", flush=True)
+    return r
 
 
 def random_unit(n: int, d: int, seed: int) -> np.ndarray:
@@ -158,6 +245,9 @@ def main() -> None:
     p.add_argument("--real-budget", type=float, default=0.05)
     p.add_argument("--no-real", action="store_true")
     p.add_argument("--no-loops", action="store_true", help="skip the slow per-cluster loops")
+    p.add_argument("--global-n", type=int, default=100_000,
+                   help="rows for ours vs the global k-center greedies (DeepCore's M x N matrix bounds it)")
+    p.add_argument("--no-global", action="store_true", help="skip the global k-center comparison")
     p.add_argument("--threads", type=int, default=None, help="torch and faiss threads (default: all cores)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
@@ -172,11 +262,15 @@ def main() -> None:
     print(f"generated {args.n:,} x {args.d} random unit vectors in {time.perf_counter() - t0:.1f}s")
     runs.append(bench(f"random-{args.n}x{args.d}", x, args.k, args.budget, args.compare_n, args.compare_k, args.seed,
                       not args.no_loops))
+    if not args.no_global:
+        runs.append(bench_global(f"random-{args.n}x{args.d}", x, max(10, args.global_n // 1000), args.budget, args.global_n, args.seed))
     del x
     if not args.no_real:
         x = real_embeddings(args.real)
         runs.append(bench(f"{args.real}-minilm", x, args.real_k, args.real_budget, args.compare_n,
                           args.compare_k, args.seed, not args.no_loops))
+        if not args.no_global:
+            runs.append(bench_global(f"{args.real}-minilm", x, args.real_k, args.real_budget, args.global_n, args.seed))
     path = save("selection", {"machine": machine(), "args": vars(args), "runs": runs})
     print(f"\nwrote {path}")
 
