@@ -166,6 +166,15 @@ def _texts(table: pa.Table, cfg: DataConfig, path: str) -> Optional[list]:
     return [None if t is None or not str(t).strip() else str(t) for t in out]
 
 
+def _texts_beside_vectors(table: pa.Table, cfg: DataConfig, path: str) -> Optional[np.ndarray]:
+    """With precomputed vectors nothing is embedded, but fine-tuning and the report still need the
+    texts: those the config names (an error if they are missing), else a ``text`` column if the
+    file has one, else None."""
+    if not (cfg.text_template or cfg.text_column or "text" in table.column_names):
+        return None
+    return np.array([t or "" for t in _texts(table, cfg, path)], dtype=object)
+
+
 def _images(table: pa.Table, cfg: DataConfig, path: str) -> list:
     """Absolute image paths (str) or image bytes per row; None where a row has none."""
     raw = _column(table, cfg.image_column, path, "image")
@@ -325,10 +334,12 @@ def read_pool(cfg: DataConfig, *, skip_bad_rows: bool = False) -> Pool:
         if file_ids is None and len(embeddings) == rows_in_file:
             embeddings = embeddings[: len(ids)]  # row-aligned with the file; data.limit applies too
         embeddings = _align(embeddings, file_ids, ids, str(cfg.embeddings))
-        return Pool(ids=ids, texts=None, labels=labels, embeddings=embeddings, source=path)
+        return Pool(ids=ids, texts=_texts_beside_vectors(table, cfg, path), labels=labels, embeddings=embeddings,
+                    source=path)
     if cfg.embedding_column in table.column_names:
         embeddings = check_vectors(_vectors_from_column(table, cfg.embedding_column, path), path)
-        return Pool(ids=ids, texts=None, labels=labels, embeddings=embeddings, source=path)
+        return Pool(ids=ids, texts=_texts_beside_vectors(table, cfg, path), labels=labels, embeddings=embeddings,
+                    source=path)
 
     texts = _texts(table, cfg, path)
     images = _images(table, cfg, path) if cfg.image_column else None

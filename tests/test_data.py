@@ -99,7 +99,7 @@ def test_precomputed_embeddings_npy_and_parquet(tmp_path):
     pool_file = write(tmp_path, "jsonl", [{"id": k, "text": k} for k in "abc"])
     pool = read_pool(DataConfig(path=str(pool_file), id_column="id", embeddings=str(tmp_path / "e.parquet")))
     np.testing.assert_allclose(pool.embeddings, got, rtol=1e-6)
-    assert pool.texts is None
+    assert pool.texts.tolist() == ["a", "b", "c"]  # not embedded, but fine-tuning and the report use them
     # Only embeddings: ids from the file.
     only = read_pool(DataConfig(embeddings=str(tmp_path / "e.parquet")))
     assert only.ids.tolist() == ["b", "a", "c"]
@@ -110,6 +110,26 @@ def test_embedding_column_inside_the_pool_file(tmp_path):
     pq.write_table(pa.table({"text": ["a", "b"], "embedding": [[1.0, 0.0], [0.0, 5.0]]}), p)
     pool = read_pool(DataConfig(path=str(p)))
     np.testing.assert_allclose(pool.embeddings, [[1, 0], [0, 1]])
+
+
+def test_texts_beside_precomputed_embeddings_feed_fine_tuning(tmp_path):
+    """Regression: with data.embeddings the texts were dropped, and the Tune stage then refused the
+    pool ("give data.path, not only embeddings") although data.path was given."""
+    from ray_pipeline.config import Config
+    from ray_pipeline.tune import task_arrays
+
+    np.save(tmp_path / "e.npy", np.eye(3, 2) + 0.5)
+    with_text = write(tmp_path, "jsonl", [{"text": f"t{i}", "label": "ab"[i % 2]} for i in range(3)])
+    cfg = Config.from_dict({"data": {"path": str(with_text), "label_column": "label",
+                                     "embeddings": str(tmp_path / "e.npy")}})
+    arrays = task_arrays(read_pool(cfg.data), cfg)
+    assert arrays["texts"] == ["t0", "t1", "t2"] and arrays["labels"].tolist() == [0, 1, 0]
+    # No text in the file and none asked for: vectors only. A named text column that is missing: an error.
+    (tmp_path / "q").mkdir()
+    no_text = write(tmp_path / "q", "jsonl", [{"body": "x"}] * 3)
+    assert read_pool(DataConfig(path=str(no_text), embeddings=str(tmp_path / "e.npy"))).texts is None
+    with pytest.raises(InputError, match="no text column 'prompt'"):
+        read_pool(DataConfig(path=str(no_text), text_column="prompt", embeddings=str(tmp_path / "e.npy")))
 
 
 @pytest.mark.parametrize("x, message", [
