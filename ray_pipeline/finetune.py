@@ -225,6 +225,18 @@ def _evaluate(engine, tok, cfg: dict, rank: int, world: int, device) -> dict:
     return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0)), "score": -loss}
 
 
+def record_placement_group(path: str) -> None:
+    """Append the placement group this worker runs in to ``path`` (one hex id per line), so that
+    the sweep can release it when the trial ends (:class:`tune.ReleasePlacementGroups`)."""
+    import ray
+
+    pg = ray.util.get_current_placement_group()
+    if pg is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            f.write(pg.id.hex() + "\n")
+
+
 def train_loop_per_worker(cfg: dict) -> None:
     """Ray Train worker: fine-tune ``cfg["model_path"]`` on ``cfg["train"]`` with DeepSpeed.
 
@@ -242,6 +254,8 @@ def train_loop_per_worker(cfg: dict) -> None:
         torch.set_num_threads(cfg["threads"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if rank == 0 and cfg.get("placement_group_file"):
+        record_placement_group(cfg["placement_group_file"])
     on_gpu = torch.cuda.is_available()
     device = torch.device(f"cuda:{ctx.get_local_rank()}" if on_gpu else "cpu")
     if cfg.get("inject_failure"):  # fault injection (tests): this trial's worker raises

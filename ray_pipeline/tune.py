@@ -130,6 +130,52 @@ def eval_data_config(cfg: Config) -> DataConfig:
 # ----------------------------------------------------------------------------------------------
 # the sweep
 
+PLACEMENT_GROUPS = "placement_groups.txt"  # in a trial's directory: the worker groups' placement groups
+
+
+def release_placement_groups(path: Path, grace_s: float = 5.0) -> list[str]:
+    """Remove the placement groups listed in ``path`` (hex ids, one per line) that are still there
+    ``grace_s`` seconds after the trial ended; the ids removed. The file is consumed.
+
+    Why: in Ray 2.60, Train V2 inside a Tune trial sometimes leaves the trial's worker placement
+    group (its CPUs or GPUs) in place when the trial ends. Its ``PlacementGroupCleaner`` removes it
+    only once the state API answers (never without the dashboard), and until then the next trial
+    cannot start its workers: on 2 CPUs, an endless ``WorkerGroupStartupTimeoutError``."""
+    import ray
+    from ray._raylet import PlacementGroupID
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    if not path.is_file():
+        return []
+    ids = list(dict.fromkeys(path.read_text().split()))
+    path.unlink()
+    removed, deadline = [], time.monotonic() + grace_s
+    for hex_id in ids:
+        pg = PlacementGroup(PlacementGroupID(bytes.fromhex(hex_id)))
+        while ray.util.placement_group_table(pg).get("state") not in (None, "REMOVED"):
+            if time.monotonic() >= deadline:
+                remove_placement_group(pg)
+                removed.append(hex_id)
+                break
+            time.sleep(0.2)
+    if removed:
+        log.info("released %d placement group(s) Ray Train left behind: %s", len(removed), removed)
+    return removed
+
+
+def _release_callback(trials_dir: Path):
+    """A Tune callback that releases each ended trial's left-behind placement groups."""
+    from ray.tune import Callback
+
+    class ReleasePlacementGroups(Callback):
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            release_placement_groups(trials_dir / trial.config["candidate"]["name"] / PLACEMENT_GROUPS)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            release_placement_groups(trials_dir / trial.config["candidate"]["name"] / PLACEMENT_GROUPS)
+
+    return ReleasePlacementGroups()
+
 
 def _trial(config: dict, shared: dict) -> None:
     """One Tune trial: build and fit a TorchTrainer for one candidate; metrics flow to Tune through
@@ -145,7 +191,8 @@ def _trial(config: dict, shared: dict) -> None:
     train = {k: (np.asarray(v)[rows] if k == "labels" else [v[i] for i in rows])
              for k, v in shared["train"].items() if k != "label_names"}
     loop = dict(shared["loop"], train=train, name=cand["name"], inject_failure=cand.get("inject_failure", False),
-                best_model_dir=str(Path(shared["trials_dir"]) / cand["name"] / "best_model"))
+                best_model_dir=str(Path(shared["trials_dir"]) / cand["name"] / "best_model"),
+                placement_group_file=str(Path(shared["trials_dir"]) / cand["name"] / PLACEMENT_GROUPS))
     use_gpu = shared["use_gpu"]
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -234,7 +281,8 @@ def run_sweep(candidates: list[Candidate], pool: Pool, eval_pool: Pool, cfg: Con
                     trial_dirname_creator=lambda t: t.config["candidate"]["name"],
                 ),
                 run_config=tune.RunConfig(name="tune", storage_path=str(out), verbose=1,
-                                          failure_config=tune.FailureConfig(max_failures=0)),
+                                          failure_config=tune.FailureConfig(max_failures=0),
+                                          callbacks=[_release_callback(out / "trials")]),
             )
         t0 = time.perf_counter()
         grid = tuner.fit()

@@ -77,10 +77,11 @@ def bank4(shared_data, tmp_path_factory):
 
 def test_soak_twenty_full_runs_in_one_ray_session(tmp_path, bank4, local_ray):
     """The pool embedded once through Ray Data, then 20 runs of read -> select (Ray tasks over the
-    embedding's shards) -> report in one process and one Ray session (the Tune stage is left out:
-    see the README's known limits): after each run none of its actors is alive and every CPU is
-    free again; from the 5th run to the 20th the driver's memory and the number of Ray worker
-    processes do not grow, and every run gives the same selection, byte for byte."""
+    embedding's shards) -> report in one process and one Ray session (the Tune stage is left out,
+    at about a minute a run here; the placement groups it can leave behind have their own test in
+    test_tune): after each run none of its actors is alive and every CPU is free again; from the
+    5th run to the 20th the driver's memory and the number of Ray worker processes do not grow,
+    and every run gives the same selection, byte for byte."""
     import ray
     from ray.util.state import list_actors
 

@@ -118,3 +118,21 @@ def test_deepspeed_defaults_zero2_bf16_on_gpu_zero0_fp32_on_cpu():
     assert gpu["bf16"]["enabled"] and gpu["zero_optimization"]["stage"] == 2
     assert not cpu["bf16"]["enabled"] and not cpu["fp16"]["enabled"] and cpu["zero_optimization"]["stage"] == 0
     assert deepspeed_config({**auto, "zero_stage": 1}, on_gpu=True)["zero_optimization"]["stage"] == 1
+
+
+def test_release_placement_groups_removes_what_a_trial_left_behind(local_ray, tmp_path):
+    """Ray Train V2 in a Tune trial can leave the trial's worker placement group behind; with it
+    still holding its CPU, the next trial's workers never start. The sweep removes a trial's
+    recorded placement groups that are still there when it ends, and leaves removed ones alone."""
+    from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
+
+    from ray_pipeline.tune import release_placement_groups
+
+    left, gone = placement_group([{"CPU": 1}]), placement_group([{"CPU": 1}])
+    local_ray.get([left.ready(), gone.ready()])
+    remove_placement_group(gone)
+    record = tmp_path / "placement_groups.txt"
+    record.write_text(f"{left.id.hex()}\n{gone.id.hex()}\n{left.id.hex()}\n")  # a retry records twice
+    assert release_placement_groups(record, grace_s=0.5) == [left.id.hex()]
+    assert placement_group_table(left)["state"] == "REMOVED" and not record.exists()
+    assert release_placement_groups(record) == []  # nothing recorded: nothing to do
