@@ -6,12 +6,13 @@ test set is split in two halves, as in ``quality.py``: the *validation* half is 
 the *test* half scores each trial's best model afterwards, and no choice ever sees it.
 
 Per budget: the pipeline's own choice among the default grid's candidates (``cluster.k: [M/2, M]``,
-``select.method: [kcenter, centroid]``, best linear probe on the validation half) and ``--seeds``
+``select.method: [kcenter, centroid]``, budgets stratified by label as ``select.stratify: auto`` does
+when labels are known, best linear probe on the validation half) and ``--seeds``
 random subsets of the same size, every one fine-tuned by ``tune.run_sweep`` (Ray Tune over Ray Train
 + DeepSpeed, FIFO so every trial runs its full schedule). Writes
 ``benchmarks/results/quality-finetune-{cpu,gpu}.json`` and prints a Markdown table.
 
-    .venv/bin/python benchmarks/quality_finetune.py                  # about 15 minutes on 2 cores
+    .venv/bin/python benchmarks/quality_finetune.py                  # about 30 minutes on 2 cores
     .venv/bin/python benchmarks/quality_finetune.py --budgets 2 --seeds 2 --max-steps 60
 """
 
@@ -65,7 +66,7 @@ def main() -> None:
     for pct in args.budgets:
         m = max(1, int(round(pct / 100 * n)))
         cfg = Config.from_dict({"select": {"budgets": [m], "random_seeds": list(range(args.seeds))}, "seed": 0})
-        sel = select_candidates(x, cfg, rng=np.random.default_rng(0))
+        sel = select_candidates(x, cfg, rng=np.random.default_rng(0), labels=labels)  # stratified, as the pipeline
         subsets = {s.name(m): np.flatnonzero(s.members(m)) for s in sel.per_k}
         probe = {k: linear_probe(x[r], y[r], xe[val], ye[val], len(classes))["accuracy"] for k, r in subsets.items()}
         pick = max(probe, key=probe.get)
