@@ -227,7 +227,7 @@ def _evaluate(engine, tok, cfg: dict, rank: int, world: int, device) -> dict:
 
 def record_placement_group(path: str) -> None:
     """Append the placement group this worker runs in to ``path`` (one hex id per line), so that
-    the sweep can release it when the trial ends (:class:`tune.ReleasePlacementGroups`)."""
+    the sweep can release it when the trial ends (:func:`tune.release_placement_groups`)."""
     import ray
 
     pg = ray.util.get_current_placement_group()

@@ -168,11 +168,10 @@ def _release_callback(trials_dir: Path):
     from ray.tune import Callback
 
     class ReleasePlacementGroups(Callback):
-        def on_trial_complete(self, iteration, trials, trial, **info):
+        def on_trial_complete(self, iteration, trials, trial, **info):  # finished or stopped by ASHA
             release_placement_groups(trials_dir / trial.config["candidate"]["name"] / PLACEMENT_GROUPS)
 
-        def on_trial_error(self, iteration, trials, trial, **info):
-            release_placement_groups(trials_dir / trial.config["candidate"]["name"] / PLACEMENT_GROUPS)
+        on_trial_error = on_trial_complete
 
     return ReleasePlacementGroups()
 
