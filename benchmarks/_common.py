@@ -79,3 +79,19 @@ def save(name: str, payload: dict) -> Path:
     path = RESULTS / f"{name}-{tag}.json"
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path
+
+
+def embed_texts(texts, cfg, *, progress: bool = True):
+    """The obvious alternative to the embedding stage: every text through one in-process
+    ``TextEmbedder``, length-sorted batches, nothing written; (n, h) float32 rows in input order."""
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    from ray_pipeline.embed import TextEmbedder, length_sorted_batches
+
+    emb = TextEmbedder(cfg)
+    out = np.empty((len(texts), emb.dim), dtype=np.float32)
+    batches = length_sorted_batches(np.fromiter((len(t) for t in texts), np.int64, len(texts)), cfg.batch_size)
+    for idx in tqdm(batches, desc="embed", unit="batch", disable=not progress):
+        out[idx] = emb({"text": texts[idx]})["embedding"]
+    return out

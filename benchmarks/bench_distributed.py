@@ -4,7 +4,7 @@ Random unit vectors (default 1M x 384, K = 1000, M = 1%) are written as Parquet 
 embedding stage's layout, in shuffled order. Then, in one run:
 
 - the driver path: every vector in the driver's memory, ``pipeline.select_candidates``;
-- the shard path: ``distributed.select_candidates_sharded`` on a local multi-node Ray cluster
+- the shard path: ``select_candidates`` over ``distributed.Sharded`` on a local multi-node Ray cluster
   (``ray.cluster_utils.Cluster``: ``--nodes`` raylets with their own object stores, ``--cpus``
   each), the driver holding only per-row ints and the k-means sample;
 
@@ -31,9 +31,10 @@ from _common import machine, save, timed  # noqa: E402
 
 from ray_pipeline.artifacts import write_parquet  # noqa: E402
 from ray_pipeline.config import Config  # noqa: E402
-from ray_pipeline.distributed import select_candidates_sharded  # noqa: E402
+from ray_pipeline.device import Devices  # noqa: E402
+from ray_pipeline.distributed import Sharded  # noqa: E402
 from ray_pipeline.embed import shard_table  # noqa: E402
-from ray_pipeline.pipeline import select_candidates  # noqa: E402
+from ray_pipeline.select import select_candidates  # noqa: E402
 
 
 def write_shards(n: int, d: int, shard_rows: int, folder: Path, seed: int = 0) -> list[str]:
@@ -91,7 +92,7 @@ def main() -> None:
         ray.init(address=cluster.address, log_to_driver=False)
         sharded: dict = {}
         with timed(sharded, "select"):
-            b = select_candidates_sharded(paths, args.n, cfg, rng=np.random.default_rng(0))
+            b = select_candidates(Sharded(paths, args.n, cfg, Devices()), cfg, rng=np.random.default_rng(0))
         sharded.update({k: round(v, 3) for k, v in b.per_k[0].seconds.items()})
         ray.shutdown()
         cluster.shutdown()

@@ -2,7 +2,7 @@
 
 Same model (the packaged MiniLM unless --model), same texts, same batch size and torch threads:
 
-- ``bare loop``: ``embed.embed_texts`` (length-sorted batches, one process, nothing written);
+- ``bare loop``: ``_common.embed_texts`` (length-sorted batches, one process, nothing written);
 - ``local engine``: the stage's shard callable in this process (shards written to Parquet);
 - ``ray engine``: the stage through Ray Data actors (Ray already started; actor start-up and
   model load count, as the bare loop's model load does).
@@ -28,11 +28,11 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, save  # noqa: E402
+from _common import embed_texts, machine, save  # noqa: E402
 
 from ray_pipeline.config import DataConfig, EmbedConfig  # noqa: E402
 from ray_pipeline.data import read_pool  # noqa: E402
-from ray_pipeline.embed import embed_pool, embed_texts  # noqa: E402
+from ray_pipeline.embed import embed_pool  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 DATASETS = {

@@ -7,7 +7,7 @@ On random unit vectors (default 1M x 384) and on real MiniLM embeddings of a sha
   KMeans on 1M x 384 with K = 1000 takes hours here), plus FAISS with K on all rows;
 - center/key samples;
 - k-center greedy: ours (``select.k_center_greedy``, all clusters at once in torch) against
-  (a) the obvious per-cluster numpy loop (``select.k_center_greedy_reference``) and
+  (a) the obvious per-cluster numpy loop (``tests/reference.py: k_center_greedy_reference``) and
   (b) a per-cluster loop written the way Google's active-learning ``kcenter_greedy.py`` does it
   (for each pick, ``sklearn.metrics.pairwise_distances(features, [new center])`` then a running
   ``np.minimum``; reimplemented here from that file's published description), on the same
@@ -42,12 +42,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, save, timed  # noqa: E402
 
 from ray_pipeline.cluster import kmeans  # noqa: E402
-from ray_pipeline.select import (  # noqa: E402
-    center_and_key_samples,
-    k_center_greedy,
-    k_center_greedy_reference,
-    proportional_budgets,
-)
+from ray_pipeline.kcenter import center_and_key_samples, k_center_greedy, proportional_budgets  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from reference import k_center_greedy_reference  # noqa: E402  (the tests' slow, obvious loop)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -163,7 +161,7 @@ def real_embeddings(dataset: str) -> np.ndarray:
     """MiniLM embeddings of a shared dataset, cached under benchmarks/.cache."""
     from ray_pipeline.config import DataConfig, EmbedConfig
     from ray_pipeline.data import normalize, read_pool
-    from ray_pipeline.embed import embed_texts
+    from _common import embed_texts
 
     cache = ROOT / "benchmarks" / ".cache" / f"{dataset}-minilm.npy"
     if cache.is_file():

@@ -66,12 +66,12 @@ def main() -> None:
     for t in sorted(runs["asha"]["trials"], key=lambda t: (t["kind"], t.get("m") or 0, t["name"])):
         f = fifo[t["name"]]
         row = {"name": t["name"], "kind": t["kind"], "k": t["k"], "m": t["m"], "size": t["size"],
-               "asha_status": t["status"], "asha_steps": t["steps"], "asha_best_accuracy": t["best_score"],
-               "full_run_best_accuracy": f["best_score"], "tokens_per_s": t["tokens_per_s"],
+               "asha_status": t["status"], "asha_steps": t["steps"], "asha_best_accuracy": t["validation_score"],
+               "full_run_best_accuracy": f["validation_score"], "tokens_per_s": t["tokens_per_s"],
                "asha_cost": t[cost_key], "full_run_cost": f[cost_key]}
         table.append(row)
-        print(f"{t['name']:22s} {t['size']:6d} {t['status']:>15s} {t['best_score'] or 0:9.4f} "
-              f"{f['best_score'] or 0:12.4f} {t['tokens_per_s'] or 0:8.0f}")
+        print(f"{t['name']:22s} {t['size']:6d} {t['status']:>15s} {t['validation_score'] or 0:9.4f} "
+              f"{f['validation_score'] or 0:12.4f} {t['tokens_per_s'] or 0:8.0f}")
     asha_cost = sum(r["asha_cost"] for r in table)
     fifo_cost = sum(r["full_run_cost"] for r in table)
     # Steps do not depend on what else the machine is doing; seconds do.

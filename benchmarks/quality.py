@@ -43,7 +43,7 @@ from _common import machine, save  # noqa: E402
 from ray_pipeline.config import Config, DataConfig, EmbedConfig  # noqa: E402
 from ray_pipeline.data import read_pool  # noqa: E402
 from ray_pipeline.embed import embed_pool, load_stage  # noqa: E402
-from ray_pipeline.pipeline import select_candidates  # noqa: E402
+from ray_pipeline.select import select_candidates  # noqa: E402
 from ray_pipeline.proxy import linear_probe  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -1,19 +1,20 @@
-"""Does the selection beat random when the model is really fine-tuned? MiniLM through the Tune stage.
+"""Does the selection beat random when the model is really fine-tuned? MiniLM through the Tune stage,
+under the pipeline's own rules for an honest comparison.
 
 banking77 (MiniLM embeddings from the quality benchmark's cache), budgets 2% and 10%. The held-out
-test set is split in two halves, as in ``quality.py``: the *validation* half is the fine-tune's
-``eval_path`` (the pipeline's proxy choice, early stopping and best checkpoint all see only it);
-the *test* half scores each trial's best model afterwards, and no choice ever sees it.
+set (``--eval-limit`` rows of test.csv, a seeded sample stratified by label) is split as the
+pipeline splits it: the *validation* half chooses (the linear-probe proxy, ASHA among the
+selection candidates, patience, the target), the *test* half only reports. Per budget the
+pipeline's default grid (``cluster.k: [M/2, M]``, ``select.method: [kcenter, centroid]``, budgets
+stratified by label) is ranked by the probe and its top candidate fine-tuned, beside ``--seeds``
+random subsets of the same size and the full pool, every one by ``tune.run_sweep`` (Ray Tune over
+Ray Train + DeepSpeed) under one rule: until its validation score stops improving (patience 3) or
+``--max-epochs`` passes, at most ``--max-steps`` steps. The sweep scores each trial's best model on
+the test half and judges (``verdict.judge``). Writes ``benchmarks/results/quality-finetune-{cpu,gpu}.json``
+and prints a Markdown table with costs.
 
-Per budget: the pipeline's own choice among the default grid's candidates (``cluster.k: [M/2, M]``,
-``select.method: [kcenter, centroid]``, budgets stratified by label as ``select.stratify: auto`` does
-when labels are known, best linear probe on the validation half) and ``--seeds``
-random subsets of the same size, every one fine-tuned by ``tune.run_sweep`` (Ray Tune over Ray Train
-+ DeepSpeed, FIFO so every trial runs its full schedule). Writes
-``benchmarks/results/quality-finetune-{cpu,gpu}.json`` and prints a Markdown table.
-
-    .venv/bin/python benchmarks/quality_finetune.py                  # about 30 minutes on 2 cores
-    .venv/bin/python benchmarks/quality_finetune.py --budgets 2 --seeds 2 --max-steps 60
+    .venv/bin/python benchmarks/quality_finetune.py                  # about 40 minutes on 2 cores
+    .venv/bin/python benchmarks/quality_finetune.py --budgets 2 --seeds 2 --max-steps 100
 """
 
 from __future__ import annotations
@@ -31,11 +32,12 @@ from _common import machine, save  # noqa: E402
 from quality import DATASETS, vectors  # noqa: E402
 
 from ray_pipeline.config import Config  # noqa: E402
-from ray_pipeline.data import Pool, read_pool  # noqa: E402
-from ray_pipeline.finetune import predict  # noqa: E402
-from ray_pipeline.pipeline import select_candidates  # noqa: E402
+from ray_pipeline.data import read_pool  # noqa: E402
+from ray_pipeline.heldout import read_parts  # noqa: E402
 from ray_pipeline.proxy import linear_probe  # noqa: E402
+from ray_pipeline.select import select_candidates  # noqa: E402
 from ray_pipeline.tune import Candidate, run_sweep  # noqa: E402
+from ray_pipeline.verdict import judge  # noqa: E402
 
 WORK = Path(__file__).resolve().parent / ".cache" / "quality-finetune"
 
@@ -44,31 +46,40 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--budgets", nargs="+", type=float, default=[2, 10], help="percent of the pool")
     p.add_argument("--seeds", type=int, default=3, help="random subsets per budget")
-    p.add_argument("--max-steps", type=int, default=200)
-    p.add_argument("--eval-every", type=int, default=40)
+    p.add_argument("--max-epochs", type=float, default=8.0)
+    p.add_argument("--max-steps", type=int, default=500, help="the cap every trial shares (the full pool reaches it)")
+    p.add_argument("--eval-every", type=int, default=25)
+    p.add_argument("--eval-limit", type=int, default=1600, help="held-out rows: half validation, half test")
     args = p.parse_args()
 
     t0 = time.perf_counter()
     name = "banking77"
     train_cfg, test_cfg = DATASETS[name]
     x, labels = vectors(name, 0, train_cfg)
-    xe, labels_e = vectors(name, 1, test_cfg)
-    pool, held = read_pool(train_cfg), read_pool(test_cfg)
+    xe, _ = vectors(name, 1, test_cfg)
+    pool = read_pool(train_cfg)
+    cfg = Config.from_dict({
+        "data": {"path": train_cfg.path, "label_column": train_cfg.label_column},
+        "finetune": {"eval_path": test_cfg.path, "eval_limit": args.eval_limit, "model": "minilm", "lr": 1e-4,
+                     "batch_size": 32, "max_epochs": args.max_epochs, "max_steps": args.max_steps,
+                     "eval_every": args.eval_every, "patience": 3, "max_length": 64, "eval_batch_size": 128,
+                     "threads_per_worker": 2, "max_concurrent_trials": 1},
+        "output_dir": str(WORK), "seed": 0})
+    val_pool, test_pool, split = read_parts(cfg)
     classes = sorted(set(labels))
     index = {c: i for i, c in enumerate(classes)}
     y = np.array([index[c] for c in labels])
-    ye = np.array([index[c] for c in labels_e])
-    half = np.random.default_rng(0).permutation(len(ye))  # the same halves as quality.py
-    val, test = half[: len(ye) // 2], half[len(ye) // 2:]
+    val_rows = read_pool(test_cfg).positions(val_pool.ids.tolist())  # xe is in test.csv's order
+    yv = np.array([index[str(c)] for c in val_pool.labels])
     n = len(y)
 
     candidates, chosen = [], {}
     for pct in args.budgets:
         m = max(1, int(round(pct / 100 * n)))
-        cfg = Config.from_dict({"select": {"budgets": [m], "random_seeds": list(range(args.seeds))}, "seed": 0})
-        sel = select_candidates(x, cfg, rng=np.random.default_rng(0), labels=labels)  # stratified, as the pipeline
+        c = Config.from_dict({"select": {"budgets": [m], "random_seeds": list(range(args.seeds))}, "seed": 0})
+        sel = select_candidates(x, c, rng=np.random.default_rng(0), labels=labels)  # stratified, as the pipeline
         subsets = {s.name(m): np.flatnonzero(s.members(m)) for s in sel.per_k}
-        probe = {k: linear_probe(x[r], y[r], xe[val], ye[val], len(classes))["accuracy"] for k, r in subsets.items()}
+        probe = {k: linear_probe(x[r], y[r], xe[val_rows], yv, len(classes))["accuracy"] for k, r in subsets.items()}
         pick = max(probe, key=probe.get)
         chosen[f"{pct:g}%"] = {"name": pick, "proxy_val": probe}
         s = next(s for s in sel.per_k if s.name(m) == pick)
@@ -76,50 +87,62 @@ def main() -> None:
         candidates += [Candidate(f"random_m{m}_s{seed}", "random", np.flatnonzero(rank < m), m=m, seed=seed)
                        for seed, rank in sel.random.items()]
         print(f"{pct:g}% (M={m}): the pipeline chose {pick} (probe on validation {probe[pick]:.3f})", flush=True)
+    candidates.append(Candidate("full", "full", np.arange(n)))
 
     if WORK.exists():
         shutil.rmtree(WORK)
     WORK.mkdir(parents=True)
-    val_ids = set(held.ids[val].tolist())
-    keep = np.array([i in val_ids for i in held.ids])
-    eval_pool = Pool(ids=held.ids[keep], texts=held.texts[keep], labels=held.labels[keep], embeddings=None,
-                     source=held.source)
-    cfg = Config.from_dict({
-        "data": {"path": train_cfg.path, "label_column": train_cfg.label_column},
-        "finetune": {"eval_path": test_cfg.path, "model": "minilm", "lr": 1e-4, "batch_size": 32,
-                     "max_steps": args.max_steps, "eval_every": args.eval_every, "patience": 3, "max_length": 64,
-                     "eval_batch_size": 128, "early_stopping": False, "include_full": False,
-                     "threads_per_worker": 2, "max_concurrent_trials": 1},
-        "output_dir": str(WORK), "seed": 0})
-    task_pool = Pool(ids=pool.ids, texts=pool.texts, labels=pool.labels, embeddings=None, source=pool.source)
-    print(f"fine-tuning {len(candidates)} candidates (MiniLM, {args.max_steps} steps, batch 32)...", flush=True)
-    result = run_sweep(candidates, task_pool, eval_pool, cfg, WORK)
-
-    test_texts = held.texts[~keep].tolist()
-    test_labels = [str(v) for v in held.labels[~keep]]
-    trials = {}
-    for t in result["trials"]:
-        model = WORK / "trials" / t["name"] / "best_model"
-        preds = predict(str(model), test_texts, max_length=64, batch_size=128) if model.is_dir() else []
-        acc = float(np.mean([p["label"] == y_ for p, y_ in zip(preds, test_labels)])) if preds else None
-        trials[t["name"]] = {"m": t["m"], "kind": t["kind"], "val": t["best_score"], "test": acc,
-                             "steps": t["steps"], "status": t["status"], "wall_s": t["wall_s"]}
-        print(f"  {t['name']}: validation {t['best_score']:.3f}, test {acc:.3f}", flush=True)
+    print(f"fine-tuning {len(candidates)} trials (MiniLM, batch 32, patience 3, <= {args.max_epochs:g} epochs, "
+          f"<= {args.max_steps} steps); validation {len(val_pool)}, test {len(test_pool)}", flush=True)
+    result = run_sweep(candidates, pool, val_pool, cfg, WORK, test_pool=test_pool, split=split)
+    trials = {t["name"]: {k: t.get(k) for k in ("m", "kind", "status", "steps", "epochs", "samples_seen",
+                                                "validation_score", "test_score", "wall_s", "cpu_seconds")}
+              for t in result["trials"]}
+    for k, t in trials.items():
+        print(f"  {k}: {t['status']}, {t['steps']} steps ({t['epochs']:.1f} epochs), validation "
+              f"{t['validation_score']:.3f}, test {t['test_score']:.3f}, {t['cpu_seconds']:.0f} CPU-s", flush=True)
+    full = trials["full"]
     table = {}
     for pct in args.budgets:
         m = max(1, int(round(pct / 100 * n)))
-        rnd = [v["test"] for k, v in trials.items() if v["kind"] == "random" and v["m"] == m]
+        rnd = [v for v in trials.values() if v["kind"] == "random" and v["m"] == m]
         pick = chosen[f"{pct:g}%"]["name"]
-        table[f"{pct:g}%"] = {"pipeline": trials[pick]["test"], "chose": pick,
-                              "random_mean": float(np.mean(rnd)), "random_std": float(np.std(rnd)), "random": rnd}
-    print("\n| banking77, MiniLM fine-tuned (test half) | " + " | ".join(table) + " |")
+        sub = [c for c in candidates if c.name == pick or (c.kind == "random" and c.m == m) or c.kind == "full"]
+        verdict = judge("classification", next(t for t in result["trials"] if t["name"] == pick),
+                        _values(WORK, cfg, test_pool, sub),
+                        [t for t in result["trials"] if t["kind"] == "random" and t["m"] == m],
+                        next(t for t in result["trials"] if t["kind"] == "full"), np.random.default_rng([0, 11]))
+        table[f"{pct:g}%"] = {"pipeline": trials[pick]["test_score"], "chose": pick,
+                              "random_mean": float(np.mean([r["test_score"] for r in rnd])),
+                              "random_std": float(np.std([r["test_score"] for r in rnd])),
+                              "pipeline_cpu_s": trials[pick]["cpu_seconds"],
+                              "random_cpu_s": float(np.mean([r["cpu_seconds"] for r in rnd])),
+                              "verdict": verdict}
+        print("\n".join(verdict["lines"]), flush=True)
+    print(f"\n| banking77, MiniLM fine-tuned (test half, {len(test_pool)} rows) | " + " | ".join(table) + " |")
     print("|---|" + "---|" * len(table))
-    print("| pipeline | " + " | ".join(f"{100 * r['pipeline']:.1f} ({r['chose']})" for r in table.values()) + " |")
-    print("| random | " + " | ".join(f"{100 * r['random_mean']:.1f} ± {100 * r['random_std']:.1f}"
-                                      for r in table.values()) + " |")
-    out = {"machine": machine(), "args": vars(args), "chosen": chosen, "trials": trials, "table": table,
-           "seconds": time.perf_counter() - t0}
+    print("| pipeline's choice | " + " | ".join(f"{100 * r['pipeline']:.1f} ({r['chose']}, {r['pipeline_cpu_s']:.0f} CPU-s)"
+                                                for r in table.values()) + " |")
+    print("| random (mean ± std) | " + " | ".join(f"{100 * r['random_mean']:.1f} ± {100 * r['random_std']:.1f} "
+                                                  f"({r['random_cpu_s']:.0f} CPU-s)" for r in table.values()) + " |")
+    print("| choice minus random, 95% interval | " + " | ".join(
+        f"{100 * r['verdict']['vs_random']['diff']:+.1f} ({100 * r['verdict']['vs_random']['low']:+.1f} to "
+        f"{100 * r['verdict']['vs_random']['high']:+.1f})" for r in table.values()) + " |")
+    print(f"| full pool ({full['status']}, {full['epochs']:.1f} epochs) | " + " | ".join(
+        f"{100 * full['test_score']:.1f} ({full['cpu_seconds']:.0f} CPU-s)" for _ in table) + " |")
+    out = {"machine": machine(), "args": vars(args), "split": split, "chosen": chosen, "trials": trials,
+           "table": table, "seconds": time.perf_counter() - t0}
     print(f"wrote {save('quality-finetune', out)}")
+
+
+def _values(work: Path, cfg, test_pool, cands) -> dict:
+    """Per-sample test values of the trials in ``cands`` (the sweep's verdict covers its target only)."""
+    from ray_pipeline.finetune import per_sample_values
+    from ray_pipeline.heldout import task_arrays
+
+    data = task_arrays(test_pool, cfg, labels=sorted({str(v) for v in read_pool(cfg.data).labels}))
+    return {c.name: per_sample_values(str(work / "trials" / c.name / "best_model"), cfg.finetune, data)
+            for c in cands if (work / "trials" / c.name / "best_model").is_dir()}
 
 
 if __name__ == "__main__":

@@ -122,22 +122,28 @@ def build_config(args: argparse.Namespace) -> Config:
 
 
 def print_sweep(result: dict) -> None:
-    """The comparison a user asked for: best candidate, random of the same size, full pool."""
+    """Every trial's validation and test score, status and cost, then the verdict in words."""
     s = result["summary"]
-    print(f"{'candidate':28s} {'size':>6s} {'status':>22s} {'steps':>6s} {'score':>7s}")
+    cost = "gpu_seconds" if any("gpu_seconds" in t for t in result["trials"]) else "cpu_seconds"
+    print(f"{'candidate':26s} {'size':>6s} {'status':>14s} {'steps':>6s} {'epochs':>6s} {'validation':>10s} "
+          f"{'test':>8s} {cost.replace('_seconds', '-s'):>7s}")
+    fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
     for t in sorted(result["trials"], key=lambda t: (t["kind"], t.get("m") or 0, t["name"])):
-        score = "-" if t["best_score"] is None else f"{t['best_score']:.4f}"
-        print(f"{t['name']:28s} {t['size']:6d} {t['status']:>22s} {t['steps']:6d} {score:>7s}")
+        print(f"{t['name']:26s} {t['size']:6d} {t['status']:>14s} {t['steps']:6d} {t.get('epochs', 0):6.1f} "
+              f"{fmt(t.get('validation_score')):>10s} {fmt(t.get('test_score')):>8s} {t.get(cost, 0):7.0f}")
+    split = s.get("split")
+    if split:
+        print(f"\nheld-out: {split['validation']['rows']} validation rows choose, {split['test']['rows']} test rows "
+              f"report ({split['how']})")
     tg = s["target"]
     if tg is None:
         print("no selection candidate finished: see candidates.json for the errors")
         return
-    rnd = tg["random_same_size"]
-    print(f"\nbest candidate: {tg['name']} (K={tg['k']}, M={tg['m']}), score {tg['score']:.4f}")
-    if rnd:
-        print(f"random subsets of the same size: {rnd['mean']:.4f} ± {rnd['std']:.4f} over {rnd['n']} seed(s)")
-    if tg["full"] is not None:
-        print(f"full pool: {tg['full']:.4f}")
+    verdict = s.get("verdict")
+    if verdict:
+        print("\n".join(verdict["lines"]))
+    else:  # no test part scored (no model saved): validation figures only, and said so
+        print(f"target {tg['name']}: validation {tg['validation_score']:.4f}; not scored on a test part")
     print(f"target model: {tg['model']}\ntarget subset: {tg['subset']}")
 
 

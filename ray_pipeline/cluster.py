@@ -51,7 +51,6 @@ def kmeans(x: np.ndarray, k: int, *, seed: int, niter: int = 20,
         >>> r.centroids.shape, r.assign.shape, int(r.sizes.sum())
         ((4, 8), (200,), 200)
     """
-    import faiss
 
     n, d = x.shape
     if not 1 <= k <= n:

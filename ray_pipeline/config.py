@@ -17,90 +17,14 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional
 
 import yaml
 
 from .errors import ConfigError
-
-Budget = Union[int, float, str]
-KValue = Union[int, str]
-
-
-def _fail(name: str, value: Any, allowed: str) -> None:
-    raise ConfigError(f"config field {name!r} is {value!r}; allowed: {allowed}")
-
-
-def _no_credentials_in(name: str, uri: Optional[str]) -> None:
-    """A location such as ``s3://KEY:SECRET@bucket/x`` would put a secret in run.json, logs and the
-    report: refuse it, naming the field but never echoing the secret."""
-    if not uri or "://" not in uri:
-        return
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(uri)
-    if parts.username is not None or parts.password is not None:
-        redacted = f"{parts.scheme}://***@{parts.hostname or ''}{parts.path}"
-        raise ConfigError(f"config field {name!r} ({redacted}) carries credentials in the URI; give them "
-                          f"through the environment instead (e.g. AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, "
-                          f"GOOGLE_APPLICATION_CREDENTIALS), which this tool never writes anywhere")
-
-
-def parse_k(name: str, value: KValue) -> tuple[str, float]:
-    """``("abs", K)`` for an int >= 1, ``("ratio", r)`` for ``"M"``, ``"M/4"`` or ``"0.5M"`` (K = r M)."""
-    allowed = "an int >= 1, or a ratio of the budget: 'M', 'M/2', 'M/4', '0.5M'"
-    if isinstance(value, bool):
-        _fail(name, value, allowed)
-    if isinstance(value, int):
-        if value < 1:
-            _fail(name, value, allowed)
-        return ("abs", float(value))
-    if isinstance(value, str):
-        text = value.replace(" ", "").upper()
-        try:
-            if text == "M":
-                r = 1.0
-            elif text.startswith("M/"):
-                r = 1.0 / float(text[2:])
-            elif text.endswith("M"):
-                r = float(text[:-1].rstrip("*"))
-            else:
-                r = -1.0
-        except (ValueError, ZeroDivisionError):
-            r = -1.0
-        if r <= 0:
-            _fail(name, value, allowed)
-        return ("ratio", r)
-    _fail(name, value, allowed)
-    raise AssertionError  # unreachable
-
-
-def _parse_budget(name: str, value: Budget) -> Union[int, float]:
-    """An absolute count (int >= 1) or a fraction of the pool (float in (0, 1], or 'P%')."""
-    if isinstance(value, bool):
-        _fail(name, value, "a sample count (int >= 1), a fraction in (0, 1], or a percentage like '1%'")
-    if isinstance(value, str):
-        text = value.strip()
-        try:
-            value = float(text[:-1]) / 100.0 if text.endswith("%") else float(text)
-        except ValueError:
-            _fail(name, value, "a sample count (int >= 1), a fraction in (0, 1], or a percentage like '1%'")
-        if value.is_integer() and value > 1:
-            value = int(value)
-    if isinstance(value, int):
-        if value < 1:
-            _fail(name, value, "a sample count >= 1 (or a fraction in (0, 1])")
-        return value
-    if isinstance(value, float):
-        if not 0.0 < value <= 1.0:
-            _fail(name, value, "a fraction in (0, 1] of the pool (or an int count >= 1)")
-        return value
-    _fail(name, value, "a sample count (int >= 1), a fraction in (0, 1], or a percentage like '1%'")
-    raise AssertionError  # unreachable
-
+from .typed import Budget, KValue, build, fail, no_credentials_in, parse_budget, parse_k, plain
 
 @dataclass(frozen=True)
 class DataConfig:
@@ -130,17 +54,17 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         if self.text_column and self.text_template:
-            _fail("data.text_template", self.text_template,
+            fail("data.text_template", self.text_template,
                   "leave it empty when data.text_column is set (use one or the other)")
         if self.text_template is not None and "{" not in self.text_template:
-            _fail("data.text_template", self.text_template,
+            fail("data.text_template", self.text_template,
                   "a format string naming fields, e.g. '{instruction}\\n{input}'")
         if self.labels_path and self.label_column:
-            _fail("data.labels_path", self.labels_path, "leave it empty when data.label_column is set")
+            fail("data.labels_path", self.labels_path, "leave it empty when data.label_column is set")
         if self.limit is not None and self.limit < 1:
-            _fail("data.limit", self.limit, "empty (the whole pool) or an int >= 1")
+            fail("data.limit", self.limit, "empty (the whole pool) or an int >= 1")
         for name in ("path", "labels_path", "embeddings"):
-            _no_credentials_in(f"data.{name}", getattr(self, name))
+            no_credentials_in(f"data.{name}", getattr(self, name))
 
 
 @dataclass(frozen=True)
@@ -173,17 +97,17 @@ class EmbedConfig:
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
-            _fail("embed.batch_size", self.batch_size, "an int >= 1")
+            fail("embed.batch_size", self.batch_size, "an int >= 1")
         if self.max_length < 2:
-            _fail("embed.max_length", self.max_length, "an int >= 2 (tokens per sample)")
+            fail("embed.max_length", self.max_length, "an int >= 2 (tokens per sample)")
         if self.image_size < 32:
-            _fail("embed.image_size", self.image_size, "an int >= 32 (pixels)")
+            fail("embed.image_size", self.image_size, "an int >= 32 (pixels)")
         if self.shard_size < 1:
-            _fail("embed.shard_size", self.shard_size, "an int >= 1 (rows per shard file)")
+            fail("embed.shard_size", self.shard_size, "an int >= 1 (rows per shard file)")
         if self.actors is not None and self.actors < 1:
-            _fail("embed.actors", self.actors, "empty (sized from the cluster) or an int >= 1")
+            fail("embed.actors", self.actors, "empty (sized from the cluster) or an int >= 1")
         if self.threads_per_actor is not None and self.threads_per_actor < 1:
-            _fail("embed.threads_per_actor", self.threads_per_actor, "empty or an int >= 1")
+            fail("embed.threads_per_actor", self.threads_per_actor, "empty or an int >= 1")
 
 
 @dataclass(frozen=True)
@@ -203,14 +127,14 @@ class ClusterConfig:
 
     def __post_init__(self) -> None:
         if not self.k:
-            _fail("cluster.k", list(self.k), "a non-empty list of ints >= 1 or ratios such as 'M/2'")
+            fail("cluster.k", list(self.k), "a non-empty list of ints >= 1 or ratios such as 'M/2'")
         parsed = [parse_k("cluster.k", k) for k in self.k]
         if len(set(parsed)) != len(parsed):
-            _fail("cluster.k", list(self.k), "distinct values (each K is one candidate family)")
+            fail("cluster.k", list(self.k), "distinct values (each K is one candidate family)")
         if self.niter < 1:
-            _fail("cluster.niter", self.niter, "an int >= 1")
+            fail("cluster.niter", self.niter, "an int >= 1")
         if self.max_points_per_centroid < 1:
-            _fail("cluster.max_points_per_centroid", self.max_points_per_centroid, "an int >= 1")
+            fail("cluster.max_points_per_centroid", self.max_points_per_centroid, "an int >= 1")
 
 
 @dataclass(frozen=True)
@@ -228,8 +152,9 @@ class SelectConfig:
     before clustering, SemDeDup-style (a sample within this cosine similarity of another in its
     neighbourhood; empty: off). ``stratify``: ``label`` splits every budget and K over the labels
     by their share of the pool and selects inside each label (needs labels); ``auto`` (default):
-    ``label`` when the pool has labels, else ``none`` (the quality benchmark's evidence: README);
-    the shard engine does not stratify.
+    ``label`` when the pool has labels, else ``none`` (the quality benchmark's evidence: README).
+    Both engines give the same selection, index for index, under every option but
+    ``dedup_threshold``, which needs the driver.
     """
 
     budgets: tuple[Budget, ...] = ("1%", "2%", "5%")
@@ -244,30 +169,30 @@ class SelectConfig:
 
     def __post_init__(self) -> None:
         if not self.budgets:
-            _fail("select.budgets", list(self.budgets), "a non-empty list such as ['1%', '2%'] or [100, 200]")
-        parsed = [_parse_budget("select.budgets", b) for b in self.budgets]
+            fail("select.budgets", list(self.budgets), "a non-empty list such as ['1%', '2%'] or [100, 200]")
+        parsed = [parse_budget("select.budgets", b) for b in self.budgets]
         if len(set(parsed)) != len(parsed):
-            _fail("select.budgets", list(self.budgets), "distinct budgets")
+            fail("select.budgets", list(self.budgets), "distinct budgets")
         if len(set(self.random_seeds)) != len(self.random_seeds):
-            _fail("select.random_seeds", list(self.random_seeds), "distinct ints")
+            fail("select.random_seeds", list(self.random_seeds), "distinct ints")
         if not self.method or len(set(self.method)) != len(self.method):
-            _fail("select.method", list(self.method), "a non-empty list of distinct 'kcenter', 'centroid'")
+            fail("select.method", list(self.method), "a non-empty list of distinct 'kcenter', 'centroid'")
         if not 0.0 <= self.outlier_quantile < 0.5:
-            _fail("select.outlier_quantile", self.outlier_quantile, "a share in [0, 0.5): 0 turns it off")
+            fail("select.outlier_quantile", self.outlier_quantile, "a share in [0, 0.5): 0 turns it off")
         if self.groups < 0:
-            _fail("select.groups", self.groups, "an int >= 0 (0: twice the cluster's CPUs)")
+            fail("select.groups", self.groups, "an int >= 0 (0: twice the cluster's CPUs)")
         if self.dedup_threshold is not None and not 0.0 < self.dedup_threshold <= 1.0:
-            _fail("select.dedup_threshold", self.dedup_threshold, "a cosine similarity in (0, 1], e.g. 0.95; "
+            fail("select.dedup_threshold", self.dedup_threshold, "a cosine similarity in (0, 1], e.g. 0.95; "
                   "empty turns it off")
-        if self.engine == "ray" and (self.dedup_threshold is not None or self.stratify == "label"):
-            _fail("select.engine", self.engine, "'driver' when select.dedup_threshold or select.stratify is set "
-                  "(the shard engine does not do them)")
+        if self.engine == "ray" and self.dedup_threshold is not None:
+            fail("select.engine", self.engine, "'driver' when select.dedup_threshold is set (near-duplicate "
+                  "removal compares every pair in a cluster, in the driver's memory)")
 
     def resolve_budgets(self, n: int) -> tuple[int, ...]:
         """Budgets as sample counts for a pool of ``n``; a count above ``n`` is an error."""
         out = []
         for raw in self.budgets:
-            b = _parse_budget("select.budgets", raw)
+            b = parse_budget("select.budgets", raw)
             m = b if isinstance(b, int) else max(1, int(round(b * n)))
             if m > n:
                 raise ConfigError(
@@ -289,10 +214,19 @@ class FinetuneConfig:
     ``instruction`` (prompt from ``prompt_template`` over the record's fields, response from
     ``response_field``; loss on the response tokens; score = -held-out loss). ``model``:
     ``default`` (MiniLM for classification, SmolLM2-135M-Instruct for instruction), ``minilm``,
-    ``smollm2`` or a local directory. ``eval_path``: the held-out set, same columns as the pool.
-    A trial evaluates every ``eval_every`` steps, stops after ``max_steps`` or when ``patience``
-    evaluations in a row did not improve; ASHA stops clearly worse trials earlier
-    (``early_stopping: false`` runs every trial to its end, as a FIFO scheduler).
+    ``smollm2`` or a local directory.
+
+    The held-out set ``eval_path`` (same columns as the pool; ``eval_labels_path``: its labels, one
+    per line, where the pool's come from data.labels_path) is cut, seeded and stratified by label,
+    into a *validation* part (``validation_fraction`` of it: the proxy, ASHA, patience and the
+    choice of the target use it and nothing else) and a *test* part (only reports); or give the
+    test part yourself as ``test_path`` (then all of ``eval_path`` validates). ``eval_limit``
+    draws a seeded, stratified sample of each file, never its first rows.
+
+    Every trial, the random and full baselines too, trains until ``patience`` evaluations (one
+    every ``eval_every`` steps) in a row did not improve its validation score, or its cap:
+    ``max_epochs`` passes over its subset, at most ``max_steps`` steps. ASHA stops clearly worse
+    *selection candidates* earlier; it never stops a baseline (``early_stopping: false``: no ASHA).
     ``top_candidates``: for classification, every candidate is first scored by a linear probe on
     the frozen embeddings (seconds each) and only this many selection candidates, with the random
     subsets of their sizes and the full pool, are fine-tuned (empty: all of them).
@@ -302,13 +236,18 @@ class FinetuneConfig:
     task: Literal["classification", "instruction"] = "classification"
     model: str = "default"
     eval_path: Optional[str] = None
+    eval_labels_path: Optional[str] = None
     eval_limit: Optional[int] = 1000
+    test_path: Optional[str] = None
+    test_labels_path: Optional[str] = None
+    validation_fraction: float = 0.5
     prompt_template: str = "{instruction}\n{input}\n"
     response_field: str = "output"
     lr: float = 1e-4
     batch_size: int = 16
     eval_batch_size: int = 64
-    max_steps: int = 200
+    max_epochs: float = 10.0
+    max_steps: int = 1000
     eval_every: int = 25
     patience: int = 3
     max_length: int = 64
@@ -329,23 +268,30 @@ class FinetuneConfig:
         for name in ("batch_size", "eval_batch_size", "max_steps", "eval_every", "patience", "num_workers",
                      "asha_grace_period"):
             if getattr(self, name) < 1:
-                _fail(f"finetune.{name}", getattr(self, name), "an int >= 1")
+                fail(f"finetune.{name}", getattr(self, name), "an int >= 1")
         if self.eval_every > self.max_steps:
-            _fail("finetune.eval_every", self.eval_every, f"at most finetune.max_steps ({self.max_steps})")
+            fail("finetune.eval_every", self.eval_every, f"at most finetune.max_steps ({self.max_steps})")
+        if not self.max_epochs > 0:
+            fail("finetune.max_epochs", self.max_epochs, "a number of passes over the subset > 0, e.g. 10")
+        if not 0.0 < self.validation_fraction < 1.0:
+            fail("finetune.validation_fraction", self.validation_fraction,
+                 "a share in (0, 1) of the held-out set that chooses; the rest reports (e.g. 0.5)")
+        if self.test_labels_path and not self.test_path:
+            fail("finetune.test_labels_path", self.test_labels_path, "empty unless finetune.test_path is set")
         if not self.lr > 0:
-            _fail("finetune.lr", self.lr, "a learning rate > 0")
+            fail("finetune.lr", self.lr, "a learning rate > 0")
         if self.max_length < 8:
-            _fail("finetune.max_length", self.max_length, "an int >= 8 (tokens)")
+            fail("finetune.max_length", self.max_length, "an int >= 8 (tokens)")
         if self.zero_stage is not None and self.zero_stage not in (0, 1, 2, 3):
-            _fail("finetune.zero_stage", self.zero_stage, "empty (auto), 0, 1, 2 or 3")
+            fail("finetune.zero_stage", self.zero_stage, "empty (auto), 0, 1, 2 or 3")
         if not self.cpus_per_worker > 0:
-            _fail("finetune.cpus_per_worker", self.cpus_per_worker, "a number > 0")
+            fail("finetune.cpus_per_worker", self.cpus_per_worker, "a number > 0")
         if self.asha_reduction_factor < 2:
-            _fail("finetune.asha_reduction_factor", self.asha_reduction_factor, "an int >= 2")
+            fail("finetune.asha_reduction_factor", self.asha_reduction_factor, "an int >= 2")
         if self.top_candidates is not None and self.top_candidates < 1:
-            _fail("finetune.top_candidates", self.top_candidates, "empty (fine-tune all) or an int >= 1")
+            fail("finetune.top_candidates", self.top_candidates, "empty (fine-tune all) or an int >= 1")
         if self.eval_limit is not None and self.eval_limit < 1:
-            _fail("finetune.eval_limit", self.eval_limit, "empty (the whole held-out set) or an int >= 1")
+            fail("finetune.eval_limit", self.eval_limit, "empty (the whole held-out set) or an int >= 1")
 
 
 @dataclass(frozen=True)
@@ -365,14 +311,16 @@ class Config:
 
     def __post_init__(self) -> None:
         if self.seed < 0:
-            _fail("seed", self.seed, "an int >= 0")
+            fail("seed", self.seed, "an int >= 0")
         if self.threads is not None and self.threads < 1:
-            _fail("threads", self.threads, "empty (torch's default) or an int >= 1")
+            fail("threads", self.threads, "empty (torch's default) or an int >= 1")
         if not self.output_dir:
-            _fail("output_dir", self.output_dir, "a directory path")
-        _no_credentials_in("output_dir", self.output_dir)
-        _no_credentials_in("finetune.eval_path", self.finetune.eval_path)
-        _no_credentials_in("ray_address", self.ray_address)
+            fail("output_dir", self.output_dir, "a directory path")
+        no_credentials_in("output_dir", self.output_dir)
+        no_credentials_in("finetune.eval_path", self.finetune.eval_path)
+        for name in ("eval_labels_path", "test_path", "test_labels_path"):
+            no_credentials_in(f"finetune.{name}", getattr(self.finetune, name))
+        no_credentials_in("ray_address", self.ray_address)
 
     def candidate_grid(self, n: int) -> list[tuple[int, int]]:
         """The (K, M) pairs for a pool of ``n``: every absolute K with every M, and each ratio K
@@ -391,7 +339,7 @@ class Config:
     # -- construction ---------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "Config":
-        return _build(cls, raw, "")
+        return build(cls, raw, "")
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "Config":
@@ -407,7 +355,7 @@ class Config:
         return cls.from_dict(raw)
 
     def to_dict(self) -> dict[str, Any]:
-        return _plain(dataclasses.asdict(self))
+        return plain(dataclasses.asdict(self))
 
     def override(self, assignments: list[str]) -> "Config":
         """A new config with ``section.field=value`` assignments applied (value parsed as YAML)."""
@@ -435,73 +383,3 @@ class Config:
                 node = node[part]
             node[parts[-1]] = value
         return Config.from_dict(raw)
-
-
-# -- typed construction from plain data ---------------------------------------------------------
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
-def _build(cls: type, raw: Any, prefix: str) -> Any:
-    if not isinstance(raw, dict):
-        raise ConfigError(f"config section {prefix.rstrip('.') or '<root>'!r} must be a mapping, "
-                          f"not {type(raw).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - names)
-    if unknown:
-        raise ConfigError(f"unknown config key(s) {[prefix + u for u in unknown]}; "
-                          f"allowed in {prefix.rstrip('.') or 'the top level'}: {sorted(names)}")
-    kwargs = {name: _coerce(hints[name], value, prefix + name) for name, value in raw.items()}
-    return cls(**kwargs)
-
-
-def _coerce(tp: Any, value: Any, name: str) -> Any:
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, name + ".")
-    if origin is Union:
-        if value is None and type(None) in args:
-            return None
-        scalars = tuple(a for a in args if a in (int, float, str))
-        if len(scalars) > 1 and len(scalars) == len([a for a in args if a is not type(None)]):
-            if isinstance(value, scalars) and not isinstance(value, bool):
-                return value
-            _fail(name, value, " or ".join(a.__name__ for a in scalars))
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(inner[0] if len(inner) == 1 else Union[tuple(inner)], value, name)
-    if origin is Literal:
-        if value not in args:
-            _fail(name, value, " | ".join(repr(a) for a in args))
-        return value
-    if origin is tuple:
-        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
-            value = [value]  # a scalar where a list is expected: a list of one
-        if not isinstance(value, (list, tuple)):
-            _fail(name, value, f"a list of {getattr(args[0], '__name__', args[0])}")
-        return tuple(_coerce(args[0], v, name) for v in value)
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
-            _fail(name, value, "an int")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            _fail(name, value, "a number")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            _fail(name, value, "a string")
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            _fail(name, value, "true or false")
-        return value
-    raise TypeError(f"unsupported config type {tp!r} for {name}")  # a bug in this module

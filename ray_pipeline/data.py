@@ -8,7 +8,6 @@ before any expensive work starts.
 
 from __future__ import annotations
 
-import json
 import logging
 import string
 from dataclasses import dataclass, field
@@ -18,16 +17,13 @@ from typing import Optional
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
-import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from .config import DataConfig
 from .errors import InputError
+from .formats import read_table
 
 log = logging.getLogger(__name__)
-
-FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet",
-           ".pq": "parquet", ".txt": "text"}
 
 
 @dataclass
@@ -49,89 +45,30 @@ class Pool:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def take(self, rows: np.ndarray) -> "Pool":
+        """The samples at ``rows`` (an int index or a bool mask), every per-sample field with them.
 
-def detect_format(path: Path, fmt: str = "auto") -> str:
-    if fmt != "auto":
-        return fmt
-    try:
-        return FORMATS[path.suffix.lower()]
-    except KeyError:
-        raise InputError(f"cannot tell the format of {str(path)!r} from its suffix; name it .jsonl, "
-                         f".json, .csv, .parquet or .txt, or set data.format") from None
+        Example:
+            >>> p = Pool(ids=np.array(["a", "b", "c"], dtype=object), texts=np.array(["x", "y", "z"], dtype=object),
+            ...          labels=None, embeddings=None, source="demo")
+            >>> p.take(np.array([2, 0])).ids.tolist()
+            ['c', 'a']
+        """
+        pick = lambda v: None if v is None else v[rows]  # noqa: E731
+        return Pool(ids=self.ids[rows], texts=pick(self.texts), labels=pick(self.labels),
+                    embeddings=pick(self.embeddings), source=self.source, images=pick(self.images),
+                    skipped=dict(self.skipped), extra={k: v[rows] for k, v in self.extra.items()})
 
-
-def _open(path: str):
-    """(filesystem, path within it) for a local path or any URI pyarrow reads (``s3://``, ``gs://``,
-    ``hdfs://``, ``file://``); credentials come from the environment, as pyarrow finds them."""
-    import pyarrow.fs as pafs
-
-    if "://" in path:
-        try:
-            return pafs.FileSystem.from_uri(path)
-        except (pa.ArrowInvalid, OSError) as e:
-            raise InputError(f"cannot open {path!r}: {e}") from None
-    return pafs.LocalFileSystem(), str(Path(path).resolve())
+    def positions(self, ids) -> np.ndarray:
+        """(len(ids),) int64 row of each id in this pool, -1 where it is not here."""
+        return positions(self.ids, ids)
 
 
-def read_table(path: str | Path, fmt: str = "auto") -> pa.Table:
-    """The file as an Arrow table; errors name the file and what was wrong with it."""
-    import pyarrow.fs as pafs
-
-    path = str(path)
-    fs, inner = _open(path)
-    if fs.get_file_info(inner).type != pafs.FileType.File:
-        raise InputError(f"data file {path!r} does not exist; pass an existing file with --data")
-    kind = detect_format(Path(inner), fmt)
-    p = path
-    try:
-        if kind == "parquet":
-            return pq.read_table(inner, filesystem=fs)
-        if kind == "csv":
-            # Every column as text: ids such as "007" and labels stay exactly as written.
-            with fs.open_input_stream(inner) as f:
-                names = pacsv.open_csv(f).schema.names
-            opts = pacsv.ConvertOptions(column_types={c: pa.string() for c in names})
-            with fs.open_input_stream(inner) as f:
-                return pacsv.read_csv(f, convert_options=opts)
-        with fs.open_input_stream(inner) as f:
-            text = f.read().decode("utf-8")
-        if kind == "text":  # one sample per line, in a column named "text"
-            return pa.table({"text": text.splitlines()})
-        if kind == "jsonl":
-            records = []
-            for line_no, line in enumerate(text.splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise InputError(f"{p}: line {line_no} is not valid JSON ({e.msg}); "
-                                     f"each line of a .jsonl file must be one JSON object") from None
-                if not isinstance(rec, dict):
-                    raise InputError(f"{p}: line {line_no} is a JSON {type(rec).__name__}, not an object")
-                records.append(rec)
-            return _records_to_table(records)
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{p} is not valid JSON ({e.msg} at line {e.lineno}); a .json pool "
-                             f"is one list of objects (use .jsonl for one object per line)") from None
-        if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
-            raise InputError(f"{p} must hold a JSON list of objects (records)")
-        return _records_to_table(records)
-    except (pa.ArrowInvalid, pa.ArrowTypeError, UnicodeDecodeError, OSError) as e:
-        raise InputError(f"cannot read {p!r} as {kind}: {e}") from None
-
-
-def _records_to_table(records: list[dict]) -> pa.Table:
-    """JSON records as a table; a column whose values mix types (ids 7 and "7a", say) or do not
-    fit Arrow's types (integers beyond 64 bits) becomes text (lists and objects as their JSON)."""
-    try:
-        return pa.Table.from_pylist(records)
-    except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
-        names = list(dict.fromkeys(k for r in records for k in r))
-        as_text = lambda v: v if v is None or isinstance(v, str) else json.dumps(v)  # noqa: E731
-        return pa.table({c: pa.array([as_text(r.get(c)) for r in records], pa.string()) for c in names})
+def positions(keys, wanted) -> np.ndarray:
+    """(len(wanted),) int64: where each of ``wanted`` stands in ``keys`` (unique), -1 if absent.
+    The one id-to-row map of the package: pools, embedding files and selections are joined by it."""
+    where = {v: i for i, v in enumerate(np.asarray(keys, dtype=object).tolist())}
+    return np.fromiter((where.get(v, -1) for v in wanted), dtype=np.int64, count=len(wanted))
 
 
 def _column(table: pa.Table, name: str, path: str, role: str) -> list:
@@ -191,7 +128,8 @@ def _images(table: pa.Table, cfg: DataConfig, path: str) -> list:
     return out
 
 
-def _ids(table: pa.Table, cfg: DataConfig, path: str) -> np.ndarray:
+def table_ids(table: pa.Table, cfg: DataConfig, path: str) -> np.ndarray:
+    """The samples' ids: the id column's values as text, or row-<n> in the file's order; unique."""
     if cfg.id_column:
         raw = _column(table, cfg.id_column, path, "id")
         nulls = [i for i, v in enumerate(raw) if v is None]
@@ -318,7 +256,7 @@ def read_pool(cfg: DataConfig, *, skip_bad_rows: bool = False) -> Pool:
         table = table.slice(0, cfg.limit)
     if table.num_rows == 0:
         raise InputError(f"{path} holds no samples; the pool must not be empty")
-    ids = _ids(table, cfg, path)
+    ids = table_ids(table, cfg, path)
     labels = None
     if cfg.labels_path:
         labels = _labels_file(cfg.labels_path, rows_in_file)[: table.num_rows]
@@ -391,8 +329,7 @@ def _align(x: np.ndarray, file_ids: Optional[np.ndarray], ids: np.ndarray, path:
             raise InputError(f"{path} holds {len(x)} vectors but the pool has {len(ids)} samples; "
                              f"they must match row for row (or give the Parquet file an id column)")
         return x
-    where = {v: i for i, v in enumerate(file_ids)}
-    missing = [v for v in ids if v not in where]
-    if missing:
-        raise InputError(f"{path}: {len(missing)} pool id(s) have no vector, e.g. {missing[0]!r}")
-    return x[np.array([where[v] for v in ids], dtype=np.int64)]
+    at = positions(file_ids, ids)
+    if (at < 0).any():
+        raise InputError(f"{path}: {int((at < 0).sum())} pool id(s) have no vector, e.g. {ids[np.argmax(at < 0)]!r}")
+    return x[at]

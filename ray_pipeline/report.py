@@ -14,7 +14,6 @@ import io
 import json
 import logging
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -89,26 +88,26 @@ def _plot_map(x: np.ndarray, selection, column: str, key_ids: set) -> str:
 
 def _plot_score_vs_size(trials: list[dict]) -> str:
     fig, ax = _figure()
-    sel = [t for t in trials if t["kind"] == "selection" and t["best_score"] is not None]
+    sel = [t for t in trials if t["kind"] == "selection" and t.get("test_score") is not None]
     for fam in sorted({(t.get("method", "kcenter"), t["k"]) for t in sel}):
-        pts = sorted((t["size"], t["best_score"]) for t in sel if (t.get("method", "kcenter"), t["k"]) == fam)
+        pts = sorted((t["size"], t["test_score"]) for t in sel if (t.get("method", "kcenter"), t["k"]) == fam)
         ax.plot(*zip(*pts), marker="o", label=f"{fam[0]} K={fam[1]}")
     rnd: dict = {}
     for t in trials:
-        if t["kind"] == "random" and t["best_score"] is not None:
-            rnd.setdefault(t["size"], []).append(t["best_score"])
+        if t["kind"] == "random" and t.get("test_score") is not None:
+            rnd.setdefault(t["size"], []).append(t["test_score"])
     if rnd:
         sizes = sorted(rnd)
         mean = np.array([np.mean(rnd[s]) for s in sizes])
         std = np.array([np.std(rnd[s]) for s in sizes])
         ax.errorbar(sizes, mean, yerr=std, marker="s", ls="--", c="gray", capsize=3, label="random (mean ± std)")
-    full = [t["best_score"] for t in trials if t["kind"] == "full" and t["best_score"] is not None]
+    full = [t["test_score"] for t in trials if t["kind"] == "full" and t.get("test_score") is not None]
     if full:
         ax.axhline(full[0], c="k", ls=":", label="full pool")
     ax.set_xscale("log")
     ax.set_xlabel("subset size")
-    ax.set_ylabel("held-out score")
-    ax.set_title("Held-out score against subset size")
+    ax.set_ylabel("test score (accuracy, or minus the loss)")
+    ax.set_title("Test-part score against subset size (each trial's model of best validation score)")
     ax.legend(fontsize=8)
     return _png(fig)
 
@@ -121,13 +120,13 @@ def _plot_curves(trials: list[dict]) -> str:
             continue
         steps = [r["step"] for r in h]
         scores = [r["score"] for r in h]
-        stopped = t["status"] != "completed"
+        stopped = t["status"] == "stopped_early"  # by ASHA
         (line,) = ax.plot(steps, scores, ls="--" if stopped else "-", lw=1, label=t["name"])
         if stopped:
             ax.plot(steps[-1], scores[-1], marker="x", c=line.get_color(), ms=8)
     ax.set_xlabel("step")
-    ax.set_ylabel("held-out score")
-    ax.set_title("Learning curves (dashed, x: stopped early)")
+    ax.set_ylabel("validation score")
+    ax.set_title("Learning curves on the validation part (dashed, x: stopped early by ASHA)")
     ax.legend(fontsize=6, ncol=2)
     return _png(fig)
 
@@ -175,13 +174,25 @@ def write_report(out: Path, run_info: dict, pool) -> Path:
              "K": ", ".join(str(k) for k in sorted(clusters["k"].unique())),
              "budgets M": ", ".join(str(m) for m in stages.get("select", {}).get("budgets", [])),
              "candidates": len(sel_cols)}
+    summary = (tuned or {}).get("summary", {})
     if target:
-        rnd = target.get("random_same_size")
+        rnd = target.get("random_same_size") or {}
+        full = target.get("full") or {}
         facts.update({"target subset": f"{target['name']} (K={target['k']}, M={target['m']})",
-                      "target score": f"{target['score']:.4f}",
-                      "random, same size": f"{rnd['mean']:.4f} ± {rnd['std']:.4f}" if rnd else "–",
-                      "full pool": _fmt(target.get("full"))})
+                      "target: validation / test": f"{_fmt(target.get('validation_score'))} / "
+                                                   f"{_fmt(target.get('test_score'))}",
+                      "random, same size (test)": (f"{rnd['test_mean']:.4f} ± {rnd['test_std']:.4f} ({rnd['n']} seeds)"
+                                                   if "test_mean" in rnd else "–"),
+                      "full pool (test)": f"{_fmt(full.get('test'))} ({full.get('status', '–')})"})
     parts.append("<h2>Summary</h2>" + _table([facts], list(facts)))
+    if summary.get("verdict"):
+        parts.append("<h2>Verdict (test part)</h2><p>" + "<br>".join(html.escape(v) for v in summary["verdict"]["lines"])
+                     + "</p>")
+    if summary.get("split"):
+        sp = summary["split"]
+        parts.append(f"<p class=muted>Held-out set: {sp['validation']['rows']} validation rows (the proxy, ASHA, "
+                     f"patience and the choice of the target use them) and {sp['test']['rows']} test rows (only these "
+                     f"scores are reported as the result): {html.escape(sp['how'])}.</p>")
     parts.append(f"<h2>Clusters</h2><img src='{_plot_cluster_sizes(clusters)}'>")
     if shown and pool is not None and pool.embeddings is not None:
         keys = set(clusters["key_id"].dropna())
@@ -190,8 +201,8 @@ def write_report(out: Path, run_info: dict, pool) -> Path:
         trials = tuned["trials"]
         parts.append(f"<h2>Score against subset size</h2><img src='{_plot_score_vs_size(trials)}'>")
         parts.append(f"<h2>Learning curves</h2><img src='{_plot_curves(trials)}'>")
-        cols = ["name", "kind", "size", "status", "steps", "best_score", "proxy_accuracy", "label_coverage",
-                "accuracy", "macro_f1", "eval_loss", "wall_s", "cpu_seconds", "gpu_seconds", "error"]
+        cols = ["name", "kind", "size", "status", "steps", "epochs", "samples_seen", "validation_score", "test_score",
+                "proxy_accuracy", "label_coverage", "wall_s", "cpu_seconds", "gpu_seconds", "error"]
         cols = [c for c in cols if any(c in t for t in trials)]
         rho = tuned["summary"].get("proxy_rank_correlation")
         if rho is not None:
@@ -203,7 +214,7 @@ def write_report(out: Path, run_info: dict, pool) -> Path:
             prow = [{"candidate": k, **v} for k, v in sorted(proxy.items(), key=lambda kv: -kv[1]["accuracy"])]
             parts.append("<h2>Every candidate's proxy score (linear probe)</h2>"
                          + _table(prow, ["candidate", "accuracy", "macro_f1", "label_coverage"]))
-        parts.append("<h2>Trials</h2>" + _table(sorted(trials, key=lambda t: -(t["best_score"] or -1e9)), cols))
+        parts.append("<h2>Trials</h2>" + _table(sorted(trials, key=lambda t: -(t.get("validation_score") or -1e9)), cols))
     parts.append(f"<h2>Cost</h2><img src='{_plot_costs(stages)}'>")
     if shown:
         chosen = selection[selection[shown]]

@@ -1,370 +1,350 @@
-"""Stages 4-7 of METHOD.md: key samples, budgets, k-center greedy, candidates.
+"""The selection (METHOD.md steps 3-7): candidate subsets for every (K, M) of the grid, and the
+random baselines, as arrays and as the stage's two tables.
 
-Pure kernels over arrays, no IO:
+One routine, :func:`_select_k`, does a K: k-means, center and key samples, budgets, and one
+candidate order per method. It asks a *vectors strategy* for the three steps that touch the
+vectors, as faiss's ``contrib/clustering.py`` swaps ``DatasetAssign`` for ``DatasetAssignGPU``:
 
-- :func:`center_and_key_samples`: per cluster, the member nearest its centroid (center sample)
-  and the other member nearest the center sample (key sample).
-- :func:`proportional_budgets`: n_k = M |C_k| / N, largest-remainder rounded, capped at |C_k|.
-- :func:`k_center_greedy`: farthest-first traversal inside every cluster at once, started at the
-  key samples. Returns the greedy *rank* of each sample in its cluster, so one pass to the
-  largest budget yields every smaller budget as a prefix.
-- :func:`k_center_greedy_reference`: the slow, obvious per-cluster loop, for tests and benchmarks.
+- :class:`InMemory` (``select.engine: driver``): every vector in this process, on the run's
+  device (:class:`~ray_pipeline.device.Devices`);
+- ``distributed.Sharded`` (``select.engine: ray``): Ray tasks over the embedding stage's
+  Parquet shards, for pools whose vectors do not fit the driver.
 
-The torch kernels run on whatever device their input tensors live on.
+Both give the same arrays, index for index, so the two engines cannot drift apart: every option
+(stratified budgets, the robust variant, several methods) runs through the same code. A strategy
+has ``n``, ``cluster(k) -> Clustering`` and ``subset(rows) -> strategy``; a clustering has
+``assign``, ``sim``, ``center_and_key()`` and ``greedy(run_to, key, eligible)``.
 """
 
 from __future__ import annotations
 
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
 import numpy as np
-import torch
+import pyarrow as pa
 
-from .errors import InputError
+from . import faults
+from .cluster import kmeans
+from .config import Config
+from .data import Pool
+from .device import Devices, decide
+from .errors import ConfigError, InputError
+from .kcenter import (
+    center_and_key_samples,
+    centroid_ranks,
+    k_center_greedy,
+    outlier_mask,
+    proportional_budgets,
+    random_ranks,
+    semantic_duplicates,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class KSelection:
+    """Everything selected for one K and method. assign: (n,) cluster of each sample (-1: left
+    out before clustering); center, key: (k,) row indices (-1 for an empty cluster); budgets:
+    M -> (k,) per-cluster counts; rank: (n,) rank in its cluster's order (-1 if never chosen),
+    run to the most any budget asks of the cluster."""
+
+    k: int
+    assign: np.ndarray
+    center: np.ndarray
+    key: np.ndarray
+    budgets: dict[int, np.ndarray]
+    rank: np.ndarray
+    seconds: dict[str, float] = field(default_factory=dict)
+    method: str = "kcenter"
+
+    @property
+    def family(self) -> str:
+        """``k{K}`` for the method of METHOD.md, ``{method}_k{K}`` for a variant."""
+        return f"k{self.k}" if self.method == "kcenter" else f"{self.method}_k{self.k}"
+
+    def name(self, m: int) -> str:
+        """Candidate name: the family and the budget, ``k{K}_m{M}``."""
+        return f"{self.family}_m{m}"
+
+    def members(self, m: int) -> np.ndarray:
+        """(n,) bool: the candidate subset of size m."""
+        return (self.rank >= 0) & (self.rank < self.budgets[m][self.assign])  # rank -1 where assign is -1
+
+
+@dataclass
+class Selection:
+    n: int
+    budgets: tuple[int, ...]
+    per_k: list[KSelection]
+    random: dict[int, np.ndarray]  # seed -> (n,) random rank; the subset of size m is rank < m
+
+    def candidates(self) -> list[dict]:
+        """Every candidate as data (what ``select.json`` lists and the Tune stage reads)."""
+        out = [{"name": s.name(m), "kind": "selection", "method": s.method, "k": s.k, "m": m}
+               for s in self.per_k for m in s.budgets]
+        out += [{"name": f"random_m{m}_s{seed}", "kind": "random", "seed": seed, "m": m}
+                for seed in self.random for m in self.budgets]
+        return out
+
 
 # ----------------------------------------------------------------------------------------------
-# segment primitives
+# the driver's vectors strategy
 
 
-def segment_argmax(values: torch.Tensor, seg: torch.Tensor, n_seg: int) -> torch.Tensor:
-    """Index of the largest value in each segment (the lowest index among ties); -1 if empty.
+class InMemory:
+    """Vectors in this process. x: (n, d) float32, L2-normalised rows; the kernels run on
+    ``devices.select`` and faiss on ``devices.faiss_gpus``."""
 
-    values: (n,) float tensor. seg: (n,) int64 segment id of each value, in [0, n_seg).
-    Segments need not be contiguous. O(n) work, two scatter-reductions, no host sync.
-    NaN values are not supported (they never compare equal to the max).
-    """
-    n = values.shape[0]
-    top = torch.full((n_seg,), float("-inf"), dtype=values.dtype, device=values.device)
-    top = top.scatter_reduce(0, seg, values, reduce="amax", include_self=True)
-    pos = torch.arange(n, device=values.device)
-    cand = torch.where(values == top[seg], pos, n)
-    first = torch.full((n_seg,), n, dtype=torch.int64, device=values.device)
-    first = first.scatter_reduce(0, seg, cand, reduce="amin", include_self=True)
-    return torch.where(first == n, -1, first)
+    def __init__(self, x: np.ndarray, cfg: Config, devices: Devices):
+        import torch
 
+        self.x, self.cfg, self.devices = x, cfg, devices
+        self.x_t = torch.from_numpy(x).to(devices.torch())  # no copy on a CPU
+        self.n = len(x)
 
-def _sq_dist_to_own_center(xb: torch.Tensor, nb: torch.Tensor, seg: torch.Tensor, centers: torch.Tensor,
-                           nc: torch.Tensor, strategy: str, chunk_rows: int) -> torch.Tensor:
-    """Squared distance of each row to the center of its own segment: |x|^2 + |c|^2 - 2 x.c.
+    def cluster(self, k: int) -> "_InMemoryClustering":
+        c = self.cfg.cluster
+        km = kmeans(self.x, k, seed=self.cfg.seed, niter=c.niter, max_points_per_centroid=c.max_points_per_centroid,
+                    gpus=self.devices.faiss_gpus)
+        return _InMemoryClustering(self.x_t, km.assign, km.sim, k)
 
-    xb: (p, d) rows, nb: (p,) their squared norms, seg: (p,) segment of each row in [0, a),
-    centers: (a, d), nc: (a,) their squared norms. ``gemm``: one (p, a) matrix product, then the
-    own column of each row (a times the dot products, but at BLAS speed: best when a block holds
-    few clusters, as on a CPU). ``rowwise``: gathered row-by-row dot products in pieces of
-    ``chunk_rows`` (no wasted work: best when a block holds every cluster, as on a GPU).
-    """
-    if strategy == "gemm":
-        dot = (xb @ centers.T).gather(1, seg[:, None])[:, 0]
-    else:
-        dot = torch.empty_like(nb)
-        for lo in range(0, xb.shape[0], chunk_rows):
-            hi = min(lo + chunk_rows, xb.shape[0])
-            dot[lo:hi] = (xb[lo:hi] * centers[seg[lo:hi]]).sum(dim=1)
-    return (nb + nc[seg] - 2.0 * dot).clamp_(min=0.0)
+    def subset(self, rows: np.ndarray) -> "InMemory":
+        return InMemory(self.x[rows], self.cfg, self.devices)
+
+    def near_duplicates(self) -> np.ndarray:
+        """(n,) bool, SemDeDup: k-means into sqrt(n) clusters, then per cluster the members within
+        ``select.dedup_threshold`` cosine of a member farther from the centroid."""
+        import torch
+
+        k = max(1, int(round(np.sqrt(self.n))))
+        c = self.cluster(k)
+        dev = self.x_t.device
+        dup = semantic_duplicates(self.x_t, torch.from_numpy(c.assign).to(dev), torch.from_numpy(c.sim).to(dev), k,
+                                  self.cfg.select.dedup_threshold)
+        return dup.cpu().numpy()
 
 
-def _default_block_rows(x: torch.Tensor) -> int:
-    # The greedy runs every step of a block of clusters before the next block. On a GPU one block
-    # holds every cluster (one step advances all of them); on a CPU a block is about 4 MB of rows,
-    # so a block's steps run from cache instead of streaming all of x from memory once per step.
-    if x.device.type != "cpu":
-        return max(1, x.shape[0])
-    return max(1024, (4 << 20) // max(1, x.shape[1] * x.element_size()))
+class _InMemoryClustering:
+    def __init__(self, x_t, assign: np.ndarray, sim: np.ndarray, k: int):
+        import torch
 
+        self.x_t, self.assign, self.sim, self.k = x_t, assign, sim, k
+        self.assign_t = torch.from_numpy(assign).to(x_t.device)
 
-def _cluster_blocks(sizes: np.ndarray, block_rows: int) -> list[tuple[int, int]]:
-    """Consecutive cluster ranges [c0, c1) of about ``block_rows`` rows (a bigger cluster alone)."""
-    blocks, c0, rows = [], 0, 0
-    for c, size in enumerate(sizes):
-        if rows and rows + size > block_rows:
-            blocks.append((c0, c))
-            c0, rows = c, 0
-        rows += int(size)
-    if len(sizes):
-        blocks.append((c0, len(sizes)))
-    return blocks
+    def center_and_key(self) -> tuple[np.ndarray, np.ndarray]:
+        import torch
+
+        center, key = center_and_key_samples(self.x_t, self.assign_t, torch.from_numpy(self.sim).to(self.x_t.device),
+                                             self.k)
+        return center.cpu().numpy(), key.cpu().numpy()
+
+    def greedy(self, run_to: np.ndarray, key: np.ndarray, eligible: Optional[np.ndarray]) -> np.ndarray:
+        import torch
+
+        dev = self.x_t.device
+        rank = k_center_greedy(self.x_t, self.assign_t, torch.from_numpy(run_to).to(dev),
+                               torch.from_numpy(key).to(dev),
+                               eligible=None if eligible is None else torch.from_numpy(eligible).to(dev))
+        return rank.cpu().numpy()  # the one device-to-host copy of the greedy
 
 
 # ----------------------------------------------------------------------------------------------
-# step 3-4: center and key samples
+# the selection
 
 
-def center_and_key_samples(x: torch.Tensor, assign: torch.Tensor, centroid_sim: torch.Tensor,
-                           k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Center and key sample of every cluster (METHOD.md steps 3-4).
+def select_candidates(vectors, cfg: Config, *, rng: np.random.Generator, labels: Optional[np.ndarray] = None,
+                      devices: Optional[Devices] = None) -> Selection:
+    """Candidate subsets for every (K, M) of ``cfg.candidate_grid`` plus seeded random baselines.
 
-    x: (n, d) float tensor of L2-normalised rows. assign: (n,) int64 cluster of each row in
-    [0, k). centroid_sim: (n,) similarity of each row to its own centroid (from k-means).
-    Returns (center, key), each (k,) int64 row indices: the member most similar to the centroid,
-    and the member other than the center most cosine-similar to the center. A singleton
-    cluster's key is its center; an empty cluster has -1 for both. Ties: the lowest index.
+    vectors: (n, d) float32 L2-normalised rows (run in memory on ``devices``, decided from the
+    config when not given), or a vectors strategy (:class:`InMemory`, ``distributed.Sharded``).
+    rng: draws the random baselines (one child stream per seed in ``select.random_seeds``, so
+    adding a seed does not change the others). labels: (n,) the pool's labels, used by
+    ``select.stratify`` (``auto``: stratify when given). k-means runs once per distinct K (per
+    label when stratified); one greedy pass per K serves all of its budgets. With
+    ``select.dedup_threshold`` the near-duplicates are removed first and never selected; the
+    random baselines still draw from the whole pool.
 
     Example:
-        >>> x = torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.6, 0.8], [0.0, 1.0]])
-        >>> assign = torch.tensor([0, 0, 0, 1])
-        >>> sim = torch.tensor([0.8, 1.0, 0.96, 1.0])  # centroid 0 at (0.8, 0.6)
-        >>> center_and_key_samples(x, assign, sim, 2)
-        (tensor([1, 3]), tensor([2, 3]))
+        >>> rng = np.random.default_rng(0)
+        >>> x = rng.normal(size=(500, 16)).astype(np.float32)
+        >>> x /= np.linalg.norm(x, axis=1, keepdims=True)
+        >>> cfg = Config.from_dict({"cluster": {"k": [5]}, "select": {"budgets": [10, 50]}})
+        >>> sel = select_candidates(x, cfg, rng=rng)
+        >>> [int(sel.per_k[0].members(m).sum()) for m in (10, 50)]
+        [10, 50]
     """
-    center = segment_argmax(centroid_sim, assign, k)
-    owner = center[assign]  # (n,) the center sample of each row's cluster
-    sim_to_center = torch.empty(x.shape[0], dtype=x.dtype, device=x.device)
-    step = 8192  # rows per piece: bounds the gathered (step, d) temporary
-    for lo in range(0, x.shape[0], step):
-        hi = min(lo + step, x.shape[0])
-        sim_to_center[lo:hi] = (x[lo:hi] * x[owner[lo:hi]]).sum(dim=1)
-    rows = torch.arange(x.shape[0], device=x.device)
-    sim_to_center[rows == owner] = float("-inf")  # the center itself is not a key candidate
-    key = segment_argmax(sim_to_center, assign, k)
-    # A singleton's only value is -inf, which is its max: key == center, as documented.
-    return center, key
+    if isinstance(vectors, np.ndarray):
+        vectors = InMemory(vectors, cfg, devices or decide(cfg))
+    n = vectors.n
+    budgets = cfg.select.resolve_budgets(n)
+    grid = cfg.candidate_grid(n)
+    if cfg.select.stratify == "label" and labels is None:
+        raise ConfigError("select.stratify 'label' needs the pool's labels: set data.label_column (or "
+                          "data.labels_path), or use select.stratify 'none'")
+    stratify = cfg.select.stratify == "label" or (cfg.select.stratify == "auto" and labels is not None)
+    rows, base = np.arange(n), vectors
+    if cfg.select.dedup_threshold is not None:
+        rows = np.flatnonzero(~vectors.near_duplicates())
+        if len(rows) < max(budgets):
+            raise InputError(f"after removing {n - len(rows)} near-duplicates (select.dedup_threshold "
+                             f"{cfg.select.dedup_threshold}) the pool holds {len(rows)} samples, fewer than the "
+                             f"budget {max(budgets)}; raise the threshold or lower the budget")
+        log.info("near-duplicates: %d of %d samples removed before clustering (cosine > %g)", n - len(rows), n,
+                 cfg.select.dedup_threshold)
+        base = vectors.subset(rows)
+    per_k = []
+    for k in sorted({k for k, _ in grid}):
+        ms = [m for kk, m in grid if kk == k]
+        if stratify:
+            sels = _select_stratified(base, np.asarray(labels)[rows], k, ms, cfg)
+        else:
+            sels = _select_k(base, k, ms, cfg)
+        per_k += [_lift(s, rows, n) for s in sels]
+        for s in sels:
+            log.info("K=%d %s (M=%s)%s: k-means %.2fs, key samples %.2fs, %s %.2fs", k, s.method,
+                     ",".join(map(str, ms)), " stratified by label" if stratify else "", s.seconds["kmeans"],
+                     s.seconds["key_samples"], s.method, s.seconds["greedy"])
+    children = rng.spawn(len(cfg.select.random_seeds))
+    random = {seed: random_ranks(n, child) for seed, child in zip(cfg.select.random_seeds, children)}
+    return Selection(n=n, budgets=budgets, per_k=per_k, random=random)
 
 
-# ----------------------------------------------------------------------------------------------
-# step 5: budgets
-
-
-def largest_remainder(weights: np.ndarray, total: int, caps: np.ndarray) -> np.ndarray:
-    """Split ``total`` into integers proportional to ``weights``, each <= its cap, summing to total.
-
-    weights, caps: (k,) non-negative ints. Exact integer arithmetic: share_k = total * w_k / W,
-    floors first, then one more to the largest remainders (ties: larger weight, then lower index).
-    A share above its cap is clipped and the excess is split again among the others, by weight.
-    """
-    weights = np.asarray(weights, dtype=np.int64)
-    caps = np.asarray(caps, dtype=np.int64)
-    if total < 0 or total > int(caps.sum()):
-        raise InputError(f"cannot place {total} samples in clusters holding {int(caps.sum())}; "
-                         f"choose a budget between 0 and {int(caps.sum())}")
-    out = np.zeros_like(weights)
-    left = int(total)
-    open_ = caps > 0
-    while left > 0:
-        w = np.where(open_, weights, 0)
-        if w.sum() == 0:  # only zero-weight clusters have room: fill them by index order
-            w = open_.astype(np.int64)
-        wsum = int(w.sum())
-        floor = (left * w) // wsum
-        rem = (left * w) % wsum
-        extra = left - int(floor.sum())
-        order = np.lexsort((np.arange(len(w)), -w, -rem))  # last key sorts first
-        share = floor.copy()
-        share[order[:extra]] += 1
-        share = np.minimum(share, caps - out)
-        out += share
-        left -= int(share.sum())
-        open_ = out < caps
+def _select_k(vectors, k: int, ms: list[int], cfg: Config) -> list[KSelection]:
+    """One K over ``vectors``: k-means, key samples, budgets for each M in ``ms``, and one
+    candidate order per method of ``select.method``. The routine both engines run."""
+    t0 = time.perf_counter()
+    c = vectors.cluster(k)
+    t1 = time.perf_counter()
+    faults.point("select:kmeans")
+    center, key = c.center_and_key()
+    t2 = time.perf_counter()
+    per_m, run_to, eligible = _budgets_and_eligible(c.assign, c.sim, k, key, ms, cfg)
+    out = []
+    for method in cfg.select.method:
+        t3 = time.perf_counter()
+        if method == "centroid":
+            rank = _centroid_rank(c.assign, c.sim, k, eligible, run_to)
+        else:
+            rank = c.greedy(run_to, key, None if eligible.all() else eligible)
+        t4 = time.perf_counter()
+        out.append(KSelection(k=k, assign=c.assign, center=center, key=key, budgets=per_m, rank=rank,
+                              seconds={"kmeans": t1 - t0, "key_samples": t2 - t1, "greedy": t4 - t3}, method=method))
+        log.debug("K=%d over %d rows (M=%s): k-means %.2fs, key samples %.2fs, %s %.2fs (%d empty clusters)", k,
+                  vectors.n, ",".join(map(str, ms)), t1 - t0, t2 - t1, method, t4 - t3,
+                  int((np.bincount(c.assign, minlength=k) == 0).sum()))
     return out
 
 
-def proportional_budgets(sizes: np.ndarray, m: int) -> np.ndarray:
-    """n_k = M |C_k| / N rounded by largest remainder (METHOD.md step 5); sums to exactly m.
-
-    Example:
-        >>> proportional_budgets(np.array([5, 3, 2]), 4)
-        array([2, 1, 1])
-    """
-    sizes = np.asarray(sizes, dtype=np.int64)
-    return largest_remainder(sizes, m, sizes)
-
-
-# ----------------------------------------------------------------------------------------------
-# step 6: k-center greedy
+def _lift(s: KSelection, rows: np.ndarray, n: int) -> KSelection:
+    """A selection made on ``rows`` of the pool as one on all ``n`` rows (the others: cluster -1,
+    never chosen)."""
+    if len(rows) == n:
+        return s
+    assign, rank = np.full(n, -1, dtype=np.int64), np.full(n, -1, dtype=np.int64)
+    assign[rows], rank[rows] = s.assign, s.rank
+    lift = lambda idx: np.where(idx >= 0, rows[np.maximum(idx, 0)], -1)  # noqa: E731
+    return KSelection(k=s.k, assign=assign, center=lift(s.center), key=lift(s.key), budgets=s.budgets, rank=rank,
+                      seconds=s.seconds, method=s.method)
 
 
-def _check_greedy_inputs(x, assign, budgets, starts, eligible):
-    k = budgets.shape[0]
-    if x.ndim != 2 or assign.shape != (x.shape[0],) or starts.shape != (k,):
-        raise ValueError(f"shapes do not match: x {tuple(x.shape)}, assign {tuple(assign.shape)}, "
-                         f"budgets {tuple(budgets.shape)}, starts {tuple(starts.shape)}")
-    sizes = torch.bincount(assign if eligible is None else assign[eligible], minlength=k)
-    if bool((budgets < 0).any()) or bool((budgets > sizes).any()):
-        raise ValueError("every budget must be between 0 and its cluster's (eligible) size")
-    live = budgets > 0
-    if bool((starts[live] < 0).any()) or bool((assign[starts[live]] != torch.nonzero(live)[:, 0]).any()):
-        raise ValueError("every cluster with a budget needs a start row that belongs to it")
+def _select_stratified(vectors, labels: np.ndarray, k: int, ms: list[int], cfg: Config) -> list[KSelection]:
+    """Label-stratified budgets: each M split over the labels by their share of the pool (largest
+    remainder), K likewise (at least one cluster a label), and :func:`_select_k` run inside each
+    label. The clusters of all labels are numbered one after another."""
+    n = vectors.n
+    values = np.array([str(v) for v in labels], dtype=object)
+    names, code = np.unique(values, return_inverse=True)
+    sizes = np.bincount(code, minlength=len(names))
+    ks = np.maximum(1, np.minimum(sizes, proportional_budgets(sizes, min(k, n))))
+    share = {m: proportional_budgets(sizes, m) for m in ms}
+    parts = []
+    for lab in range(len(names)):
+        sub = np.flatnonzero(code == lab)
+        local = {m: int(share[m][lab]) for m in ms}
+        parts.append((sub, _select_k(vectors.subset(sub), int(ks[lab]), sorted(set(local.values())), cfg), local))
+    out = []
+    for j, method in enumerate(cfg.select.method):
+        assign, rank = np.full(n, -1, dtype=np.int64), np.full(n, -1, dtype=np.int64)
+        center, key, per_m, offset = [], [], {m: [] for m in ms}, 0
+        seconds: dict[str, float] = {}
+        for sub, sels, local in parts:
+            s = sels[j]
+            assign[sub], rank[sub] = s.assign + offset, s.rank
+            center.append(np.where(s.center >= 0, sub[np.maximum(s.center, 0)], -1))
+            key.append(np.where(s.key >= 0, sub[np.maximum(s.key, 0)], -1))
+            for m in ms:
+                per_m[m].append(s.budgets[local[m]])
+            offset += len(s.center)
+            for name, v in s.seconds.items():
+                seconds[name] = seconds.get(name, 0.0) + v
+        out.append(KSelection(k=k, assign=assign, center=np.concatenate(center), key=np.concatenate(key),
+                              budgets={m: np.concatenate(v) for m, v in per_m.items()}, rank=rank,
+                              seconds=seconds, method=method))
+    log.debug("K=%d stratified over %d labels: %s clusters each", k, len(names), ks.tolist())
+    return out
 
 
-def k_center_greedy(x: torch.Tensor, assign: torch.Tensor, budgets: torch.Tensor,
-                    starts: torch.Tensor, *, eligible: torch.Tensor | None = None,
-                    block_rows: int | None = None, strategy: str = "auto",
-                    chunk_rows: int = 1 << 16) -> torch.Tensor:
-    """Farthest-first traversal in every cluster at once; returns each row's greedy rank.
-
-    x: (n, d) float tensor (float32 or float64; distances are computed in its dtype).
-    assign: (n,) int64 cluster of each row in [0, k). budgets: (k,) int64, 0 <= b_k <= |C_k|.
-    starts: (k,) int64 row index of each cluster's first pick (its key sample); ignored where
-    the budget is 0. eligible: optional (n,) bool; rows that are False are never picked (the
-    robust variant leaves out each cluster's outliers) and budgets count eligible rows only.
-    All on one device; the result stays there.
-
-    Returns rank: (n,) int64, the step at which the row was chosen in its cluster (0 for the
-    start), -1 if it was not. Cluster k's subset for any budget b <= b_k is ``rank < b`` on its
-    members, so the largest budgets give every smaller one.
-
-    Clusters are laid out by budget, largest first, and cut into blocks of about ``block_rows``
-    rows: every cluster in one block on a GPU, cache-sized blocks on a CPU. Within a block, one
-    step advances every cluster that still has budget: a segment argmax of the running
-    squared-distance-to-chosen vector, then one update of it (``strategy``: ``gemm`` on a CPU,
-    ``rowwise`` on a GPU; see :func:`_sq_dist_to_own_center`). The clusters still picking are
-    always a prefix of the block, so finished clusters cost nothing. Work O(sum_k |C_k| b_k d),
-    as a per-cluster loop, in O(n_blocks * max b_k) steps instead of O(M); memory O(n) beyond x
-    plus one block's rows, never an n x M distance matrix. Ties: the lowest row index.
-
-    Example:
-        >>> x = torch.tensor([[0.0, 0.0], [1.0, 0.0], [3.0, 0.0], [10.0, 0.0], [11.0, 0.0]])
-        >>> k_center_greedy(x, torch.tensor([0, 0, 0, 1, 1]), torch.tensor([3, 1]),
-        ...                 torch.tensor([1, 4]))
-        tensor([ 2,  0,  1, -1,  0])
-    """
-    _check_greedy_inputs(x, assign, budgets, starts, eligible)
-    device = x.device
-    n, k = x.shape[0], budgets.shape[0]
-    if strategy == "auto":
-        strategy = "gemm" if device.type == "cpu" else "rowwise"
-    b_host = budgets.cpu().numpy()
-    # Lay clusters out by budget, largest first (stable), and rows by cluster.
-    corder = np.argsort(-b_host, kind="stable")
-    cpos = np.empty(k, dtype=np.int64)
-    cpos[corder] = np.arange(k)
-    seg, perm = torch.sort(torch.as_tensor(cpos, device=device)[assign], stable=True)
-    inv = torch.empty_like(perm)
-    inv[perm] = torch.arange(n, device=device)
-    first = inv[starts[torch.as_tensor(corder, device=device)]]  # start rows, as sorted positions
-
-    b_sorted = b_host[corder]
-    sizes_sorted = np.bincount(cpos[assign.cpu().numpy()], minlength=k)
-    row_end = np.cumsum(sizes_sorted)  # cluster position j holds sorted rows [row_end[j] - size, row_end[j])
-    rank = torch.full((n,), -1, dtype=torch.int64, device=device)
-
-    for c0, c1 in _cluster_blocks(sizes_sorted, block_rows or _default_block_rows(x)):
-        steps = int(b_sorted[c0])  # the block's largest budget
-        if steps == 0:
-            break  # budgets are sorted: every later block is empty too
-        r0, r1 = (int(row_end[c0 - 1]) if c0 else 0), int(row_end[c1 - 1])
-        rows = perm[r0:r1]
-        xb, sb = x[rows], seg[r0:r1] - c0  # the block, gathered once (cache-sized on a CPU)
-        nb = torch.linalg.vector_norm(xb, dim=1).square_()
-        mind = torch.full((r1 - r0,), float("inf"), dtype=x.dtype, device=device)
-        if eligible is not None:
-            mind[~eligible[rows]] = float("-inf")  # never picked; the min-update keeps them -inf
-        rank_b = torch.full((r1 - r0,), -1, dtype=torch.int64, device=device)
-        for t in range(steps):
-            a = int((b_sorted[c0:c1] > t).sum())  # clusters still picking: block positions [0, a)
-            p = int(row_end[c0 + a - 1]) - r0  # their rows: [0, p)
-            pick = first[c0:c0 + a] - r0 if t == 0 else segment_argmax(mind[:p], sb[:p], a)
-            rank_b[pick] = t
-            mind[pick] = float("-inf")  # chosen rows are never chosen again, even among duplicates
-            if t == steps - 1:
-                break
-            d2 = _sq_dist_to_own_center(xb[:p], nb[:p], sb[:p], xb[pick], nb[pick], strategy, chunk_rows)
-            torch.minimum(mind[:p], d2, out=mind[:p])
-        rank[rows] = rank_b
-    return rank
-
-
-def k_center_greedy_reference(x: np.ndarray, assign: np.ndarray, budgets: np.ndarray,
-                              starts: np.ndarray, eligible: np.ndarray | None = None) -> np.ndarray:
-    """The slow, obvious version of :func:`k_center_greedy`: a Python loop over clusters and picks
-    (as DeepCore's and Google's active-learning k-center greedy do, per cluster). Same contract,
-    numpy arrays in and out."""
-    rank = np.full(len(x), -1, dtype=np.int64)
-    for c in range(len(budgets)):
-        if budgets[c] == 0:
-            continue
-        members = np.flatnonzero(assign == c)
-        xm = x[members]
-        mind = np.full(len(members), np.inf, dtype=x.dtype)
-        chosen = np.zeros(len(members), dtype=bool) if eligible is None else ~eligible[members]
-        pick = int(np.flatnonzero(members == starts[c])[0])
-        for t in range(int(budgets[c])):
-            if t > 0:
-                masked = np.where(chosen, -np.inf, mind)
-                pick = int(np.argmax(masked))
-            chosen[pick] = True
-            rank[members[pick]] = t
-            mind = np.minimum(mind, ((xm - xm[pick]) ** 2).sum(axis=1))
-    return rank
-
-
-def centroid_ranks(assign: np.ndarray, centroid_sim: np.ndarray, k: int) -> np.ndarray:
-    """The nearest-to-centroid variant: each row's rank in its cluster by similarity to the
-    centroid, most similar first (ties: lower index). The subset for budget b is ``rank < b``."""
-    n = len(assign)
-    order = np.lexsort((np.arange(n), -centroid_sim, assign))
-    start = np.concatenate([[0], np.cumsum(np.bincount(assign, minlength=k))])[:-1]
-    rank = np.empty(n, dtype=np.int64)
-    rank[order] = np.arange(n) - start[assign[order]]
-    return rank
-
-
-def outlier_mask(assign: np.ndarray, centroid_sim: np.ndarray, k: int, quantile: float,
-                 keep: np.ndarray) -> np.ndarray:
-    """(n,) bool: False for the ``quantile`` share of each cluster farthest from its centroid
-    (rounded down, so small clusters keep everyone); rows in ``keep`` (the key samples) stay True."""
-    if quantile <= 0:
-        return np.ones(len(assign), dtype=bool)
-    ascending = centroid_ranks(assign, -centroid_sim, k)  # 0 = farthest from the centroid
+def _budgets_and_eligible(assign: np.ndarray, sim: np.ndarray, k: int, key: np.ndarray, ms: list[int],
+                          cfg: Config) -> tuple[dict[int, np.ndarray], np.ndarray, np.ndarray]:
+    """Per budget M the (k,) per-cluster counts; how far each cluster's order must run; the (n,)
+    rows that may be picked (all but the robust variant's outliers)."""
+    eligible = outlier_mask(assign, sim, k, cfg.select.outlier_quantile, key)
+    room = np.bincount(assign[eligible], minlength=k)
     sizes = np.bincount(assign, minlength=k)
-    drop = ascending < np.floor(quantile * sizes[assign])
-    mask = ~drop
-    mask[keep[keep >= 0]] = True
-    return mask
+    per_m = {m: proportional_budgets(sizes, m, room) for m in ms}
+    # Largest remainder is not monotone in M (the Alabama paradox): run each cluster to the most
+    # any budget asks of it, so every candidate is a prefix of one order.
+    run_to = np.max(np.stack(list(per_m.values())), axis=0)
+    return per_m, run_to, eligible
 
 
-def semantic_duplicates(x: torch.Tensor, assign: torch.Tensor, sim: torch.Tensor, k: int,
-                        threshold: float, chunk_rows: int = 2048) -> torch.Tensor:
-    """(n,) bool, True for a near-duplicate to remove (SemDeDup, Abbas et al. 2023, section 3).
-
-    x: (n, d) unit rows; assign: (n,) cluster of each row in [0, k); sim: (n,) similarity to its
-    centroid. In each cluster the members are ordered by similarity to the centroid, farthest
-    first (ties: lower index first), and a member is a duplicate when its cosine similarity to a
-    member *earlier* in that order exceeds ``threshold``; so of a group of near-copies the one
-    farthest from the centroid stays. Work O(sum_k |C_k|^2 d), in pieces of ``chunk_rows`` rows.
-
-    Example:
-        >>> x = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0], [0.28, 0.96]])
-        >>> semantic_duplicates(x, torch.zeros(4, dtype=torch.int64), torch.tensor([.7, .99, .7, .98]), 1, 0.95)
-        tensor([False, False, False,  True])
-    """
-    n = x.shape[0]
-    dup = torch.zeros(n, dtype=torch.bool, device=x.device)
-    order = torch.from_numpy(np.lexsort((np.arange(n), sim.cpu().numpy(), assign.cpu().numpy()))).to(x.device)
-    sizes = torch.bincount(assign, minlength=k).cpu().numpy()
-    lo = 0
-    for size in sizes:
-        members = order[lo:lo + size]  # farthest from the centroid first
-        lo += int(size)
-        if size < 2:
-            continue
-        xm = x[members]
-        for r0 in range(0, int(size), chunk_rows):
-            r1 = min(r0 + chunk_rows, int(size))
-            s = xm[r0:r1] @ xm[:r1].T  # (rows, rows and everything before them)
-            earlier = torch.arange(r1, device=x.device)[None, :] < torch.arange(r0, r1, device=x.device)[:, None]
-            s = torch.where(earlier, s, torch.full_like(s, float("-inf")))
-            dup[members[r0:r1]] = s.max(dim=1).values > threshold
-    return dup
-
-
-def semantic_duplicates_reference(x: np.ndarray, assign: np.ndarray, sim: np.ndarray, threshold: float) -> np.ndarray:
-    """The obvious double loop over pairs, for tests."""
-    dup = np.zeros(len(x), dtype=bool)
-    for i in range(len(x)):
-        for j in range(len(x)):
-            if i == j or assign[i] != assign[j]:
-                continue
-            before = (sim[j], j) < (sim[i], i)  # j is farther from the centroid, or equal and lower
-            if before and float(x[i] @ x[j]) > threshold:
-                dup[i] = True
-    return dup
+def _centroid_rank(assign: np.ndarray, sim: np.ndarray, k: int, eligible: np.ndarray,
+                   run_to: np.ndarray) -> np.ndarray:
+    """The nearest-to-centroid order, cut at each cluster's ``run_to`` (-1 beyond and for outliers)."""
+    rank = np.where(eligible, centroid_ranks(assign, sim, k), -1)
+    return np.where(rank < run_to[assign], rank, -1)
 
 
 # ----------------------------------------------------------------------------------------------
-# step 7: candidates
+# the stage's tables
 
 
-def random_ranks(n: int, rng: np.random.Generator) -> np.ndarray:
-    """A random order of the pool as a rank per row: the random subset of size m is ``rank < m``,
-    so random subsets of one seed are nested, like the greedy ones."""
-    rank = np.empty(n, dtype=np.int64)
-    rank[rng.permutation(n)] = np.arange(n)
-    return rank
+def selection_table(pool: Pool, sel: Selection) -> pa.Table:
+    """One row per sample: id, label, per K its cluster and per family its rank, and a bool per
+    candidate (``in_<name>``; ``select.json`` lists the candidates)."""
+    cols: dict[str, pa.Array] = {"id": pa.array(pool.ids.tolist(), pa.string())}
+    if pool.labels is not None:
+        cols["label"] = pa.array([None if v is None else str(v) for v in pool.labels], pa.string())
+    for s in sel.per_k:
+        cols[f"cluster_k{s.k}"] = pa.array(s.assign.astype(np.int32))
+        cols[f"rank_{s.family}"] = pa.array(s.rank.astype(np.int32))
+        for m in s.budgets:
+            cols[f"in_{s.name(m)}"] = pa.array(s.members(m))
+    for seed, rank in sel.random.items():
+        for m in sel.budgets:
+            cols[f"in_random_m{m}_s{seed}"] = pa.array(rank < m)
+    return pa.table(cols)
+
+
+def clusters_table(pool: Pool, sel: Selection) -> pa.Table:
+    """One row per (K, cluster): size, center and key sample ids, budget per M."""
+    ids = pool.ids
+    rows: dict[str, list] = {"k": [], "cluster": [], "size": [], "center_id": [], "key_id": []}
+    for m in sel.budgets:
+        rows[f"budget_m{m}"] = []
+    for s in {s.k: s for s in sel.per_k}.values():  # one row set per K, whatever the methods
+        sizes = np.bincount(s.assign[s.assign >= 0], minlength=len(s.center))
+        for c in range(len(s.center)):
+            rows["k"].append(s.k)
+            rows["cluster"].append(c)
+            rows["size"].append(int(sizes[c]))
+            rows["center_id"].append(None if s.center[c] < 0 else str(ids[s.center[c]]))
+            rows["key_id"].append(None if s.key[c] < 0 else str(ids[s.key[c]]))
+            for m in sel.budgets:
+                rows[f"budget_m{m}"].append(int(s.budgets[m][c]) if m in s.budgets else None)
+    return pa.table(rows)

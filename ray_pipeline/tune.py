@@ -1,22 +1,29 @@
-"""Stages 8-9 of METHOD.md: fine-tune every candidate under Ray Tune, stop the weak early, choose.
+"""Stages 8-9 of METHOD.md: fine-tune every candidate under Ray Tune, choose on validation, report
+on test, and say who won.
 
 Three layers, as in Ray's ``train_tune_interop`` example: the per-worker training function
 (``finetune.train_loop_per_worker``), a trial function that builds and fits one
-``TorchTrainer`` for one candidate (:func:`_trial`), and the ``Tuner`` over all candidates with
-the ASHA scheduler on the held-out ``score`` (:func:`run_sweep`). A trial that fails is
-reported as failed; the sweep goes on.
+``TorchTrainer`` for one candidate (:func:`_trial`), and the ``Tuner`` over all candidates
+(:func:`run_sweep`). The rules that make the comparison honest:
 
-The result, in the run directory: ``candidates.json`` (every trial: metric, steps, stopped
-early or not, cost, learning curve), ``target/subset.parquet`` (the ids of the best selection
-candidate) and ``target/model/`` (its tuned model; ``from_pretrained`` loads it).
+- every trial (selection candidates, random subsets, the full pool) trains under one rule: until
+  its *validation* score stops improving (patience) or its cap (``finetune.step_cap``);
+- ASHA (:class:`CandidateASHA`) stops clearly worse *selection candidates* early and never a
+  baseline: a yardstick runs its course whatever order the trials happen to run in;
+- the target is the selection candidate with the best validation score; then every finished
+  trial's best model is scored once on the *test* part, which took no part in any choice, and
+  :func:`verdict.judge` compares the target with random and full there, with intervals and costs.
+
+A trial that fails is reported as failed; the sweep goes on. The result, in the run directory:
+``candidates.json`` (every trial: validation and test scores, status, steps, epochs, samples
+seen, cost, learning curve; the summary with the verdict), ``target/subset.parquet`` (the ids of
+the target subset) and ``target/model/`` (its tuned model; ``from_pretrained`` loads it).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -25,13 +32,35 @@ from typing import Optional
 
 import numpy as np
 import pyarrow as pa
+from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
 from .artifacts import write_json, write_parquet
-from .config import Config, DataConfig
-from .data import Pool, read_pool
+from .config import Config
+from .data import Pool
 from .errors import InputError
+from .heldout import task_arrays
 
 log = logging.getLogger(__name__)
+
+
+class CandidateASHA(ASHAScheduler):
+    """ASHA among the selection candidates only: a baseline trial (random, full) always continues
+    and takes no place in the rungs, so it neither is stopped nor sets the bar for a candidate."""
+
+    @staticmethod
+    def _is_baseline(trial) -> bool:
+        return trial.config["candidate"]["kind"] != "selection"
+
+    def on_trial_result(self, tune_controller, trial, result):
+        if self._is_baseline(trial):
+            return TrialScheduler.CONTINUE
+        return super().on_trial_result(tune_controller, trial, result)
+
+    def on_trial_complete(self, tune_controller, trial, result):
+        if self._is_baseline(trial):
+            self._trial_info.pop(trial.trial_id, None)
+            return
+        super().on_trial_complete(tune_controller, trial, result)
 
 
 @dataclass
@@ -51,80 +80,21 @@ class Candidate:
                 "size": int(len(self.rows)), **self.extra}
 
 
-def candidates_from_selection(selection: pa.Table, include_full: bool = True) -> list[Candidate]:
-    """Every ``in_*`` column of selection.parquet as a candidate, plus the full pool."""
+def candidates_from_selection(selection: pa.Table, listed: list[dict], include_full: bool = True) -> list[Candidate]:
+    """The candidates ``select.json`` lists (``listed``), their rows from selection.parquet's
+    ``in_<name>`` columns, plus the full pool."""
     out = []
-    for col in selection.column_names:
-        if not col.startswith("in_"):
-            continue
+    for c in listed:
+        col = f"in_{c['name']}"
+        if col not in selection.column_names:
+            raise InputError(f"selection.parquet has no column {col!r} for the listed candidate {c['name']!r}; "
+                             f"the select stage's files do not belong together: rerun it with --overwrite")
         rows = np.flatnonzero(np.asarray(selection.column(col).to_numpy(zero_copy_only=False)))
-        name = col[3:]
-        rnd = re.fullmatch(r"random_m(\d+)_s(\d+)", name)
-        sel = re.fullmatch(r"(?:(\w+?)_)?k(\d+)_m(\d+)", name)
-        if rnd:
-            out.append(Candidate(name, "random", rows, m=int(rnd[1]), seed=int(rnd[2])))
-        elif sel:
-            out.append(Candidate(name, "selection", rows, k=int(sel[2]), m=int(sel[3]),
-                                 extra={"method": sel[1] or "kcenter"}))
+        extra = {"method": c["method"]} if c["kind"] == "selection" else {}
+        out.append(Candidate(c["name"], c["kind"], rows, k=c.get("k"), m=c.get("m"), seed=c.get("seed"), extra=extra))
     if include_full:
         out.append(Candidate("full", "full", np.arange(selection.num_rows)))
     return out
-
-
-# ----------------------------------------------------------------------------------------------
-# task data
-
-
-def task_arrays(pool: Pool, cfg: Config, labels: Optional[list] = None) -> dict:
-    """What the training function needs of a pool: texts + label indices (classification) or
-    prompts + responses (instruction)."""
-    ft = cfg.finetune
-    if ft.task == "classification":
-        if pool.labels is None:
-            raise InputError("classification needs labels: set data.label_column (or data.labels_path)")
-        if pool.texts is None:
-            raise InputError("fine-tuning needs the samples' texts; give data.path, not only embeddings")
-        labels = labels or sorted({str(v) for v in pool.labels})
-        index = {v: i for i, v in enumerate(labels)}
-        missing = sorted({str(v) for v in pool.labels} - set(index))
-        if missing:
-            raise InputError(f"the held-out set has label(s) {missing[:5]} that the pool does not have; "
-                             f"a classifier cannot learn them")
-        return {"texts": pool.texts.tolist(), "labels": np.array([index[str(v)] for v in pool.labels]),
-                "label_names": labels}
-    prompts, responses = pool.extra["prompts"], pool.extra["responses"]
-    return {"prompts": list(prompts), "responses": list(responses)}
-
-
-def read_task_pool(data: DataConfig, cfg: Config) -> Pool:
-    """The pool (or held-out set) with what the task needs; for instruction tuning the prompt
-    (``finetune.prompt_template``) and the response (``finetune.response_field``) per sample."""
-    pool = read_pool(data)
-    if cfg.finetune.task == "instruction":
-        from .data import read_table
-
-        table = read_table(data.path, data.format)
-        if data.limit:
-            table = table.slice(0, data.limit)
-        rf = cfg.finetune.response_field
-        if rf not in table.column_names:
-            raise InputError(f"{data.path} has no response column {rf!r}; set finetune.response_field")
-        cols = {c: table.column(c).to_pylist() for c in table.column_names}
-        prompts = [cfg.finetune.prompt_template.format(**{c: ("" if v[i] is None else v[i]) for c, v in cols.items()})
-                   for i in range(table.num_rows)]
-        responses = ["" if v is None else str(v) for v in cols[rf]]
-        pool.extra = {"prompts": np.array(prompts, dtype=object), "responses": np.array(responses, dtype=object)}
-    return pool
-
-
-def eval_data_config(cfg: Config) -> DataConfig:
-    """The held-out set is read with the pool's column settings and its own path and limit."""
-    if not cfg.finetune.eval_path:
-        raise InputError("fine-tuning needs a held-out set: set finetune.eval_path (same columns as the pool)")
-    d = cfg.data
-    return DataConfig(path=cfg.finetune.eval_path, format="auto", text_column=d.text_column,
-                      text_template=d.text_template, label_column=d.label_column, id_column=d.id_column,
-                      limit=cfg.finetune.eval_limit)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -189,7 +159,8 @@ def _trial(config: dict, shared: dict) -> None:
     rows = shared["rows"][cand["name"]]
     train = {k: (np.asarray(v)[rows] if k == "labels" else [v[i] for i in rows])
              for k, v in shared["train"].items() if k != "label_names"}
-    loop = dict(shared["loop"], train=train, name=cand["name"], inject_failure=cand.get("inject_failure", False),
+    loop = dict(shared["loop"], train=train, use_gpu=shared["use_gpu"], steps=cand["steps"], name=cand["name"],
+                inject_failure=cand.get("inject_failure", False),
                 best_model_dir=str(Path(shared["trials_dir"]) / cand["name"] / "best_model"),
                 placement_group_file=str(Path(shared["trials_dir"]) / cand["name"] / PLACEMENT_GROUPS))
     use_gpu = shared["use_gpu"]
@@ -223,40 +194,40 @@ def plan_resources(cpus: float, gpus: float, cfg: Config) -> dict:
             "max_concurrent_trials": min(ft.max_concurrent_trials or fits, fits)}
 
 
-def run_sweep(candidates: list[Candidate], pool: Pool, eval_pool: Pool, cfg: Config, out: Path, *,
-              ray_address: Optional[str] = None, resume: bool = False, proxy: Optional[dict] = None) -> dict:
-    """Fine-tune every candidate under Tune with ASHA; write candidates.json and target/.
+def run_sweep(candidates: list[Candidate], pool: Pool, val_pool: Pool, cfg: Config, out: Path, *,
+              test_pool: Optional[Pool] = None, ray_address: Optional[str] = None, resume: bool = False,
+              proxy: Optional[dict] = None, split: Optional[dict] = None) -> dict:
+    """Fine-tune every candidate under Tune, choose the target on ``val_pool``, score every
+    finished trial on ``test_pool`` (when given) and judge; write candidates.json and target/.
 
     With ``resume`` and an interrupted sweep in ``out/tune``, Tune restores it: finished trials
     are kept, unfinished ones run again from their start."""
-    import ray
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.schedulers import FIFOScheduler
 
-    from .finetune import resolve_model
+    from .finetune import step_cap
+    from .models import resolve
     from .runtime import ray_session
 
     ft = cfg.finetune
     out = Path(out).resolve()
     train = task_arrays(pool, cfg)
-    ev = task_arrays(eval_pool, cfg, labels=train.get("label_names"))
+    ev = task_arrays(val_pool, cfg, labels=train.get("label_names"))
     ev.pop("label_names", None)
-    loop = {"task": ft.task, "model_path": resolve_model(ft.model, ft.task), "labels": train.get("label_names"),
-            "num_labels": len(train.get("label_names") or []), "eval": ev, "lr": ft.lr, "batch_size": ft.batch_size,
-            "eval_batch_size": ft.eval_batch_size, "max_steps": ft.max_steps, "eval_every": ft.eval_every,
-            "patience": ft.patience, "max_length": ft.max_length, "zero_stage": ft.zero_stage,
-            "precision": ft.precision, "seed": cfg.seed, "threads": ft.threads_per_worker}
-    max_t = math.ceil(ft.max_steps / ft.eval_every)
+    loop = {"finetune": ft, "seed": cfg.seed, "model_path": resolve(ft.model, ft.task),
+            "labels": train.get("label_names"), "eval": ev}
+    specs = [dict(c.describe(), steps=step_cap(ft, len(c.rows))) for c in candidates]
+    max_t = max(math.ceil(s["steps"] / ft.eval_every) for s in specs)  # evaluations of the longest trial
     with ray_session(ray_address) as res:
         plan = plan_resources(res.cpus, res.gpus, cfg)
         # Rows and data travel once through the object store (tune.with_parameters); the param
         # space holds only each candidate's description.
         shared = {"train": train, "loop": loop, "trials_dir": str(out / "trials"), "num_workers": ft.num_workers,
                   "train_storage": str(out / "train"), "rows": {c.name: c.rows for c in candidates}, **plan}
-        log.info("Tune: %d candidates, %d at a time, %d worker(s) each (%s), ASHA over %d evaluations",
-                 len(candidates), plan["max_concurrent_trials"], ft.num_workers,
-                 "GPU" if plan["use_gpu"] else "CPU", max_t)
-        specs = [c.describe() for c in candidates]
+        log.info("Tune: %d candidates, %d at a time, %d worker(s) each (%s); every trial until patience or "
+                 "%g epochs / %d steps; ASHA among the selection candidates only", len(candidates),
+                 plan["max_concurrent_trials"], ft.num_workers, "GPU" if plan["use_gpu"] else "CPU",
+                 ft.max_epochs, ft.max_steps)
         trainable = tune.with_resources(tune.with_parameters(_trial, shared=shared), {"cpu": 0.1})
         experiment = out / "tune"
         if resume and tune.Tuner.can_restore(str(experiment)):
@@ -271,7 +242,7 @@ def run_sweep(candidates: list[Candidate], pool: Pool, eval_pool: Pool, cfg: Con
                 param_space={"candidate": tune.grid_search(specs)},
                 tune_config=tune.TuneConfig(
                     metric="score", mode="max",
-                    scheduler=ASHAScheduler(time_attr="training_iteration", max_t=max_t,
+                    scheduler=CandidateASHA(time_attr="training_iteration", max_t=max_t,
                                             grace_period=min(ft.asha_grace_period, max_t),
                                             reduction_factor=ft.asha_reduction_factor)
                     if ft.early_stopping else FIFOScheduler(),
@@ -286,15 +257,16 @@ def run_sweep(candidates: list[Candidate], pool: Pool, eval_pool: Pool, cfg: Con
         t0 = time.perf_counter()
         grid = tuner.fit()
         sweep_s = time.perf_counter() - t0
-    trials = [_trial_record(r, ft, max_t, plan) for r in grid]
+    trials = [_trial_record(r, ft, plan) for r in grid]
     for t in trials:
         if proxy and t["name"] in proxy:
             t["proxy_accuracy"] = proxy[t["name"]]["accuracy"]
             t["label_coverage"] = proxy[t["name"]]["label_coverage"]
-    return _choose_and_write(trials, candidates, pool, out, sweep_s, plan)
+    values = _score_on_test(trials, out, cfg, test_pool, train.get("label_names")) if test_pool is not None else {}
+    return _choose_and_write(trials, values, candidates, pool, out, cfg, sweep_s, plan, split)
 
 
-def _trial_record(result, ft, max_t: int, plan: dict) -> dict:
+def _trial_record(result, ft, plan: dict) -> dict:
     rec = {k: v for k, v in result.config["candidate"].items() if k != "inject_failure"}
     df = result.metrics_dataframe
     history = []
@@ -308,41 +280,68 @@ def _trial_record(result, ft, max_t: int, plan: dict) -> dict:
         rec["status"] = "failed"
         rec["error"] = str(result.error).strip().splitlines()[-1][:300]
     elif last.get("stopped_by_patience"):
-        rec["status"] = "stopped_no_improvement"
-    elif last.get("step", 0) < ft.max_steps:
-        rec["status"] = "stopped_early"  # by ASHA
+        rec["status"] = "converged"  # patience: the validation score stopped improving
+    elif last.get("step", 0) < rec["steps"]:
+        rec["status"] = "stopped_early"  # by ASHA (selection candidates only)
     else:
-        rec["status"] = "completed"
+        rec["status"] = "capped"  # reached max_epochs / max_steps
     wall = float(last.get("time_total_s") or 0.0)
     device_s = wall * ft.num_workers * (1 if plan["use_gpu"] else ft.cpus_per_worker)
-    rec.update(steps=int(last.get("step", 0)), evaluations=len(history),
-               best_score=last.get("best_score"), final_score=last.get("score"),
+    rec.update(step_cap=rec.pop("steps"), steps=int(last.get("step", 0)), evaluations=len(history),
+               samples_seen=int(last.get("samples_seen", 0)), epochs=float(last.get("epochs", 0.0)),
+               validation_score=last.get("best_score"), final_validation_score=last.get("score"),
                accuracy=last.get("accuracy"), macro_f1=last.get("macro_f1"), eval_loss=last.get("eval_loss"),
                tokens_per_s=last.get("tokens_per_s"), wall_s=wall,
-               **{("gpu_seconds" if plan["use_gpu"] else "cpu_seconds"): device_s},
-               history=history, max_evaluations=max_t)
+               **{("gpu_seconds" if plan["use_gpu"] else "cpu_seconds"): device_s}, history=history)
     return rec
 
 
-def _choose_and_write(trials: list[dict], candidates: list[Candidate], pool: Pool, out: Path,
-                      sweep_s: float, plan: dict) -> dict:
-    ok = [t for t in trials if t["status"] != "failed" and t["best_score"] is not None]
+def _score_on_test(trials: list[dict], out: Path, cfg: Config, test_pool: Pool, label_names) -> dict:
+    """Each finished trial's best model (best on validation) scored once on the test part: trial
+    name -> (n, 2) values (``verdict``). The test part is read here and nowhere before."""
+    from .finetune import per_sample_values
+
+    data = task_arrays(test_pool, cfg, labels=label_names)
+    values = {}
+    t0 = time.perf_counter()
+    for t in trials:
+        model = out / "trials" / t["name"] / "best_model"
+        if t["status"] == "failed" or not (model / "config.json").is_file():
+            continue
+        v = per_sample_values(str(model), cfg.finetune, data)
+        values[t["name"]] = v
+        t["test_score"] = float(v[:, 0].sum() / max(v[:, 1].sum(), 1e-12))
+        if cfg.finetune.task == "classification":
+            t["test_accuracy"] = t["test_score"]
+        else:
+            t["test_loss"] = -t["test_score"]
+    log.info("test part: %d trials scored on %d samples in %.1fs", len(values), len(test_pool),
+             time.perf_counter() - t0)
+    return values
+
+
+def _choose_and_write(trials: list[dict], values: dict, candidates: list[Candidate], pool: Pool, out: Path,
+                      cfg: Config, sweep_s: float, plan: dict, split: Optional[dict]) -> dict:
+    from .metrics import spearman
+    from .verdict import judge
+
+    ok = [t for t in trials if t["status"] != "failed" and t["validation_score"] is not None]
     selected = [t for t in ok if t["kind"] == "selection"]
-    target = max(selected, key=lambda t: (t["best_score"], -t["size"])) if selected else None
+    # The choice: validation only, ties to the smaller subset.
+    target = max(selected, key=lambda t: (t["validation_score"], -t["size"])) if selected else None
     baselines: dict = {"random": {}, "full": None}
     for t in ok:
         if t["kind"] == "random":
-            baselines["random"].setdefault(str(t["m"]), []).append(t["best_score"])
+            baselines["random"].setdefault(str(t["m"]), []).append(t)
         if t["kind"] == "full":
-            baselines["full"] = t["best_score"]
-    baselines["random"] = {m: {"mean": float(np.mean(v)), "std": float(np.std(v)), "n": len(v)}
-                           for m, v in baselines["random"].items()}
-    from .proxy import spearman
-
+            baselines["full"] = {"validation": t["validation_score"], "test": t.get("test_score"),
+                                 "status": t["status"], "epochs": t["epochs"]}
+    baselines["random"] = {m: _spread(v) for m, v in baselines["random"].items()}
     with_proxy = [t for t in ok if t.get("proxy_accuracy") is not None]
-    summary = {"target": None, "baselines": baselines, "sweep_seconds": sweep_s, "plan": plan,
+    summary = {"target": None, "baselines": baselines, "sweep_seconds": sweep_s, "plan": plan, "split": split,
+               "choice": "the selection candidate with the highest validation score",
                "proxy_rank_correlation": spearman([t["proxy_accuracy"] for t in with_proxy],
-                                                  [t["best_score"] for t in with_proxy]),
+                                                  [t["validation_score"] for t in with_proxy]),
                "failed": [t["name"] for t in trials if t["status"] == "failed"],
                "stopped_early": [t["name"] for t in trials if t["status"] == "stopped_early"]}
     if target is not None:
@@ -354,9 +353,24 @@ def _choose_and_write(trials: list[dict], candidates: list[Candidate], pool: Poo
         shutil.copytree(src, dst)
         write_parquet(pa.table({"id": pa.array(pool.ids[cand.rows].tolist(), pa.string())}),
                       out / "target" / "subset.parquet")
-        rnd = baselines["random"].get(str(target["m"]))
-        summary["target"] = {"name": target["name"], "k": target["k"], "m": target["m"], "score": target["best_score"],
-                             "random_same_size": rnd, "full": baselines["full"], "model": str(dst),
+        summary["target"] = {"name": target["name"], "k": target["k"], "m": target["m"], "size": target["size"],
+                             "validation_score": target["validation_score"], "test_score": target.get("test_score"),
+                             "random_same_size": baselines["random"].get(str(target["m"])),
+                             "full": baselines["full"], "model": str(dst),
                              "subset": str(out / "target" / "subset.parquet")}
+        if target["name"] in values:
+            randoms = [t for t in ok if t["kind"] == "random" and t["m"] == target["m"] and t["name"] in values]
+            full = next((t for t in ok if t["kind"] == "full" and t["name"] in values), None)
+            summary["verdict"] = judge(cfg.finetune.task, target, values, randoms, full,
+                                       np.random.default_rng([cfg.seed, 11]))
     write_json({"summary": summary, "trials": trials}, out / "candidates.json")
     return {"summary": summary, "trials": trials}
+
+
+def _spread(trials: list[dict]) -> dict:
+    val = [t["validation_score"] for t in trials]
+    test = [t["test_score"] for t in trials if t.get("test_score") is not None]
+    out = {"mean": float(np.mean(val)), "std": float(np.std(val)), "n": len(val)}
+    if test:
+        out.update(test_mean=float(np.mean(test)), test_std=float(np.std(test)))
+    return out

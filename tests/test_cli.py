@@ -136,7 +136,9 @@ def test_several_methods_give_their_own_candidates(tmp_path, vectors):
                  "--no-progress"]) == 0
     sel = pq.read_table(out / "selection.parquet")
     assert {"in_k30_m30", "in_centroid_k30_m30", "rank_k30", "rank_centroid_k30"} <= set(sel.column_names)
-    cands = {c.name: c for c in candidates_from_selection(sel)}
+    listed = json.loads((out / "select" / json.loads((out / "run.json").read_text())["stages"]["select"]["key"]
+                         / "select.json").read_text())["candidates"]
+    cands = {c.name: c for c in candidates_from_selection(sel, listed)}
     assert cands["centroid_k30_m30"].extra["method"] == "centroid" and cands["k30_m30"].k == 30
     assert cands["random_m30_s0"].seed == 0 and len(cands["full"].rows) == 3000
     assert len(cands["centroid_k30_m30"].rows) == 30

@@ -58,7 +58,7 @@ def test_gpu_selection_agrees_with_the_cpu_within_tolerance():
 
     from conftest import unit_blobs
     from ray_pipeline.config import Config
-    from ray_pipeline.pipeline import select_candidates
+    from ray_pipeline.select import select_candidates
 
     x = unit_blobs(50_000, 64, 50, 0)
     base = {"cluster": {"k": [50, 200]}, "select": {"budgets": [500, 2000], "stratify": "none"}}

@@ -116,7 +116,7 @@ def test_texts_beside_precomputed_embeddings_feed_fine_tuning(tmp_path):
     """Regression: with data.embeddings the texts were dropped, and the Tune stage then refused the
     pool ("give data.path, not only embeddings") although data.path was given."""
     from ray_pipeline.config import Config
-    from ray_pipeline.tune import task_arrays
+    from ray_pipeline.heldout import task_arrays
 
     np.save(tmp_path / "e.npy", np.eye(3, 2) + 0.5)
     with_text = write(tmp_path, "jsonl", [{"text": f"t{i}", "label": "ab"[i % 2]} for i in range(3)])

@@ -11,9 +11,23 @@ from ray_pipeline.artifacts import write_parquet
 from ray_pipeline.cli import main
 from ray_pipeline.cluster import assign, kmeans, training_rows
 from ray_pipeline.config import Config
-from ray_pipeline.distributed import cluster_groups, read_shard, select_candidates_sharded
+from ray_pipeline.device import Devices
+from ray_pipeline.distributed import Sharded, cluster_groups, read_shard
 from ray_pipeline.embed import shard_table
-from ray_pipeline.pipeline import select_candidates
+from ray_pipeline.errors import InputError
+from ray_pipeline.select import select_candidates
+
+CPU = Devices()
+
+
+def same_selection(a, b) -> None:
+    assert [(s.k, s.method) for s in a.per_k] == [(s.k, s.method) for s in b.per_k]
+    for sa, sb in zip(a.per_k, b.per_k):
+        assert (sa.assign == sb.assign).all() and (sa.center == sb.center).all() and (sa.key == sb.key).all()
+        assert (sa.rank == sb.rank).all()  # index for index
+        assert all((sa.budgets[m] == sb.budgets[m]).all() for m in sa.budgets)
+        assert (sb.rank >= 0).sum() >= max(sb.budgets)
+    assert all((a.random[s] == b.random[s]).all() for s in a.random)
 
 
 def write_shards(x: np.ndarray, d, size: int, seed: int, dtype: str = "float32", rows=None) -> list[str]:
@@ -74,29 +88,39 @@ def test_sharded_selection_equals_the_driver_path(tmp_path, local_ray, groups, q
     cfg = Config.from_dict({"cluster": {"k": [15, 60], "max_points_per_centroid": 64},  # k-means trains on a sample
                             "select": {"budgets": [60, 600], "outlier_quantile": quantile}})
     paths = write_shards(x, tmp_path, 1700, seed=groups)
-    a = select_candidates(x, cfg, rng=np.random.default_rng(0))
-    b = select_candidates_sharded(paths, n, cfg, rng=np.random.default_rng(0), groups=groups)
-    assert [(s.k, s.method) for s in a.per_k] == [(s.k, s.method) for s in b.per_k]
-    for sa, sb in zip(a.per_k, b.per_k):
-        assert (sa.assign == sb.assign).all() and (sa.center == sb.center).all() and (sa.key == sb.key).all()
-        assert (sa.rank == sb.rank).all()  # index for index
-        assert all((sa.budgets[m] == sb.budgets[m]).all() for m in sa.budgets)
-        assert (sb.rank >= 0).sum() >= max(sb.budgets)
-    assert all((a.random[s] == b.random[s]).all() for s in a.random)
+    a = select_candidates(x, cfg, rng=np.random.default_rng(0), devices=CPU)
+    b = select_candidates(Sharded(paths, n, cfg, CPU, groups=groups), cfg, rng=np.random.default_rng(0))
+    same_selection(a, b)
+
+
+def test_sharded_selection_equals_the_driver_path_stratified_by_label(tmp_path, local_ray):
+    """The default config with a labelled pool stratifies (select.stratify: auto): the shard engine
+    narrows its shards to each label's rows and gives the driver's selection, index for index."""
+    n = 3000
+    x = unit_blobs(n, 16, 12, 2)
+    labels = np.array(["a", "b", "c", "d"], dtype=object)[np.random.default_rng(1).integers(0, 4, n)]
+    cfg = Config.from_dict({"select": {"budgets": [30, 150]}})  # default K grid (M/2, M), both methods
+    paths = write_shards(x, tmp_path, 700, seed=3)
+    a = select_candidates(x, cfg, rng=np.random.default_rng(0), labels=labels, devices=CPU)
+    b = select_candidates(Sharded(paths, n, cfg, CPU, groups=3), cfg, rng=np.random.default_rng(0), labels=labels)
+    same_selection(a, b)
+    chosen = a.per_k[0].members(30)
+    assert len(set(labels[chosen])) == 4  # it did stratify
 
 
 def test_sharded_selection_reports_shards_that_miss_rows(tmp_path, local_ray):
     x = unit_blobs(500, 8, 3, 0)
     paths = write_shards(x, tmp_path, 100, 0)
     cfg = Config.from_dict({"cluster": {"k": [3]}, "select": {"budgets": [10]}})
-    with pytest.raises(Exception, match="do not cover"):
-        select_candidates_sharded(paths[:-1], 500, cfg, rng=np.random.default_rng(0))
+    with pytest.raises(InputError, match="do not cover"):
+        select_candidates(Sharded(paths[:-1], 500, cfg, CPU), cfg, rng=np.random.default_rng(0))
 
 
 def test_select_engine_ray_in_a_run_gives_the_driver_runs_bytes(tmp_path, shared_data, local_ray):
+    """Default selection settings on a labelled pool (so stratified by label): the engines agree."""
     base = (f"data:\n  path: {shared_data / 'banking77' / 'train.csv'}\n  label_column: category\n  limit: 400\n"
             f"embed:\n  engine: local\n  shard_size: 64\n  threads_per_actor: 1\n"
-            f"cluster:\n  k: [8, 20]\nselect:\n  budgets: [16, 40]\n  stratify: none\n")
+            f"select:\n  budgets: [16, 40]\n")
     (tmp_path / "driver.yaml").write_text(base)
     assert main(["run", str(tmp_path / "driver.yaml"), "--out", str(tmp_path / "a"), "--no-progress"]) == 0
     (tmp_path / "ray.yaml").write_text(base + "  engine: ray\n  groups: 3\n")

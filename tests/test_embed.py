@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from ray_pipeline.config import EmbedConfig
-from ray_pipeline.embed import TextEmbedder, embed_texts, length_sorted_batches, pool_hidden
+from ray_pipeline.embed import TextEmbedder, length_sorted_batches, pool_hidden
 from ray_pipeline.errors import InputError
 
 TEXTS = np.array(["How do I activate my new card?", "My card arrived, how do I turn it on?",
@@ -42,8 +42,8 @@ def test_matches_sentence_transformers_reference(embedder):
     np.testing.assert_allclose(embedder({"text": TEXTS})["embedding"], ref, atol=2e-5)
 
 
-def test_length_sorted_loop_keeps_input_order(embedder):
-    batched = embed_texts(TEXTS, EmbedConfig(device="cpu", batch_size=3), progress=False)
+def test_padding_in_a_batch_does_not_change_a_vector(embedder):
+    batched = embedder({"text": TEXTS})["embedding"]  # padded to the longest text
     one_by_one = np.concatenate([embedder({"text": TEXTS[i:i + 1]})["embedding"] for i in range(4)])
     np.testing.assert_allclose(batched, one_by_one, atol=1e-5)  # padding does not change a vector
 

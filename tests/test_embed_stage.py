@@ -22,6 +22,8 @@ from ray_pipeline.embed import (
 )
 from ray_pipeline.errors import InputError
 
+pytestmark = pytest.mark.slow  # Ray Data actor pools: not in the fast lane
+
 # One torch thread everywhere: the vectors' bits then do not depend on the engine.
 CFG = EmbedConfig(device="cpu", shard_size=40, batch_size=16, threads_per_actor=1)
 

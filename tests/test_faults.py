@@ -14,6 +14,8 @@ import pytest
 
 from ray_pipeline.cli import main
 
+pytestmark = pytest.mark.slow  # subprocess runs killed and resumed: not in the fast lane
+
 
 def _config(tmp_path: Path, shared: Path) -> Path:
     cfg = tmp_path / "job.yaml"
@@ -70,7 +72,7 @@ def vectors(tmp_path_factory):
 def _select_outputs(out: Path) -> dict:
     files = {name: (out / name).read_bytes() for name in ("selection.parquet", "clusters.parquet")}
     stage = json.loads((out / "run.json").read_text())["stages"]["select"]
-    files["select"] = {k: v for k, v in stage.items() if k not in ("seconds", "per_k_seconds", "reused", "dir")}
+    files["select"] = {k: v for k, v in stage.items() if k not in ("seconds", "kernel_seconds", "reused", "dir")}
     return files
 
 
@@ -129,7 +131,7 @@ def test_driver_killed_during_tune_resumes_to_the_same_sweep(tmp_path, shared_da
     def trials(out):
         got = json.loads((out / "candidates.json").read_text())
         return got["summary"]["target"]["name"], {
-            t["name"]: (t["status"], t["steps"], t["best_score"], [h["score"] for h in t["history"]])
+            t["name"]: (t["status"], t["steps"], t["validation_score"], [h["score"] for h in t["history"]])
             for t in got["trials"]}
 
     assert trials(killed) == trials(tmp_path / "clean")

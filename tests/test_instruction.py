@@ -4,7 +4,10 @@ worker training under Ray Train + DeepSpeed, and generation with the saved model
 import numpy as np
 import pytest
 
-from ray_pipeline.finetune import instruction_batch, load_model, predict, smollm2_path
+from ray_pipeline.finetune import instruction_batch, predict
+from ray_pipeline.models import load_for_task, smollm2_path
+
+pytestmark = pytest.mark.slow  # SmolLM2 conversion and training: not in the fast lane
 
 
 @pytest.fixture(scope="module")
@@ -13,7 +16,7 @@ def smollm2():
 
 
 def test_loss_only_on_response_tokens(smollm2):
-    _, tok = load_model(smollm2, "instruction")
+    _, tok = load_for_task(smollm2, "instruction")
     b = instruction_batch(tok, ["Add 2 and 3.\n", "Say hi.\n"], ["5", "hi there"], max_length=64)
     for i, (p, r) in enumerate([("Add 2 and 3.\n", "5"), ("Say hi.\n", "hi there")]):
         n_prompt = len(tok(p, add_special_tokens=False)["input_ids"])
@@ -29,13 +32,14 @@ def test_instruction_worker_learns_and_the_model_generates(smollm2, tmp_path, lo
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from ray_pipeline.config import FinetuneConfig
     from ray_pipeline.finetune import train_loop_per_worker
 
     data = {"prompts": ["What is the capital of France?\n", "What colour is the sky?\n"],
             "responses": ["Paris.", "Blue."]}
-    loop = {"task": "instruction", "model_path": smollm2, "train": data, "eval": data, "lr": 1e-4,
-            "batch_size": 2, "eval_batch_size": 2, "max_steps": 4, "eval_every": 2, "patience": 5,
-            "max_length": 32, "zero_stage": 0, "precision": "fp32", "seed": 0, "threads": 2,
+    ft = FinetuneConfig(task="instruction", lr=1e-4, batch_size=2, eval_batch_size=2, max_steps=4, eval_every=2,
+                        patience=5, max_length=32, zero_stage=0, precision="fp32", threads_per_worker=2)
+    loop = {"finetune": ft, "seed": 0, "use_gpu": False, "steps": 4, "model_path": smollm2, "train": data, "eval": data,
             "best_model_dir": str(tmp_path / "best")}
     result = TorchTrainer(train_loop_per_worker, train_loop_config=loop,
                           scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),

@@ -15,6 +15,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+pytestmark = pytest.mark.slow  # a two-node Ray cluster and the job API: not in the fast lane
+
 RAY = str(Path(sys.executable).with_name("ray"))
 
 

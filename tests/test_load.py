@@ -4,7 +4,6 @@ environment never written anywhere."""
 
 import json
 import logging
-import os
 import subprocess
 import sys
 import time
@@ -15,6 +14,8 @@ import pytest
 
 from conftest import unit_blobs
 from ray_pipeline.cli import main
+
+pytestmark = pytest.mark.slow  # a million vectors and a 20-run soak: not in the fast lane
 
 
 def test_one_million_vectors_select_within_memory(tmp_path):

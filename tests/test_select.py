@@ -7,17 +7,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ray_pipeline.errors import InputError
-from ray_pipeline.select import (
+from ray_pipeline.kcenter import (
     center_and_key_samples,
     centroid_ranks,
-    outlier_mask,
     k_center_greedy,
-    k_center_greedy_reference,
-    largest_remainder,
+    outlier_mask,
     proportional_budgets,
     random_ranks,
     segment_argmax,
 )
+from reference import center_and_key_reference, centroid_ranks_reference, k_center_greedy_reference
 
 DTYPES = [torch.float32, torch.float64]
 
@@ -193,11 +192,11 @@ def test_budgets_sum_and_caps(sizes, data):
 
 @given(weights=st.lists(st.integers(0, 20), min_size=1, max_size=8), data=st.data())
 @settings(max_examples=200, deadline=None)
-def test_largest_remainder_redistributes_above_caps(weights, data):
+def test_budgets_redistribute_above_caps(weights, data):
     weights = np.array(weights)
     caps = np.array(data.draw(st.lists(st.integers(0, 10), min_size=len(weights), max_size=len(weights))))
     total = data.draw(st.integers(0, int(caps.sum())))
-    b = largest_remainder(weights, total, caps)
+    b = proportional_budgets(weights, total, caps)
     assert b.sum() == total and (b <= caps).all() and (b >= 0).all()
 
 
@@ -209,6 +208,28 @@ def test_budget_above_pool_is_an_error():
 def test_budgets_for_m_equal_n_take_everything():
     sizes = np.array([7, 1, 0, 12])
     assert proportional_budgets(sizes, int(sizes.sum())).tolist() == sizes.tolist()
+
+
+def test_regression_budget_paradox_every_candidate_has_its_exact_budget():
+    """Largest-remainder budgets are not monotone in M (the Alabama paradox): with clusters of 6, 7,
+    11 and 9, M=16 gives cluster 1 four samples and M=17 only three. One greedy pass per K serves
+    every budget only if each cluster's order runs to the most any budget asks of it (``run_to``);
+    run to the largest M's budgets instead, M=16 would get three from cluster 1, one short."""
+    from ray_pipeline.config import Config
+    from ray_pipeline.select import KSelection, _budgets_and_eligible
+
+    sizes = np.array([6, 7, 11, 9])
+    assert proportional_budgets(sizes, 16).tolist() == [3, 4, 5, 4]
+    assert proportional_budgets(sizes, 17).tolist() == [3, 3, 6, 5]
+    assign = np.repeat(np.arange(4), sizes)
+    x, _ = blobs(len(assign), 4, 1, 0)
+    key = np.array([np.flatnonzero(assign == c)[0] for c in range(4)])
+    per_m, run_to, eligible = _budgets_and_eligible(assign, np.ones(len(assign)), 4, key, [16, 17], Config())
+    assert run_to.tolist() == [3, 4, 6, 5] and eligible.all()
+    rank = greedy(x, assign, run_to, key)
+    s = KSelection(k=4, assign=assign, center=key, key=key, budgets=per_m, rank=rank)
+    for m in (16, 17):
+        assert np.bincount(assign[s.members(m)], minlength=4).tolist() == per_m[m].tolist()
 
 
 def test_random_ranks_nested_and_seeded():
@@ -278,6 +299,30 @@ def test_centroid_ranks_and_outlier_mask_by_hand():
     assert outlier_mask(assign, sim, 2, 0.25, keep=np.array([1, 5])).tolist() == [1, 1, 0, 1, 1, 1]
     # a key sample is never dropped, even when it is the farthest
     assert outlier_mask(assign, sim, 2, 0.25, keep=np.array([2, 5])).tolist() == [1, 1, 1, 1, 1, 1]
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_center_and_key_samples_equal_reference(seed, dtype):
+    rng = np.random.default_rng(seed)
+    k = int(rng.integers(1, 12))
+    x, assign = blobs(int(rng.integers(k, 300)), int(rng.integers(2, 16)), k, seed)
+    k += 2  # two empty clusters as well
+    sim = rng.random(len(x))
+    sim[rng.integers(0, len(x), 5)] = sim.max()  # ties: the lower index wins
+    center, key = center_and_key_samples(torch.tensor(x, dtype=dtype), torch.tensor(assign),
+                                         torch.tensor(sim, dtype=dtype), k)
+    ref_center, ref_key = center_and_key_reference(x, assign, sim, k)
+    assert center.tolist() == ref_center.tolist() and key.tolist() == ref_key.tolist()
+
+
+@given(assign=st.lists(st.integers(0, 4), min_size=1, max_size=60), data=st.data())
+@settings(max_examples=100, deadline=None)
+def test_centroid_ranks_equal_reference(assign, data):
+    assign = np.array(assign)
+    sim = np.array(data.draw(st.lists(st.sampled_from([0.1, 0.5, 0.5, 0.9]), min_size=len(assign),
+                                      max_size=len(assign))))  # few values: many ties
+    assert centroid_ranks(assign, sim, 5).tolist() == centroid_ranks_reference(assign, sim, 5).tolist()
 
 
 @pytest.mark.parametrize("seed", range(3))

@@ -7,9 +7,10 @@ import torch
 from conftest import unit_blobs
 from ray_pipeline.config import Config
 from ray_pipeline.errors import ConfigError, InputError
-from ray_pipeline.pipeline import clusters_table, select_candidates, selection_table
 from ray_pipeline.data import Pool
-from ray_pipeline.select import largest_remainder, semantic_duplicates, semantic_duplicates_reference
+from ray_pipeline.kcenter import proportional_budgets, semantic_duplicates
+from ray_pipeline.select import clusters_table, select_candidates, selection_table
+from reference import semantic_duplicates_reference
 
 
 def test_semantic_duplicates_by_hand():
@@ -80,14 +81,15 @@ def test_stratified_budgets_follow_the_label_shares_exactly():
         for m in s.budgets:
             chosen = s.members(m)
             assert chosen.sum() == m
-            assert (np.bincount(code[chosen], minlength=4) == largest_remainder(sizes, m, sizes)).all()
+            assert (np.bincount(code[chosen], minlength=4) == proportional_budgets(sizes, m)).all()
             assert (s.budgets[m].sum() == m) and (s.key[s.key >= 0] >= 0).all()
     with pytest.raises(ConfigError, match="needs the pool's labels"):
         select_candidates(x, cfg, rng=np.random.default_rng(0))
 
 
-def test_variants_are_refused_by_the_shard_engine():
+def test_dedup_is_refused_by_the_shard_engine_and_stratify_is_not():
     with pytest.raises(ConfigError, match="select.engine"):
-        Config.from_dict({"select": {"engine": "ray", "stratify": "label"}})
+        Config.from_dict({"select": {"engine": "ray", "dedup_threshold": 0.95}})
+    assert Config.from_dict({"select": {"engine": "ray", "stratify": "label"}}).select.stratify == "label"
     with pytest.raises(ConfigError, match="dedup_threshold"):
         Config.from_dict({"select": {"dedup_threshold": 1.5}})

@@ -1,0 +1,34 @@
+"""Scores shared by the proxy, the fine-tuning loop and the report: pure functions over arrays."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+
+def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> float:
+    """Unweighted mean of per-class F1 over the classes present in y_true or y_pred.
+
+    Example:
+        >>> macro_f1(np.array([0, 0, 1, 1]), np.array([0, 1, 1, 1]), 2)  # F1 2/3 and 4/5
+        0.7333333333333334
+    """
+    f1s = []
+    for c in range(n_classes):
+        tp = int(((y_pred == c) & (y_true == c)).sum())
+        fp = int(((y_pred == c) & (y_true != c)).sum())
+        fn = int(((y_pred != c) & (y_true == c)).sum())
+        if tp + fp + fn:
+            f1s.append(2 * tp / (2 * tp + fp + fn))
+    return float(np.mean(f1s)) if f1s else 0.0
+
+
+def spearman(a: list[float], b: list[float]) -> Optional[float]:
+    """Rank correlation of two score lists (None with fewer than 3 pairs, or a constant list)."""
+    if len(a) < 3:
+        return None
+    from scipy.stats import spearmanr
+
+    rho = spearmanr(a, b).statistic
+    return None if np.isnan(rho) else float(rho)
