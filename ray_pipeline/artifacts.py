@@ -108,6 +108,8 @@ class Run:
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
         self.path = self.out / "run.json"
+        if self.out.exists() and not self.out.is_dir():
+            raise OutputError(f"output directory {str(self.out)!r} is an existing file; choose a directory with --out")
         config = cfg.to_dict()
         previous = self._read()
         if previous and not overwrite:

@@ -17,13 +17,12 @@ from typing import Optional, Sequence
 import yaml
 
 from .config import Config
-from .errors import PipelineError
+from .errors import OutputError, PipelineError
 
 log = logging.getLogger("ray_pipeline")
 
-# The demo's pool when none is given: the public banking77 intents, where the project's shared
-# data sits beside a checkout.
-DEMO_DATA = Path("../shared/data/banking77/train.csv")
+# The demo's pool when none is given: the public banking77 intents that ship with the project.
+DEMO_DATA = Path(__file__).resolve().parents[1] / "examples" / "banking77" / "train.csv"
 DEMO_FIELDS = {"data.text_column": "text", "data.label_column": "category"}
 
 
@@ -52,6 +51,8 @@ def _add_run_flags(s: argparse.ArgumentParser) -> None:
     s.add_argument("--seed", type=int, help="seed for k-means, the random baselines and training")
     s.add_argument("--overwrite", action="store_true", help="replace a different or unfinished run in --out")
     s.add_argument("--resume", action="store_true", help="continue an unfinished run in --out")
+    s.add_argument("--check", action="store_true", help="check every input and the config, then stop: nothing is "
+                                                        "computed or written")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -81,6 +82,18 @@ def _parser() -> argparse.ArgumentParser:
     _add_common(r)
     r.add_argument("--eval", help="held-out set (same columns as the pool): finetune.eval_path")
     _add_run_flags(r)
+    x = sub.add_parser("export", help="write a candidate subset's samples, every original field, for a trainer",
+                       description="Write the samples of a run's candidate (NAME from select.json, or target: the "
+                                   "tune stage's choice) with every field of the pool's records, as JSONL, JSON, "
+                                   "CSV, Parquet or text, in pool order or in greedy order (the order the "
+                                   "selection picked them).")
+    x.add_argument("run", help="a run directory (the --out of select or run)")
+    x.add_argument("--candidate", default="target", help="candidate name (e.g. k100_m200) or target (default)")
+    x.add_argument("--output", required=True, help="output file; its suffix picks the format unless --format")
+    x.add_argument("--format", default="auto", choices=["auto", "jsonl", "json", "csv", "parquet", "text"],
+                   help="auto: from --output's suffix, else the pool's own format")
+    x.add_argument("--order", default="pool", choices=["pool", "greedy"], help="pool order, or the greedy's picks")
+    x.add_argument("-v", "--verbose", action="store_true")
     pr = sub.add_parser("predict", help="apply a tuned model to new samples",
                         description="Classify (or generate for) every sample of --input with --model; "
                                     "write JSONL with the sample's id and the prediction.")
@@ -144,7 +157,7 @@ def print_sweep(result: dict) -> None:
         print("\n".join(verdict["lines"]))
     else:  # no test part scored (no model saved): validation figures only, and said so
         print(f"target {tg['name']}: validation {tg['validation_score']:.4f}; not scored on a test part")
-    print(f"target model: {tg['model']}\ntarget subset: {tg['subset']}")
+    print(f"target model: {tg['model']}\ntarget subset: {tg.get('subset', tg['ids'])}")
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -155,8 +168,10 @@ def _predict(args: argparse.Namespace) -> int:
 
     pool = read_pool(DataConfig(path=args.input, text_column=args.text_column, text_template=args.text_template,
                                 id_column=args.id_column))
-    rows = predict(args.model, pool.texts.tolist())
     out = Path(args.output or f"{args.input}.predictions.jsonl")
+    if out.is_dir():
+        raise OutputError(f"--output {str(out)!r} is a directory; give a file name such as predictions.jsonl")
+    rows = predict(args.model, pool.texts.tolist())
     with atomic_path(out) as tmp:
         tmp.write_text("".join(json.dumps({"id": i, **r}) + "\n" for i, r in zip(pool.ids, rows)))
     print(f"{len(rows)} predictions written to {out}")
@@ -171,7 +186,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if args.command == "predict":
             return _predict(args)
+        if args.command == "export":
+            from .export import export_run
+
+            done = export_run(Path(args.run), args.candidate, Path(args.output), fmt=args.format, order=args.order)
+            print(f"{done['rows']} samples of {done['candidate']} ({done['order']} order) written to {done['output']} "
+                  f"as {done['format']}")
+            return 0
         cfg = build_config(args)
+        if getattr(args, "check", False):
+            from .pipeline import check
+
+            tune = args.command == "tune" or (args.command == "run" and bool(cfg.finetune.eval_path))
+            found = check(cfg, tune=tune, overwrite=args.overwrite, resume=args.resume)
+            print("input checked, nothing written: " + "; ".join(f"{k} {v}" for k, v in found.items()))
+            return 0
         if args.command == "select":
             from .pipeline import run_select
 

@@ -24,7 +24,7 @@ from typing import Any, Literal, Optional
 import yaml
 
 from .errors import ConfigError
-from .typed import Budget, KValue, build, fail, no_credentials_in, parse_budget, parse_k, plain
+from .typed import Budget, KValue, build, check_template, fail, no_credentials_in, parse_budget, parse_k, plain
 
 @dataclass(frozen=True)
 class DataConfig:
@@ -56,9 +56,8 @@ class DataConfig:
         if self.text_column and self.text_template:
             fail("data.text_template", self.text_template,
                   "leave it empty when data.text_column is set (use one or the other)")
-        if self.text_template is not None and "{" not in self.text_template:
-            fail("data.text_template", self.text_template,
-                  "a format string naming fields, e.g. '{instruction}\\n{input}'")
+        if self.text_template is not None:
+            check_template("data.text_template", self.text_template)
         if self.labels_path and self.label_column:
             fail("data.labels_path", self.labels_path, "leave it empty when data.label_column is set")
         if self.limit is not None and self.limit < 1:
@@ -269,6 +268,7 @@ class FinetuneConfig:
                      "asha_grace_period"):
             if getattr(self, name) < 1:
                 fail(f"finetune.{name}", getattr(self, name), "an int >= 1")
+        check_template("finetune.prompt_template", self.prompt_template)
         if self.eval_every > self.max_steps:
             fail("finetune.eval_every", self.eval_every, f"at most finetune.max_steps ({self.max_steps})")
         if not self.max_epochs > 0:

@@ -91,7 +91,11 @@ def _texts(table: pa.Table, cfg: DataConfig, path: str) -> Optional[list]:
         out = []
         for i in range(n):
             values = {f: ("" if cols[f][i] is None else cols[f][i]) for f in fields}
-            out.append(cfg.text_template.format(**values))
+            try:
+                out.append(cfg.text_template.format(**values))
+            except (ValueError, TypeError) as e:
+                raise InputError(f"{path}: data.text_template cannot format row {i} ({e}); use plain fields such "
+                                 f"as '{{instruction}}' without format specs") from None
     else:
         name = cfg.text_column or "text"
         if name not in table.column_names:

@@ -65,7 +65,8 @@ def read_table(path: str | Path, fmt: str = "auto") -> pa.Table:
     if kind_of == pafs.FileType.Directory:
         return _read_directory(fs, inner, path)
     if kind_of != pafs.FileType.File:
-        raise InputError(f"data file {path!r} does not exist; pass an existing file or dataset directory with --data")
+        where = "" if "://" in path or Path(path).is_absolute() else f" (relative paths are read from {Path.cwd()})"
+        raise InputError(f"data file {path!r} does not exist{where}; pass an existing file or dataset directory")
     kind = detect_format(Path(inner), fmt)
     p = path
     try:

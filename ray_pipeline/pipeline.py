@@ -167,6 +167,9 @@ def tune_stage(pool: Pool, select_dir: Path, cfg: Config, run: Run, *, resume: b
             candidates = prune(candidates, proxy, cfg.finetune.top_candidates)
         result = run_sweep(candidates, task_pool, val_pool, cfg, d, test_pool=test_pool, ray_address=cfg.ray_address,
                            resume=resume, proxy=proxy, split=split)
+        if result["summary"]["target"]:
+            _write_target_records(cfg, d / "target", result)
+            write_json(result, marker)  # the summary now names the records file
         reused = False
     publish(marker, run.out / "candidates.json")
     if (d / "proxy.json").is_file():
@@ -179,6 +182,17 @@ def tune_stage(pool: Pool, select_dir: Path, cfg: Config, run: Run, *, resume: b
               stopped_early=result["summary"]["stopped_early"],
               proxy_rank_correlation=result["summary"].get("proxy_rank_correlation"))
     return result
+
+
+def _write_target_records(cfg: Config, target_dir: Path, result: dict) -> None:
+    """target/subset.<the pool's format>: the target's samples with every original field, for a trainer."""
+    from .export import export_records, pool_format
+    from .formats import SUFFIX
+
+    ids = pq.read_table(target_dir / "ids.parquet").column("id").to_pylist()
+    path = target_dir / f"subset{SUFFIX[pool_format(cfg)]}"
+    export_records(cfg, ids, path)
+    result["summary"]["target"]["subset"] = str(path)
 
 
 def report_stage(pool: Pool, run: Run) -> None:
@@ -195,15 +209,40 @@ def report_stage(pool: Pool, run: Run) -> None:
 # commands
 
 
-def _read_and_embed(cfg: Config, run: Run, progress: bool) -> Pool:
-    """Read and check the pool and the config against it, then (and only then) start the run."""
+def _read_and_embed(cfg: Config, run: Run, progress: bool, *, tune: bool = False) -> Pool:
+    """Read and check the pool, the config against it and (``tune``) the held-out set and the model,
+    then (and only then) start the run: bad input fails before anything is written."""
     t0 = time.perf_counter()
     log.info("stage read: start")
     pool = read_pool(cfg.data, skip_bad_rows=cfg.embed.on_bad_rows == "skip")
     cfg.candidate_grid(len(pool))  # budgets or K above the pool: an error before any work
+    if tune:
+        _check_held_out(cfg, pool)
     run.start()
     run.stage("read", seconds=time.perf_counter() - t0, source=pool.source, rows=len(pool), skipped_rows=pool.skipped)
     return embed_stage(pool, cfg, run, progress=progress)
+
+
+def _check_held_out(cfg: Config, pool: Pool) -> None:
+    """The held-out parts read, their labels known to the pool, the model found: before any stage."""
+    from .heldout import read_parts
+    from .models import resolve
+
+    resolve(cfg.finetune.model, cfg.finetune.task)
+    val, test, _ = read_parts(cfg)
+    if cfg.finetune.task != "classification":
+        return
+    if pool.labels is None:
+        raise InputError("classification needs the pool's labels: set data.label_column (or data.labels_path), or "
+                         "finetune.task: instruction")
+    known = {str(v) for v in pool.labels}
+    for part, p in (("validation", val), ("test", test)):
+        unknown = sorted({str(v) for v in p.labels} - known)
+        if unknown:
+            where = cfg.finetune.test_path if part == "test" and cfg.finetune.test_path else cfg.finetune.eval_path
+            raise InputError(f"the held-out {part} part ({where}) has {len(unknown)} label(s) the pool does not have, "
+                             f"e.g. {unknown[:3]}{' (none of its labels is in the pool)' if not known & {str(v) for v in p.labels} else ''}; "
+                             f"a classifier cannot learn them: remove those rows, or check data.label_column")
 
 
 def _one_ray(cfg: Config, needed: bool):
@@ -216,6 +255,26 @@ def _one_ray(cfg: Config, needed: bool):
 
 def _embeds_with_ray(cfg: Config) -> bool:
     return cfg.embed.engine == "ray" and cfg.data.embeddings is None
+
+
+def check(cfg: Config, *, tune: bool, overwrite: bool = False, resume: bool = False) -> dict:
+    """Every check a run makes before its first stage (config, pool, grid, output directory, held-out
+    set, model), and nothing written; what was found. ``ray-pipeline run --check``."""
+    from .heldout import eval_data_config, read_parts
+
+    if tune:
+        eval_data_config(cfg)
+    decide(cfg)
+    Run(cfg, resume=resume, overwrite=overwrite)  # a different or unfinished run in the way: an error
+    pool = read_pool(cfg.data, skip_bad_rows=cfg.embed.on_bad_rows == "skip")
+    grid = cfg.candidate_grid(len(pool))
+    found = {"samples": len(pool), "labels": None if pool.labels is None else len({str(v) for v in pool.labels}),
+             "candidates (K, M)": grid, "output_dir": cfg.output_dir}
+    if tune:
+        _check_held_out(cfg, pool)
+        val, test, _ = read_parts(cfg)
+        found.update(validation=len(val), test=len(test))
+    return found
 
 
 def run_select(cfg: Config, *, overwrite: bool = False, resume: bool = False, progress: bool = True) -> Path:
@@ -250,7 +309,7 @@ def run_tune(cfg: Config, *, overwrite: bool = False, resume: bool = False, prog
     devices = decide(cfg)
     run = Run(cfg, resume=resume, overwrite=overwrite)
     with _one_ray(cfg, True):
-        pool = _read_and_embed(cfg, run, progress)
+        pool = _read_and_embed(cfg, run, progress, tune=True)
         result = tune_stage(pool, select_stage(pool, cfg, run, devices), cfg, run, resume=resume)
     run.finish()
     return result
@@ -261,7 +320,7 @@ def run_all(cfg: Config, *, overwrite: bool = False, resume: bool = False, progr
     devices = decide(cfg)
     run = Run(cfg, resume=resume, overwrite=overwrite)
     with _one_ray(cfg, _embeds_with_ray(cfg) or cfg.select.engine == "ray" or bool(cfg.finetune.eval_path)):
-        pool = _read_and_embed(cfg, run, progress)
+        pool = _read_and_embed(cfg, run, progress, tune=bool(cfg.finetune.eval_path))
         select_dir = select_stage(pool, cfg, run, devices)
         if cfg.finetune.eval_path:
             tune_stage(pool, select_dir, cfg, run, resume=resume)

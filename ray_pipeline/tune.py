@@ -16,8 +16,8 @@ Three layers, as in Ray's ``train_tune_interop`` example: the per-worker trainin
 
 A trial that fails is reported as failed; the sweep goes on. The result, in the run directory:
 ``candidates.json`` (every trial: validation and test scores, status, steps, epochs, samples
-seen, cost, learning curve; the summary with the verdict), ``target/subset.parquet`` (the ids of
-the target subset) and ``target/model/`` (its tuned model; ``from_pretrained`` loads it).
+seen, cost, learning curve; the summary with the verdict), ``target/ids.parquet`` (the ids of
+the target subset; the pipeline writes its records beside it as ``target/subset.<pool format>``) and ``target/model/`` (its tuned model; ``from_pretrained`` loads it).
 """
 
 from __future__ import annotations
@@ -352,12 +352,12 @@ def _choose_and_write(trials: list[dict], values: dict, candidates: list[Candida
             shutil.rmtree(dst)
         shutil.copytree(src, dst)
         write_parquet(pa.table({"id": pa.array(pool.ids[cand.rows].tolist(), pa.string())}),
-                      out / "target" / "subset.parquet")
+                      out / "target" / "ids.parquet")
         summary["target"] = {"name": target["name"], "k": target["k"], "m": target["m"], "size": target["size"],
                              "validation_score": target["validation_score"], "test_score": target.get("test_score"),
                              "random_same_size": baselines["random"].get(str(target["m"])),
                              "full": baselines["full"], "model": str(dst),
-                             "subset": str(out / "target" / "subset.parquet")}
+                             "ids": str(out / "target" / "ids.parquet")}
         if target["name"] in values:
             randoms = [t for t in ok if t["kind"] == "random" and t["m"] == target["m"] and t["name"] in values]
             full = next((t for t in ok if t["kind"] == "full" and t["name"] in values), None)

@@ -36,6 +36,27 @@ def no_credentials_in(name: str, uri: Optional[str]) -> None:
                           f"GOOGLE_APPLICATION_CREDENTIALS), which this tool never writes anywhere")
 
 
+def check_template(name: str, template: str) -> None:
+    """A ``str.format`` template over named record fields: it must parse, name its fields (no
+    ``{}``, ``{0}``, ``{a.b}`` or ``{a[0]}``) and format strings with its conversions and specs."""
+    import string
+
+    allowed = "a format string over named fields, e.g. '{instruction}\\n{input}' (braces doubled as {{ }})"
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as e:
+        fail(name, template, f"{allowed}; it does not parse: {e}")
+    if not fields:
+        fail(name, template, allowed)
+    bad = [f for f in fields if not f.isidentifier()]
+    if bad:
+        fail(name, template, f"{allowed}; {bad[0]!r} is not a plain field name")
+    try:
+        template.format(**{f: "x" for f in fields})
+    except (ValueError, KeyError, IndexError, AttributeError) as e:
+        fail(name, template, f"{allowed}; it does not format: {e}")
+
+
 def parse_k(name: str, value: KValue) -> tuple[str, float]:
     """``("abs", K)`` for an int >= 1, ``("ratio", r)`` for ``"M"``, ``"M/4"`` or ``"0.5M"`` (K = r M)."""
     allowed = "an int >= 1, or a ratio of the budget: 'M', 'M/2', 'M/4', '0.5M'"

@@ -96,8 +96,8 @@ def judge(task: str, target: dict, values: dict[str, np.ndarray], randoms: list[
         out["vs_full"] = {**c, "word": word, "full_test": f_score, "full_status": full.get("status"),
                           "share_of_full_score": of_full, "share_of_full_compute": compute,
                           "share_of_full_samples_seen": samples}
-        capped = (" (the full pool stopped at its step cap, its validation score still improving: more training "
-                  "may raise it)") if full.get("status") == "capped" else ""
+        capped = (f" (the full pool stopped at its cap after {full.get('epochs', 0):.2f} epochs, not because its "
+                  f"validation score stopped improving: more training may raise it)") if full.get("status") == "capped" else ""
         lines.append(f"It {word} the full pool ({show(f_score)}): {diff_text(c)}{capped}.")
         lines.append(f"target: {of_full:.0%} of the full pool's test score"
                      f"{' (inverse loss ratio)' if loss else ''} at {compute:.0%} of its compute "

@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "ray_pipeline"
 LAYERS = [
     ["cli"],
     ["pipeline"],  # stages and commands only
-    ["embed", "select", "distributed", "proxy", "tune", "report"],  # one stage each
+    ["embed", "select", "distributed", "proxy", "tune", "report", "export"],  # one stage each
     ["finetune", "heldout"],  # the per-worker training loop that tune runs; the held-out parts
     ["kcenter", "cluster", "models", "data", "artifacts", "device", "runtime", "verdict"],
     ["config", "formats"],

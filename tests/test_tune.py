@@ -119,7 +119,7 @@ def test_sweep_stops_the_worse_never_a_baseline_survives_a_failure_and_judges_on
     preds = predict(s["target"]["model"], ["I still have not received my new card", "what's the euro rate?"])
     assert {p["label"] for p in preds} <= set(INTENTS)
     assert all(0 < p["probability"] <= 1 for p in preds)
-    assert pq.read_table(Path(out) / "target" / "subset.parquet").num_rows == 40
+    assert pq.read_table(Path(out) / "target" / "ids.parquet").num_rows == 40
     # and through the CLI: one JSON line per sample with its id and the predicted intent
     from ray_pipeline.cli import main
 
