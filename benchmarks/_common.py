@@ -87,7 +87,7 @@ def embed_texts(texts, cfg, *, progress: bool = True):
     import numpy as np
     from tqdm.auto import tqdm
 
-    from ray_pipeline.embed import TextEmbedder, length_sorted_batches
+    from ray_pipeline.embed import TextEmbedder
 
     emb = TextEmbedder(cfg)
     out = np.empty((len(texts), emb.dim), dtype=np.float32)
@@ -95,3 +95,11 @@ def embed_texts(texts, cfg, *, progress: bool = True):
     for idx in tqdm(batches, desc="embed", unit="batch", disable=not progress):
         out[idx] = emb({"text": texts[idx]})["embedding"]
     return out
+
+
+def length_sorted_batches(lengths, batch_size: int) -> list:
+    """Row indices in batches of similar length (longest first), so padding is minimal."""
+    import numpy as np
+
+    order = np.argsort(-np.asarray(lengths), kind="stable")
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]

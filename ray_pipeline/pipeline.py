@@ -62,7 +62,7 @@ def embed_stage(pool: Pool, cfg: Config, run: Run, *, progress: bool = True) -> 
     return pool
 
 
-def select_stage(pool: Pool, cfg: Config, run: Run, devices: Devices) -> Path:
+def select_stage(pool: Pool, cfg: Config, run: Run, devices: Devices, *, progress: bool = True) -> Path:
     """Candidates and random baselines into ``select/<key>/``: selection.parquet (a column per
     candidate), clusters.parquet, and select.json (the candidates as data; marks it complete)."""
     log.info("stage select: start")
@@ -76,7 +76,8 @@ def select_stage(pool: Pool, cfg: Config, run: Run, devices: Devices) -> Path:
         reused = True
     else:
         vectors = _sharded_vectors(pool, cfg, run, devices) if cfg.select.engine == "ray" else InMemory(x, cfg, devices)
-        sel = select_candidates(vectors, cfg, rng=np.random.default_rng(cfg.seed), labels=pool.labels)
+        sel = select_candidates(vectors, cfg, rng=np.random.default_rng(cfg.seed), labels=pool.labels,
+                                progress=progress)
         write_parquet(selection_table(pool, sel), d / "selection.parquet")
         faults.point("select:written")
         write_parquet(clusters_table(pool, sel), d / "clusters.parquet")
@@ -283,7 +284,7 @@ def run_select(cfg: Config, *, overwrite: bool = False, resume: bool = False, pr
     run = Run(cfg, resume=resume, overwrite=overwrite)
     with _one_ray(cfg, _embeds_with_ray(cfg) or cfg.select.engine == "ray"):
         pool = _read_and_embed(cfg, run, progress)
-        select_stage(pool, cfg, run, devices)
+        select_stage(pool, cfg, run, devices, progress=progress)
     run.finish()
     return run.out
 
@@ -310,7 +311,7 @@ def run_tune(cfg: Config, *, overwrite: bool = False, resume: bool = False, prog
     run = Run(cfg, resume=resume, overwrite=overwrite)
     with _one_ray(cfg, True):
         pool = _read_and_embed(cfg, run, progress, tune=True)
-        result = tune_stage(pool, select_stage(pool, cfg, run, devices), cfg, run, resume=resume)
+        result = tune_stage(pool, select_stage(pool, cfg, run, devices, progress=progress), cfg, run, resume=resume)
     run.finish()
     return result
 
@@ -321,7 +322,7 @@ def run_all(cfg: Config, *, overwrite: bool = False, resume: bool = False, progr
     run = Run(cfg, resume=resume, overwrite=overwrite)
     with _one_ray(cfg, _embeds_with_ray(cfg) or cfg.select.engine == "ray" or bool(cfg.finetune.eval_path)):
         pool = _read_and_embed(cfg, run, progress, tune=bool(cfg.finetune.eval_path))
-        select_dir = select_stage(pool, cfg, run, devices)
+        select_dir = select_stage(pool, cfg, run, devices, progress=progress)
         if cfg.finetune.eval_path:
             tune_stage(pool, select_dir, cfg, run, resume=resume)
         else:

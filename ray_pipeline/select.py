@@ -157,7 +157,7 @@ class _InMemoryClustering:
 
 
 def select_candidates(vectors, cfg: Config, *, rng: np.random.Generator, labels: Optional[np.ndarray] = None,
-                      devices: Optional[Devices] = None) -> Selection:
+                      devices: Optional[Devices] = None, progress: bool = False) -> Selection:
     """Candidate subsets for every (K, M) of ``cfg.candidate_grid`` plus seeded random baselines.
 
     vectors: (n, d) float32 L2-normalised rows (run in memory on ``devices``, decided from the
@@ -167,7 +167,7 @@ def select_candidates(vectors, cfg: Config, *, rng: np.random.Generator, labels:
     ``select.stratify`` (``auto``: stratify when given). k-means runs once per distinct K (per
     label when stratified); one greedy pass per K serves all of its budgets. With
     ``select.dedup_threshold`` the near-duplicates are removed first and never selected; the
-    random baselines still draw from the whole pool.
+    random baselines still draw from the whole pool. progress: a bar over the labels of each K.
 
     Example:
         >>> rng = np.random.default_rng(0)
@@ -201,14 +201,14 @@ def select_candidates(vectors, cfg: Config, *, rng: np.random.Generator, labels:
     for k in sorted({k for k, _ in grid}):
         ms = [m for kk, m in grid if kk == k]
         if stratify:
-            sels = _select_stratified(base, np.asarray(labels)[rows], k, ms, cfg)
+            sels = _select_stratified(base, np.asarray(labels)[rows], k, ms, cfg, progress)
         else:
             sels = _select_k(base, k, ms, cfg)
         per_k += [_lift(s, rows, n) for s in sels]
-        for s in sels:
-            log.info("K=%d %s (M=%s)%s: k-means %.2fs, key samples %.2fs, %s %.2fs", k, s.method,
-                     ",".join(map(str, ms)), " stratified by label" if stratify else "", s.seconds["kmeans"],
-                     s.seconds["key_samples"], s.method, s.seconds["greedy"])
+        log.info("K=%d (M=%s)%s: k-means %.2fs, key samples %.2fs, %s", k, ",".join(map(str, ms)),
+                 f", stratified over {len(set(map(str, labels)))} labels" if stratify else "",
+                 sels[0].seconds["kmeans"], sels[0].seconds["key_samples"],
+                 ", ".join(f"{s.method} {s.seconds['greedy']:.2f}s" for s in sels))
     children = rng.spawn(len(cfg.select.random_seeds))
     random = {seed: random_ranks(n, child) for seed, child in zip(cfg.select.random_seeds, children)}
     return Selection(n=n, budgets=budgets, per_k=per_k, random=random)
@@ -252,7 +252,8 @@ def _lift(s: KSelection, rows: np.ndarray, n: int) -> KSelection:
                       seconds=s.seconds, method=s.method)
 
 
-def _select_stratified(vectors, labels: np.ndarray, k: int, ms: list[int], cfg: Config) -> list[KSelection]:
+def _select_stratified(vectors, labels: np.ndarray, k: int, ms: list[int], cfg: Config,
+                       progress: bool = False) -> list[KSelection]:
     """Label-stratified budgets: each M split over the labels by their share of the pool (largest
     remainder), K likewise (at least one cluster a label), and :func:`_select_k` run inside each
     label. The clusters of all labels are numbered one after another."""
@@ -262,8 +263,11 @@ def _select_stratified(vectors, labels: np.ndarray, k: int, ms: list[int], cfg: 
     sizes = np.bincount(code, minlength=len(names))
     ks = np.maximum(1, np.minimum(sizes, proportional_budgets(sizes, min(k, n))))
     share = {m: proportional_budgets(sizes, m) for m in ms}
+    from tqdm.auto import tqdm
+
     parts = []
-    for lab in range(len(names)):
+    for lab in tqdm(range(len(names)), desc=f"select K={k}, per label", unit="label", disable=not progress,
+                    leave=False):
         sub = np.flatnonzero(code == lab)
         local = {m: int(share[m][lab]) for m in ms}
         parts.append((sub, _select_k(vectors.subset(sub), int(ks[lab]), sorted(set(local.values())), cfg), local))

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from ray_pipeline.config import EmbedConfig
-from ray_pipeline.embed import TextEmbedder, length_sorted_batches, pool_hidden
+from ray_pipeline.embed import TextEmbedder, plan_shards, pool_hidden
 from ray_pipeline.errors import InputError
 
 TEXTS = np.array(["How do I activate my new card?", "My card arrived, how do I turn it on?",
@@ -48,9 +48,9 @@ def test_padding_in_a_batch_does_not_change_a_vector(embedder):
     np.testing.assert_allclose(batched, one_by_one, atol=1e-5)  # padding does not change a vector
 
 
-def test_length_sorted_batches_cover_every_row_once():
-    batches = length_sorted_batches(np.array([3, 10, 1, 7, 7]), 2)
-    assert [b.tolist() for b in batches] == [[1, 3], [4, 0], [2]]
+def test_shards_hold_rows_of_similar_length_and_cover_every_row_once():
+    shards = plan_shards(np.array(["abc", "abcdefghij", "a", "abcdefg", "abcdefg"], dtype=object), 5, 2)
+    assert [s.tolist() for s in shards] == [[1, 3], [4, 0], [2]]  # longest first, ties in row order
 
 
 def test_model_that_is_not_a_model_directory(tmp_path):
