@@ -13,6 +13,8 @@ embeddings, scored on held-out data:
 - ``global k-center``: one cluster, farthest-first over the whole pool (DeepCore / Google style);
 - ``dedup K=M``: near-duplicates (cosine > 0.95, SemDeDup) removed before clustering;
 - ``stratified K=M`` / ``stratified centroid K=M``: label-stratified budgets (the labels known);
+- ``kcenter K=M, hierarchical`` / ``centroid K=M, hierarchical``: the same as ``kcenter K=M`` /
+  ``centroid K=M`` with multi-level k-means (``cluster.algorithm: hierarchical``, branching 64);
 - ``pipeline, not stratified``: the same with ``select.stratify: none``;
 - ``pipeline``: the pipeline's own choice, no oracle: the candidates of the default config
   (``cluster.k: [M/2, M]``, ``select.method: [kcenter, centroid]``, ``select.stratify: auto``,
@@ -26,6 +28,7 @@ prints Markdown tables.
 
     .venv/bin/python benchmarks/quality.py                      # all three datasets
     .venv/bin/python benchmarks/quality.py --datasets banking77 --budgets 1 2 5
+    .venv/bin/python benchmarks/quality.py --methods "kcenter K=M" "kcenter K=M, hierarchical"
 """
 
 from __future__ import annotations
@@ -71,6 +74,8 @@ METHODS = [
     ("dedup K=M", ["M"], {"dedup_threshold": 0.95}),
     ("stratified K=M", ["M"], {"stratify": "label"}),
     ("stratified centroid K=M", ["M"], {"stratify": "label", "method": "centroid"}),
+    ("kcenter K=M, hierarchical", ["M"], {"cluster": {"algorithm": "hierarchical"}}),
+    ("centroid K=M, hierarchical", ["M"], {"method": "centroid", "cluster": {"algorithm": "hierarchical"}}),
 ]
 
 
@@ -83,7 +88,7 @@ def vectors(name: str, split: int, data: DataConfig) -> tuple[np.ndarray, np.nda
     return x, np.array([str(v) for v in pool.labels[keep]], dtype=object)
 
 
-def run_dataset(name: str, budgets_pct: list[float], seeds: int) -> dict:
+def run_dataset(name: str, budgets_pct: list[float], seeds: int, only: tuple = ()) -> dict:
     t0 = time.perf_counter()
     x, labels = vectors(name, 0, DATASETS[name][0])
     xe, labels_e = vectors(name, 1, DATASETS[name][1])
@@ -114,10 +119,11 @@ def run_dataset(name: str, budgets_pct: list[float], seeds: int) -> dict:
         row["random"] = {"mean": float(np.mean(accs)), "std": float(np.std(accs)),
                          "coverage": float(np.mean([coverage(r) for r in rnd]))}
         for label, k, opts in METHODS:
-            if label == "kcenter K=100" and 100 > n:
+            if (label == "kcenter K=100" and 100 > n) or (only and label not in only):
                 continue
-            cfg = Config.from_dict({"cluster": {"k": k}, "select": {"budgets": [m], "random_seeds": [],
-                                                                    "stratify": "none", **opts},
+            opts = dict(opts)
+            cfg = Config.from_dict({"cluster": {"k": k, **opts.pop("cluster", {})},
+                                    "select": {"budgets": [m], "random_seeds": [], "stratify": "none", **opts},
                                     "seed": 0})
             t1 = time.perf_counter()
             sel = select_candidates(x, cfg, rng=np.random.default_rng(0), labels=labels)
@@ -169,15 +175,18 @@ def main() -> None:
     p.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
     p.add_argument("--budgets", nargs="+", type=float, default=[1, 2, 5, 10, 20], help="percent of the pool")
     p.add_argument("--seeds", type=int, default=5, help="random subsets per budget")
+    p.add_argument("--methods", nargs="+", default=[], choices=[m[0] for m in METHODS],
+                   help="only these rows of the method table (the results go to quality-methods-*.json)")
     args = p.parse_args()
     import torch
 
     torch.set_num_threads(2)
-    results = {d: run_dataset(d, args.budgets, args.seeds) for d in args.datasets}
+    results = {d: run_dataset(d, args.budgets, args.seeds, tuple(args.methods)) for d in args.datasets}
     print()
     for d, r in results.items():
         print(markdown(d, r))
-    print(f"wrote {save('quality', {'machine': machine(), 'args': vars(args), 'results': results})}")
+    name = "quality-methods" if args.methods else "quality"
+    print(f"wrote {save(name, {'machine': machine(), 'args': vars(args), 'results': results})}")
 
 
 if __name__ == "__main__":

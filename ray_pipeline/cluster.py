@@ -118,3 +118,60 @@ def assign(x: np.ndarray, centroids: np.ndarray, *, gpus: int = 0,
         rows = np.arange(hi - lo)
         out_a[lo:hi], out_s[lo:hi] = idx[rows, best], sims[rows, best]
     return out_a, out_s
+
+
+def hierarchical_kmeans(x: np.ndarray, k: int, *, seed: int, niter: int = 20, max_points_per_centroid: int = 256,
+                        branching: int = 64, gpus: int = 0) -> KMeansResult:
+    """Multi-level spherical k-means (as in Vo et al. 2024, "Automatic Data Curation for
+    Self-Supervised Learning"): k-means into at most ``branching`` clusters, then the same inside
+    each of them with its share of ``k`` (by size, largest remainder, at least one), down to nodes
+    asked for at most ``branching`` clusters, which run flat :func:`kmeans`. The leaves are the
+    ``k`` clusters, numbered depth-first.
+
+    x: (n, d) float32 L2-normalised rows; 1 <= k <= n. Same result type and contract as
+    :func:`kmeans` (``sim`` is each row's similarity to its own leaf centroid). Cost: about
+    ``niter * n * branching * d`` per level and log_branching(k) levels, against
+    ``niter * n * k * d`` for flat k-means: near-linear in n when k grows with n. Seeded: each
+    node's seed derives from ``seed`` and its path. With ``k <= branching`` it is :func:`kmeans`.
+
+    Example:
+        >>> rng = np.random.default_rng(0)
+        >>> x = rng.normal(size=(3000, 8)).astype(np.float32)
+        >>> x /= np.linalg.norm(x, axis=1, keepdims=True)
+        >>> r = hierarchical_kmeans(x, 40, seed=0, branching=8)
+        >>> r.centroids.shape, int(r.sizes.sum()), int(r.assign.max()) < 40
+        ((40, 8), 3000, True)
+    """
+    from .kcenter import proportional_budgets
+
+    n = len(x)
+    if not 1 <= k <= n:
+        raise InputError(f"cannot make k={k} clusters of n={n} samples; choose 1 <= k <= {n}")
+    if branching < 2:
+        raise ValueError("branching must be at least 2")
+    assign = np.empty(n, dtype=np.int64)
+    sim = np.empty(n, dtype=np.float32)
+    centroids: list[np.ndarray] = []
+    stack = [(np.arange(n), k, (seed,))]  # (rows, clusters asked of the node, path); depth-first, in order
+    while stack:
+        rows, k_here, path = stack.pop()
+        node_seed = int(np.random.default_rng(path).integers(0, 2**31 - 1))
+        xs = x[rows]
+        split = None if k_here <= branching else kmeans(xs, branching, seed=node_seed, niter=niter,
+                                                        max_points_per_centroid=max_points_per_centroid, gpus=gpus)
+        if split is None or int((split.sizes > 0).sum()) == 1:  # a leaf node, or one that would not split
+            k_here = min(k_here, len(rows))
+            r = kmeans(xs, k_here, seed=node_seed, niter=niter, max_points_per_centroid=max_points_per_centroid,
+                       gpus=gpus)
+            assign[rows] = r.assign + sum(len(c) for c in centroids)
+            sim[rows] = r.sim
+            centroids.append(r.centroids)
+            continue
+        r = split
+        sizes = r.sizes
+        live = sizes > 0
+        # every non-empty child gets one leaf, the rest of k_here by size, never more than its rows
+        share = live.astype(np.int64) + proportional_budgets(sizes, k_here - int(live.sum()), sizes - live)
+        children = [(rows[r.assign == c], int(share[c]), (*path, c)) for c in range(branching) if share[c] > 0]
+        stack.extend(reversed(children))  # popped in child order
+    return KMeansResult(centroids=np.concatenate(centroids), assign=assign, sim=sim)

@@ -116,13 +116,17 @@ class ClusterConfig:
     ``k``: absolute numbers of clusters (``100``) and/or ratios of each budget M (``"M"``,
     ``"M/2"``, ``"M/4"``): a ratio gives one K per M, so the clusters follow the budget.
     ``max_points_per_centroid``: faiss trains on at most K times this many points (a seeded
-    sample), then assigns every point.
+    sample), then assigns every point. ``algorithm``: ``flat`` (one k-means into K clusters: cost
+    N K d per iteration) or ``hierarchical`` (multi-level k-means, at most ``branching`` clusters a
+    level: about N branching d log_branching(K); the driver engine only).
     """
 
     k: tuple[KValue, ...] = ("M/2", "M")
     niter: int = 20
     max_points_per_centroid: int = 256
     gpu: Literal["auto", "never"] = "auto"
+    algorithm: Literal["flat", "hierarchical"] = "flat"
+    branching: int = 64
 
     def __post_init__(self) -> None:
         if not self.k:
@@ -134,6 +138,8 @@ class ClusterConfig:
             fail("cluster.niter", self.niter, "an int >= 1")
         if self.max_points_per_centroid < 1:
             fail("cluster.max_points_per_centroid", self.max_points_per_centroid, "an int >= 1")
+        if self.branching < 2:
+            fail("cluster.branching", self.branching, "an int >= 2 (clusters per level)")
 
 
 @dataclass(frozen=True)
@@ -318,6 +324,9 @@ class Config:
             fail("output_dir", self.output_dir, "a directory path")
         no_credentials_in("output_dir", self.output_dir)
         no_credentials_in("finetune.eval_path", self.finetune.eval_path)
+        if self.cluster.algorithm == "hierarchical" and self.select.engine == "ray":
+            fail("cluster.algorithm", self.cluster.algorithm, "'flat' with select.engine 'ray' (the shard engine "
+                 "clusters flat), or select.engine 'driver'")
         for name in ("eval_labels_path", "test_path", "test_labels_path"):
             no_credentials_in(f"finetune.{name}", getattr(self.finetune, name))
         no_credentials_in("ray_address", self.ray_address)

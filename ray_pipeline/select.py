@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 
 from . import faults
-from .cluster import kmeans
+from .cluster import hierarchical_kmeans, kmeans
 from .config import Config
 from .data import Pool
 from .device import Devices, decide
@@ -108,8 +108,10 @@ class InMemory:
 
     def cluster(self, k: int) -> "_InMemoryClustering":
         c = self.cfg.cluster
-        km = kmeans(self.x, k, seed=self.cfg.seed, niter=c.niter, max_points_per_centroid=c.max_points_per_centroid,
-                    gpus=self.devices.faiss_gpus)
+        kw = dict(seed=self.cfg.seed, niter=c.niter, max_points_per_centroid=c.max_points_per_centroid,
+                  gpus=self.devices.faiss_gpus)
+        km = hierarchical_kmeans(self.x, k, branching=c.branching, **kw) if c.algorithm == "hierarchical" \
+            else kmeans(self.x, k, **kw)
         return _InMemoryClustering(self.x_t, km.assign, km.sim, k)
 
     def subset(self, rows: np.ndarray) -> "InMemory":
@@ -121,7 +123,7 @@ class InMemory:
         import torch
 
         k = max(1, int(round(np.sqrt(self.n))))
-        c = self.cluster(k)
+        c = self.cluster(k)  # sqrt(n) clusters, as SemDeDup
         dev = self.x_t.device
         dup = semantic_duplicates(self.x_t, torch.from_numpy(c.assign).to(dev), torch.from_numpy(c.sim).to(dev), k,
                                   self.cfg.select.dedup_threshold)

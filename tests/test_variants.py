@@ -93,3 +93,18 @@ def test_dedup_is_refused_by_the_shard_engine_and_stratify_is_not():
     assert Config.from_dict({"select": {"engine": "ray", "stratify": "label"}}).select.stratify == "label"
     with pytest.raises(ConfigError, match="dedup_threshold"):
         Config.from_dict({"select": {"dedup_threshold": 1.5}})
+
+
+def test_hierarchical_clustering_gives_exact_budgets_and_repeats_itself():
+    x = unit_blobs(5000, 16, 30, 7)
+    cfg = Config.from_dict({"cluster": {"algorithm": "hierarchical", "branching": 6},
+                            "select": {"budgets": [50, 250], "stratify": "none"}})
+    a = select_candidates(x, cfg, rng=np.random.default_rng(0))
+    b = select_candidates(x, cfg, rng=np.random.default_rng(0))
+    for s, t in zip(a.per_k, b.per_k):
+        assert (s.rank == t.rank).all() and (s.assign == t.assign).all()
+        for m in s.budgets:
+            assert s.members(m).sum() == m
+    assert {s.k for s in a.per_k} == {25, 50, 125, 250}
+    with pytest.raises(ConfigError, match="cluster.algorithm"):
+        Config.from_dict({"cluster": {"algorithm": "hierarchical"}, "select": {"engine": "ray"}})
