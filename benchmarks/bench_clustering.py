@@ -75,7 +75,7 @@ def main() -> None:
                     continue
                 out["runs"].append(run(x, pct, algorithm, args.branching))
         del x
-    print(f"\n| N | budget | flat (s) | hierarchical (s) | flat / hierarchical |\n|---|---|---|---|---|")
+    print("\n| N | budget | flat (s) | hierarchical (s) | flat / hierarchical |\n|---|---|---|---|---|")
     for pct in args.budgets:
         rows = {a: [r for r in out["runs"] if r["algorithm"] == a and r["budget_pct"] == pct]
                 for a in ("flat", "hierarchical")}
