@@ -13,7 +13,7 @@ Ray Train + DeepSpeed) under one rule: until its validation score stops improvin
 the test half and judges (``verdict.judge``). Writes ``benchmarks/results/quality-finetune-{cpu,gpu}.json``
 and prints a Markdown table with costs.
 
-    .venv/bin/python benchmarks/quality_finetune.py                  # about 40 minutes on 2 cores
+    .venv/bin/python benchmarks/quality_finetune.py                  # about 45 minutes on 2 cores
     .venv/bin/python benchmarks/quality_finetune.py --budgets 2 --seeds 2 --max-steps 100
 """
 
@@ -46,10 +46,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--budgets", nargs="+", type=float, default=[2, 10], help="percent of the pool")
     p.add_argument("--seeds", type=int, default=3, help="random subsets per budget")
-    p.add_argument("--max-epochs", type=float, default=8.0)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--max-epochs", type=float, default=40.0)
     p.add_argument("--max-steps", type=int, default=500, help="the cap every trial shares (the full pool reaches it)")
     p.add_argument("--eval-every", type=int, default=25)
-    p.add_argument("--eval-limit", type=int, default=1600, help="held-out rows: half validation, half test")
+    p.add_argument("--eval-limit", type=int, default=800, help="held-out rows: half validation, half test")
     args = p.parse_args()
 
     t0 = time.perf_counter()
@@ -60,7 +61,7 @@ def main() -> None:
     pool = read_pool(train_cfg)
     cfg = Config.from_dict({
         "data": {"path": train_cfg.path, "label_column": train_cfg.label_column},
-        "finetune": {"eval_path": test_cfg.path, "eval_limit": args.eval_limit, "model": "minilm", "lr": 1e-4,
+        "finetune": {"eval_path": test_cfg.path, "eval_limit": args.eval_limit, "model": "minilm", "lr": args.lr,
                      "batch_size": 32, "max_epochs": args.max_epochs, "max_steps": args.max_steps,
                      "eval_every": args.eval_every, "patience": 3, "max_length": 64, "eval_batch_size": 128,
                      "threads_per_worker": 2, "max_concurrent_trials": 1},
