@@ -15,8 +15,8 @@ LAYERS = [
     ["pipeline"],  # stages and commands only
     ["embed", "select", "distributed", "proxy", "tune", "report", "export"],  # one stage each
     ["finetune", "heldout"],  # the per-worker training loop that tune runs; the held-out parts
-    ["kcenter", "cluster", "models", "data", "artifacts", "device", "runtime", "verdict"],
-    ["config", "formats"],
+    ["cluster", "models", "data", "artifacts", "device", "runtime", "verdict"],
+    ["kcenter", "config", "formats"],  # kcenter: the pure selection kernels, numpy and torch only
     ["typed", "metrics"],
     ["errors", "faults", "__init__"],
 ]
