@@ -11,7 +11,8 @@ random subsets of the same size and the full pool, every one by ``tune.run_sweep
 Ray Train + DeepSpeed) under one rule: until its validation score stops improving (patience 3) or
 ``--max-epochs`` passes, at most ``--max-steps`` steps. The sweep scores each trial's best model on
 the test half and judges (``verdict.judge``). Writes ``benchmarks/results/quality-finetune-{cpu,gpu}.json``
-and prints a Markdown table with costs.
+(``quality-finetune-<budgets>-{cpu,gpu}.json`` for budgets other than 2%) and prints a Markdown
+table with costs.
 
     .venv/bin/python benchmarks/quality_finetune.py                  # about 45 minutes on 2 cores
     .venv/bin/python benchmarks/quality_finetune.py --budgets 2 --seeds 2 --max-steps 100
@@ -133,7 +134,8 @@ def main() -> None:
         f"{100 * full['test_score']:.1f} ({full['cpu_seconds']:.0f} CPU-s)" for _ in table) + " |")
     out = {"machine": machine(), "args": vars(args), "split": split, "chosen": chosen, "trials": trials,
            "table": table, "seconds": time.perf_counter() - t0}
-    print(f"wrote {save('quality-finetune', out)}")
+    tag = "" if args.budgets == [2] else "-" + "-".join(f"{b:g}pct" for b in args.budgets)  # 2%: the README's table
+    print(f"wrote {save('quality-finetune' + tag, out)}")
 
 
 def _values(work: Path, cfg, test_pool, cands) -> dict:
