@@ -35,7 +35,9 @@ OUT_FORMATS = ("jsonl", "json", "csv", "parquet", "text")
 def pool_format(cfg: Config) -> str:
     """The format of the pool's own file (``jsonl`` for a dataset directory)."""
     path = Path(str(cfg.data.path))
-    return "jsonl" if path.is_dir() or "://" in str(cfg.data.path) and not path.suffix else detect_format(path, cfg.data.format)
+    if path.is_dir() or ("://" in str(cfg.data.path) and not path.suffix):
+        return "jsonl"
+    return detect_format(path, cfg.data.format)
 
 
 def export_records(cfg: Config, ids: list[str], output: Path, fmt: str = "auto") -> dict:
@@ -115,8 +117,8 @@ def candidate_ids(run_dir: Path, candidate: str, order: str = "pool") -> tuple[s
     if order == "greedy":
         if spec is None or spec["kind"] != "selection":
             raise InputError(f"{name!r} has no greedy order (only selection candidates do); use --order pool")
-        family = name[: name.rindex("_m")]
-        rank = table.column(f"rank_{family}").to_numpy()[rows]
+        family = f"k{spec['k']}" if spec["method"] == "kcenter" else f"{spec['method']}_k{spec['k']}"
+        rank = table.column(f"rank_{family}").to_numpy()[rows]  # the family's column (select.KSelection.family)
         rows = rows[np.lexsort((rows, rank))]
     elif order != "pool":
         raise InputError(f"--order {order!r}: choose pool or greedy")

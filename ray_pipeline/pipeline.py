@@ -224,15 +224,16 @@ def _read_and_embed(cfg: Config, run: Run, progress: bool, *, tune: bool = False
     return embed_stage(pool, cfg, run, progress=progress)
 
 
-def _check_held_out(cfg: Config, pool: Pool) -> None:
-    """The held-out parts read, their labels known to the pool, the model found: before any stage."""
+def _check_held_out(cfg: Config, pool: Pool) -> tuple[Pool, Pool]:
+    """The held-out parts read, their labels known to the pool, the model found: before any stage.
+    Returns the (validation, test) parts."""
     from .heldout import read_parts
     from .models import resolve
 
     resolve(cfg.finetune.model, cfg.finetune.task)
     val, test, _ = read_parts(cfg)
     if cfg.finetune.task != "classification":
-        return
+        return val, test
     if pool.labels is None:
         raise InputError("classification needs the pool's labels: set data.label_column (or data.labels_path), or "
                          "finetune.task: instruction")
@@ -244,6 +245,7 @@ def _check_held_out(cfg: Config, pool: Pool) -> None:
             raise InputError(f"the held-out {part} part ({where}) has {len(unknown)} label(s) the pool does not have, "
                              f"e.g. {unknown[:3]}{' (none of its labels is in the pool)' if not known & {str(v) for v in p.labels} else ''}; "
                              f"a classifier cannot learn them: remove those rows, or check data.label_column")
+    return val, test
 
 
 def _one_ray(cfg: Config, needed: bool):
@@ -261,7 +263,7 @@ def _embeds_with_ray(cfg: Config) -> bool:
 def check(cfg: Config, *, tune: bool, overwrite: bool = False, resume: bool = False) -> dict:
     """Every check a run makes before its first stage (config, pool, grid, output directory, held-out
     set, model), and nothing written; what was found. ``ray-pipeline run --check``."""
-    from .heldout import eval_data_config, read_parts
+    from .heldout import eval_data_config
 
     if tune:
         eval_data_config(cfg)
@@ -272,8 +274,7 @@ def check(cfg: Config, *, tune: bool, overwrite: bool = False, resume: bool = Fa
     found = {"samples": len(pool), "labels": None if pool.labels is None else len({str(v) for v in pool.labels}),
              "candidates (K, M)": grid, "output_dir": cfg.output_dir}
     if tune:
-        _check_held_out(cfg, pool)
-        val, test, _ = read_parts(cfg)
+        val, test = _check_held_out(cfg, pool)
         found.update(validation=len(val), test=len(test))
     return found
 
