@@ -31,6 +31,7 @@ from typing import Optional
 
 import numpy as np
 
+from .boundary import fit_probe, probe_margins
 from .cluster import assign as assign_rows
 from .cluster import train_centroids, training_rows
 from .config import Config
@@ -86,6 +87,11 @@ def _assign_shard(path, row_map, centroids):
     rows, x = read_shard(path, row_map)
     a, s = assign_rows(x, centroids)
     return rows, a, s
+
+
+def _margin_shard(path, row_map, probe):
+    rows, x = read_shard(path, row_map)
+    return rows, probe_margins(probe, x)
 
 
 def _partition_shard(path, row_map, assign, group_of_cluster, groups):
@@ -163,6 +169,20 @@ class Sharded:
         local[rows] = np.arange(len(rows))
         row_map = local if self.row_map is None else np.where(self.row_map >= 0, local[np.maximum(self.row_map, 0)], -1)
         return Sharded(self.shards, len(rows), self.cfg, self.devices, row_map=row_map, groups=self.groups)
+
+    def probe_margins(self, labels: np.ndarray, train: np.ndarray) -> np.ndarray:
+        """(n,) the margin of a linear probe fit on the rows ``train`` (gathered to the driver), every
+        row scored by a task per shard."""
+        import ray
+
+        wanted = ray.put(np.sort(train))
+        rows_t, x_t = _group_arrays(ray.get([ray.remote(read_shard).remote(p, self.row_map_ref(), wanted)
+                                             for p in self.shards]))
+        probe = ray.put(fit_probe(x_t, np.asarray(labels)[rows_t]))
+        margin = np.ones(self.n, np.float32)
+        for rows, mg in ray.get([ray.remote(_margin_shard).remote(p, self.row_map_ref(), probe) for p in self.shards]):
+            margin[rows] = mg
+        return margin
 
     def near_duplicates(self) -> np.ndarray:
         raise ConfigError("select.dedup_threshold needs select.engine 'driver' (near-duplicate removal compares "

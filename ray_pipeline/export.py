@@ -117,7 +117,8 @@ def candidate_ids(run_dir: Path, candidate: str, order: str = "pool") -> tuple[s
     if order == "greedy":
         if spec is None or spec["kind"] != "selection":
             raise InputError(f"{name!r} has no greedy order (only selection candidates do); use --order pool")
-        family = f"k{spec['k']}" if spec["method"] == "kcenter" else f"{spec['method']}_k{spec['k']}"
+        family = spec.get("family") or (f"k{spec['k']}" if spec["method"] == "kcenter"  # runs before "family"
+                                        else f"{spec['method']}_k{spec['k']}")
         rank = table.column(f"rank_{family}").to_numpy()[rows]  # the family's column (select.KSelection.family)
         rows = rows[np.lexsort((rows, rank))]
     elif order != "pool":

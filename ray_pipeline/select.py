@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 import numpy as np
 import pyarrow as pa
 
 from . import faults
+from .boundary import boundary_picks, boundary_share, fit_probe, probe_margins
 from .cluster import hierarchical_kmeans, kmeans
 from .config import Config
 from .data import Pool
@@ -63,12 +64,16 @@ class KSelection:
 
     @property
     def family(self) -> str:
-        """``k{K}`` for the method of METHOD.md, ``{method}_k{K}`` for a variant."""
+        """``k{K}`` for the method of METHOD.md, ``{method}_k{K}`` for a variant; a ``boundary``
+        selection holds one budget (its candidates are not prefixes of one order), so its family is
+        its one candidate, ``boundary_k{K}_m{M}``."""
+        if self.method == "boundary":
+            return f"boundary_k{self.k}_m{next(iter(self.budgets))}"
         return f"k{self.k}" if self.method == "kcenter" else f"{self.method}_k{self.k}"
 
     def name(self, m: int) -> str:
         """Candidate name: the family and the budget, ``k{K}_m{M}``."""
-        return f"{self.family}_m{m}"
+        return self.family if self.method == "boundary" else f"{self.family}_m{m}"
 
     def members(self, m: int) -> np.ndarray:
         """(n,) bool: the candidate subset of size m."""
@@ -84,7 +89,7 @@ class Selection:
 
     def candidates(self) -> list[dict]:
         """Every candidate as data (what ``select.json`` lists and the Tune stage reads)."""
-        out = [{"name": s.name(m), "kind": "selection", "method": s.method, "k": s.k, "m": m}
+        out = [{"name": s.name(m), "kind": "selection", "method": s.method, "k": s.k, "m": m, "family": s.family}
                for s in self.per_k for m in s.budgets]
         out += [{"name": f"random_m{m}_s{seed}", "kind": "random", "seed": seed, "m": m}
                 for seed in self.random for m in self.budgets]
@@ -116,6 +121,10 @@ class InMemory:
 
     def subset(self, rows: np.ndarray) -> "InMemory":
         return InMemory(self.x[rows], self.cfg, self.devices)
+
+    def probe_margins(self, labels: np.ndarray, train: np.ndarray) -> np.ndarray:
+        """(n,) the margin of a linear probe fit on the rows ``train`` (see ``boundary``)."""
+        return probe_margins(fit_probe(self.x[train], labels[train]), self.x)
 
     def near_duplicates(self) -> np.ndarray:
         """(n,) bool, SemDeDup: k-means into sqrt(n) clusters, then per cluster the members within
@@ -189,6 +198,17 @@ def select_candidates(vectors, cfg: Config, *, rng: np.random.Generator, labels:
         raise ConfigError("select.stratify 'label' needs the pool's labels: set data.label_column (or "
                           "data.labels_path), or use select.stratify 'none'")
     stratify = cfg.select.stratify == "label" or (cfg.select.stratify == "auto" and labels is not None)
+    methods = cfg.select.method
+    boundary = "boundary" in methods and labels is not None
+    if methods == ("boundary",) and labels is None:
+        raise ConfigError("select.method ['boundary'] needs the pool's labels: set data.label_column (or "
+                          "data.labels_path), or add 'kcenter' or 'centroid' to select.method")
+    if "boundary" in methods and labels is None:
+        log.warning("select.method 'boundary' needs the pool's labels (data.label_column or data.labels_path): "
+                    "its candidates are left out")
+    # the boundary candidate starts from the nearest-to-centroid one, computed whether asked for or not
+    run_methods = tuple(m for m in methods if m != "boundary") + (("centroid",) if boundary and "centroid"
+                                                                   not in methods else ())
     rows, base = np.arange(n), vectors
     if cfg.select.dedup_threshold is not None:
         rows = np.flatnonzero(~vectors.near_duplicates())
@@ -202,23 +222,30 @@ def select_candidates(vectors, cfg: Config, *, rng: np.random.Generator, labels:
     per_k = []
     for k in sorted({k for k, _ in grid}):
         ms = [m for kk, m in grid if kk == k]
+        protos = {m: m - int(round(boundary_share(m, n) * m)) for m in ms} if boundary else {}
+        run_ms = sorted(set(ms) | set(protos.values()))
         if stratify:
-            sels = _select_stratified(base, np.asarray(labels)[rows], k, ms, cfg, progress)
+            sels = _select_stratified(base, np.asarray(labels)[rows], k, run_ms, cfg, run_methods, progress)
         else:
-            sels = _select_k(base, k, ms, cfg)
+            sels = _select_k(base, k, run_ms, cfg, run_methods)
+        if boundary:
+            centroid = next(s for s in sels if s.method == "centroid")
+            sels += [_boundary(base, centroid, np.asarray(labels)[rows], m, protos[m]) for m in ms]
+        sels = [s if s.method == "boundary" else replace(s, budgets={m: s.budgets[m] for m in ms})
+                for s in sels if s.method in methods]
         per_k += [_lift(s, rows, n) for s in sels]
         log.info("K=%d (M=%s)%s: k-means %.2fs, key samples %.2fs, %s", k, ",".join(map(str, ms)),
                  f", stratified over {len(set(map(str, labels)))} labels" if stratify else "",
                  sels[0].seconds["kmeans"], sels[0].seconds["key_samples"],
-                 ", ".join(f"{s.method} {s.seconds['greedy']:.2f}s" for s in sels))
+                 ", ".join(f"{s.method} {s.seconds['greedy']:.2f}s" for s in sels if s.method != "boundary"))
     children = rng.spawn(len(cfg.select.random_seeds))
     random = {seed: random_ranks(n, child) for seed, child in zip(cfg.select.random_seeds, children)}
     return Selection(n=n, budgets=budgets, per_k=per_k, random=random)
 
 
-def _select_k(vectors, k: int, ms: list[int], cfg: Config) -> list[KSelection]:
+def _select_k(vectors, k: int, ms: list[int], cfg: Config, methods: tuple[str, ...]) -> list[KSelection]:
     """One K over ``vectors``: k-means, key samples, budgets for each M in ``ms``, and one
-    candidate order per method of ``select.method``. The routine both engines run."""
+    candidate order per method of ``methods`` (kcenter, centroid). The routine both engines run."""
     t0 = time.perf_counter()
     c = vectors.cluster(k)
     t1 = time.perf_counter()
@@ -227,7 +254,7 @@ def _select_k(vectors, k: int, ms: list[int], cfg: Config) -> list[KSelection]:
     t2 = time.perf_counter()
     per_m, run_to, eligible = _budgets_and_eligible(c.assign, c.sim, k, key, ms, cfg)
     out = []
-    for method in cfg.select.method:
+    for method in methods:
         t3 = time.perf_counter()
         if method == "centroid":
             rank = _centroid_rank(c.assign, c.sim, k, eligible, run_to)
@@ -242,6 +269,31 @@ def _select_k(vectors, k: int, ms: list[int], cfg: Config) -> list[KSelection]:
     return out
 
 
+def _boundary(vectors, centroid: KSelection, labels: np.ndarray, m: int, m_protos: int) -> KSelection:
+    """The ``boundary`` candidate of size m (module ``boundary``): the nearest-to-centroid
+    candidate of size ``m_protos`` (label-stratified when the others are), then m - m_protos rows
+    a probe fit on those is least sure of, one per cluster first, from whichever labels they are
+    (the confusable labels get more: the benchmark measured this above exact label shares for
+    them). Its rank: the prototypes in centroid order, then the boundary rows in pick order,
+    counted inside each cluster."""
+    t0 = time.perf_counter()
+    protos = centroid.members(m_protos)
+    margin = vectors.probe_margins(labels, np.flatnonzero(protos))
+    hard = boundary_picks(margin, centroid.assign, protos, m - m_protos)
+    order_key = np.full(len(protos), -1, dtype=np.int64)
+    order_key[protos] = centroid.rank[protos]
+    order_key[hard] = int(centroid.rank.max()) + 1 + np.arange(len(hard))
+    chosen = np.flatnonzero(order_key >= 0)
+    chosen = chosen[np.lexsort((order_key[chosen], centroid.assign[chosen]))]  # by cluster, then pick order
+    a = centroid.assign[chosen]
+    starts = np.flatnonzero(np.r_[True, a[1:] != a[:-1]])
+    rank = np.full(len(protos), -1, dtype=np.int64)
+    rank[chosen] = np.arange(len(chosen)) - np.repeat(starts, np.diff(np.r_[starts, len(chosen)]))
+    budgets = {m: np.bincount(a, minlength=len(centroid.center))}
+    seconds = dict(centroid.seconds, greedy=0.0, boundary=time.perf_counter() - t0)
+    return replace(centroid, budgets=budgets, rank=rank, seconds=seconds, method="boundary")
+
+
 def _lift(s: KSelection, rows: np.ndarray, n: int) -> KSelection:
     """A selection made on ``rows`` of the pool as one on all ``n`` rows (the others: cluster -1,
     never chosen)."""
@@ -254,7 +306,7 @@ def _lift(s: KSelection, rows: np.ndarray, n: int) -> KSelection:
                       seconds=s.seconds, method=s.method)
 
 
-def _select_stratified(vectors, labels: np.ndarray, k: int, ms: list[int], cfg: Config,
+def _select_stratified(vectors, labels: np.ndarray, k: int, ms: list[int], cfg: Config, methods: tuple[str, ...],
                        progress: bool = False) -> list[KSelection]:
     """Label-stratified budgets: each M split over the labels by their share of the pool (largest
     remainder), K likewise (at least one cluster a label), and :func:`_select_k` run inside each
@@ -272,9 +324,10 @@ def _select_stratified(vectors, labels: np.ndarray, k: int, ms: list[int], cfg: 
                     leave=False):
         sub = np.flatnonzero(code == lab)
         local = {m: int(share[m][lab]) for m in ms}
-        parts.append((sub, _select_k(vectors.subset(sub), int(ks[lab]), sorted(set(local.values())), cfg), local))
+        parts.append((sub, _select_k(vectors.subset(sub), int(ks[lab]), sorted(set(local.values())), cfg, methods),
+                      local))
     out = []
-    for j, method in enumerate(cfg.select.method):
+    for j, method in enumerate(methods):
         assign, rank = np.full(n, -1, dtype=np.int64), np.full(n, -1, dtype=np.int64)
         center, key, per_m, offset = [], [], {m: [] for m in ms}, 0
         seconds: dict[str, float] = {}
@@ -343,7 +396,11 @@ def clusters_table(pool: Pool, sel: Selection) -> pa.Table:
     rows: dict[str, list] = {"k": [], "cluster": [], "size": [], "center_id": [], "key_id": []}
     for m in sel.budgets:
         rows[f"budget_m{m}"] = []
-    for s in {s.k: s for s in sel.per_k}.values():  # one row set per K, whatever the methods
+    per_k = {}
+    for s in sel.per_k:  # one row set per K, whatever the methods: the selection with the most budgets
+        if s.k not in per_k or len(s.budgets) > len(per_k[s.k].budgets):
+            per_k[s.k] = s
+    for s in per_k.values():
         sizes = np.bincount(s.assign[s.assign >= 0], minlength=len(s.center))
         for c in range(len(s.center)):
             rows["k"].append(s.k)

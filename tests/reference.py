@@ -85,3 +85,17 @@ def semantic_duplicates_reference(x: np.ndarray, assign: np.ndarray, sim: np.nda
     return dup
 
 
+
+
+def boundary_picks_reference(margin: np.ndarray, assign: np.ndarray, taken: np.ndarray, need: int) -> list[int]:
+    """One row at a time: the free row of smallest margin (lowest index on ties) in a cluster with
+    no pick yet, while there is one; then the free row of smallest margin anywhere."""
+    picked: list[int] = []
+    used: set[int] = set()
+    while len(picked) < need:
+        free = [i for i in range(len(margin)) if not taken[i] and assign[i] >= 0 and i not in picked]
+        fresh = [i for i in free if assign[i] not in used] or free
+        best = min(fresh, key=lambda i: (margin[i], i))
+        picked.append(best)
+        used.add(int(assign[best]))
+    return picked

@@ -99,11 +99,12 @@ def test_sharded_selection_equals_the_driver_path_stratified_by_label(tmp_path, 
     n = 3000
     x = unit_blobs(n, 16, 12, 2)
     labels = np.array(["a", "b", "c", "d"], dtype=object)[np.random.default_rng(1).integers(0, 4, n)]
-    cfg = Config.from_dict({"select": {"budgets": [30, 150]}})  # default K grid (M/2, M), both methods
+    cfg = Config.from_dict({"select": {"budgets": [30, 150]}})  # default K grid (M/2, M), every method
     paths = write_shards(x, tmp_path, 700, seed=3)
     a = select_candidates(x, cfg, rng=np.random.default_rng(0), labels=labels, devices=CPU)
     b = select_candidates(Sharded(paths, n, cfg, CPU, groups=3), cfg, rng=np.random.default_rng(0), labels=labels)
     same_selection(a, b)
+    assert {s.method for s in a.per_k} == {"kcenter", "centroid", "boundary"}  # the probe ran over the shards
     chosen = a.per_k[0].members(30)
     assert len(set(labels[chosen])) == 4  # it did stratify
 

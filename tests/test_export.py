@@ -58,6 +58,17 @@ def test_greedy_order_puts_every_clusters_key_sample_first(chat_run):
     assert set(ids[: (np.array(ranks) == 0).sum()]) <= set(keys.key_id.dropna())
 
 
+def test_a_boundary_candidate_exports_in_its_own_order(chat_run):
+    """A boundary candidate's family holds its one budget: its rank column is named after it."""
+    out = chat_run / "boundary.jsonl"
+    assert main(["export", str(chat_run / "run"), "--candidate", "boundary_k6_m12", "--order", "greedy",
+                 "--output", str(out)]) == 0
+    ids = [json.loads(line)["id"] for line in out.read_text().splitlines()]
+    sel = pq.read_table(chat_run / "run" / "selection.parquet").to_pandas().set_index("id")
+    ranks = [int(sel.loc[i, "rank_boundary_k6_m12"]) for i in ids]
+    assert ranks == sorted(ranks) and sorted(ids) == sorted(sel.index[sel.in_boundary_k6_m12])
+
+
 def test_parquet_and_json_outputs_and_csv_refuses_nested_messages(chat_run):
     run = str(chat_run / "run")
     assert main(["export", run, "--candidate", "random_m12_s0", "--output", str(chat_run / "r.parquet")]) == 0

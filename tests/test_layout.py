@@ -16,7 +16,7 @@ LAYERS = [
     ["embed", "select", "distributed", "proxy", "tune", "report", "export"],  # one stage each
     ["finetune", "heldout"],  # the per-worker training loop that tune runs; the held-out parts
     ["cluster", "models", "data", "artifacts", "device", "runtime", "verdict"],
-    ["kcenter", "config", "formats"],  # kcenter: the pure selection kernels, numpy and torch only
+    ["kcenter", "boundary", "config", "formats"],  # kcenter, boundary: the pure selection kernels
     ["typed", "metrics"],
     ["errors", "faults", "__init__"],
 ]

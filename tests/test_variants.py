@@ -81,7 +81,8 @@ def test_stratified_budgets_follow_the_label_shares_exactly():
         for m in s.budgets:
             chosen = s.members(m)
             assert chosen.sum() == m
-            assert (np.bincount(code[chosen], minlength=4) == proportional_budgets(sizes, m)).all()
+            if s.method != "boundary":  # its boundary rows go to the confusable labels (test_boundary)
+                assert (np.bincount(code[chosen], minlength=4) == proportional_budgets(sizes, m)).all()
             assert (s.budgets[m].sum() == m) and (s.key[s.key >= 0] >= 0).all()
     with pytest.raises(ConfigError, match="needs the pool's labels"):
         select_candidates(x, cfg, rng=np.random.default_rng(0))
