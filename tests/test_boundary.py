@@ -110,7 +110,8 @@ def test_boundary_candidate_is_the_prototypes_then_the_least_sure_rows(stratify)
 
 def test_boundary_candidates_are_listed_and_seeded():
     x, labels = labelled_blobs()
-    a, b = select(x, labels, budgets=[30, 60]), select(x, labels, budgets=[30, 60])
+    every = ["kcenter", "centroid", "boundary"]
+    a, b = select(x, labels, budgets=[30, 60], method=every), select(x, labels, budgets=[30, 60], method=every)
     names = [c["name"] for c in a.candidates() if c["kind"] == "selection"]
     assert {"boundary_k30_m30", "boundary_k60_m60", "centroid_k30_m30", "k60_m60"} <= set(names)
     assert all((s.rank == t.rank).all() for s, t in zip(a.per_k, b.per_k))
@@ -122,7 +123,7 @@ def test_boundary_candidates_are_listed_and_seeded():
 def test_boundary_without_labels_is_left_out_with_a_warning(caplog):
     x, _ = labelled_blobs()
     with caplog.at_level(logging.WARNING, logger="ray_pipeline.select"):
-        sel = select(x, None, budgets=[30])
+        sel = select(x, None, budgets=[30], method=["kcenter", "centroid", "boundary"])
     assert {s.method for s in sel.per_k} == {"kcenter", "centroid"}
     assert "needs the pool's labels" in caplog.text
     with pytest.raises(ConfigError, match="needs the pool's labels"):

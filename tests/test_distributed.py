@@ -99,7 +99,7 @@ def test_sharded_selection_equals_the_driver_path_stratified_by_label(tmp_path, 
     n = 3000
     x = unit_blobs(n, 16, 12, 2)
     labels = np.array(["a", "b", "c", "d"], dtype=object)[np.random.default_rng(1).integers(0, 4, n)]
-    cfg = Config.from_dict({"select": {"budgets": [30, 150]}})  # default K grid (M/2, M), every method
+    cfg = Config.from_dict({"select": {"budgets": [30, 150], "method": ["kcenter", "centroid", "boundary"]}})
     paths = write_shards(x, tmp_path, 700, seed=3)
     a = select_candidates(x, cfg, rng=np.random.default_rng(0), labels=labels, devices=CPU)
     b = select_candidates(Sharded(paths, n, cfg, CPU, groups=3), cfg, rng=np.random.default_rng(0), labels=labels)

@@ -30,7 +30,8 @@ def chat_run(tmp_path_factory):
     (d / "pool.jsonl").write_text("".join(json.dumps(chat(i)) + "\n" for i in range(N)))
     np.save(d / "x.npy", unit_blobs(N, 8, 4, 0))
     rc = main(["select", "--data", str(d / "pool.jsonl"), "--embeddings", str(d / "x.npy"), "--id-column", "id",
-               "--label-column", "label", "--k", "6", "--budgets", "12", "--out", str(d / "run"), "--no-progress"])
+               "--label-column", "label", "--k", "6", "--budgets", "12", "--out", str(d / "run"), "--no-progress",
+               "--set", "select.method=[kcenter, centroid, boundary]"])
     assert rc == 0
     return d
 
