@@ -34,7 +34,11 @@ class DataConfig:
     per line, with labels one per line in ``labels_path`` if any). ``text_column`` names a single
     text field; ``text_template`` (a ``str.format`` template such as
     ``"{instruction}\\n{input}\\n{output}"``) builds the text from several. With neither,
-    a column named ``text`` is used. ``id_column`` empty: stable ids ``row-<n>`` from the row order.
+    a column named ``text`` is used, else a chat column. ``chat_column``: a list of turns per
+    sample (OpenAI/TRL ``messages`` of ``role``/``content``, or ShareGPT ``conversations`` of
+    ``from``/``value``); empty: ``messages`` or ``conversations`` when the file has one and no text
+    is configured. ``chat_text``: what of a conversation is embedded, ``all`` turns or the
+    ``user`` turns only. ``id_column`` empty: stable ids ``row-<n>`` from the row order.
     ``image_column``: an image per sample, as a file path (relative to the data file) or bytes.
     ``embeddings``: precomputed vectors (``.npy`` of shape (N, d) in row order, or a Parquet file
     with ``id`` and ``embedding_column``); then no encoder runs.
@@ -45,6 +49,8 @@ class DataConfig:
     text_column: Optional[str] = None
     image_column: Optional[str] = None
     text_template: Optional[str] = None
+    chat_column: Optional[str] = None
+    chat_text: Literal["all", "user"] = "all"
     label_column: Optional[str] = None
     labels_path: Optional[str] = None
     id_column: Optional[str] = None
@@ -58,6 +64,9 @@ class DataConfig:
                   "leave it empty when data.text_column is set (use one or the other)")
         if self.text_template is not None:
             check_template("data.text_template", self.text_template)
+        if self.chat_column and (self.text_column or self.text_template):
+            fail("data.chat_column", self.chat_column, "empty when data.text_column or data.text_template is set "
+                 "(the text comes from one of them)")
         if self.labels_path and self.label_column:
             fail("data.labels_path", self.labels_path, "leave it empty when data.label_column is set")
         if self.limit is not None and self.limit < 1:

@@ -20,6 +20,7 @@ import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 
 from .config import DataConfig
+from .chat import chat_column, embed_text, turns
 from .errors import InputError
 from .formats import read_table
 
@@ -96,6 +97,9 @@ def _texts(table: pa.Table, cfg: DataConfig, path: str) -> Optional[list]:
             except (ValueError, TypeError) as e:
                 raise InputError(f"{path}: data.text_template cannot format row {i} ({e}); use plain fields such "
                                  f"as '{{instruction}}' without format specs") from None
+    elif (chat := chat_column(table.column_names, cfg.chat_column,
+                              has_text=bool(cfg.text_column) or "text" in table.column_names)) is not None:
+        out = [embed_text(c, cfg.chat_text) for c in read_chats(table, chat, path)]
     else:
         name = cfg.text_column or "text"
         if name not in table.column_names:
@@ -107,11 +111,17 @@ def _texts(table: pa.Table, cfg: DataConfig, path: str) -> Optional[list]:
     return [None if t is None or not str(t).strip() else str(t) for t in out]
 
 
+def read_chats(table: pa.Table, column: str, path: str) -> list[list[dict]]:
+    """Every sample's turns from the chat column ``column`` (module ``chat``), checked."""
+    return [turns(v, f"{path}, row {i} ({column})") for i, v in enumerate(_column(table, column, path, "chat"))]
+
+
 def _texts_beside_vectors(table: pa.Table, cfg: DataConfig, path: str) -> Optional[np.ndarray]:
     """With precomputed vectors nothing is embedded, but fine-tuning and the report still need the
     texts: those the config names (an error if they are missing), else a ``text`` column if the
     file has one, else None."""
-    if not (cfg.text_template or cfg.text_column or "text" in table.column_names):
+    if not (cfg.text_template or cfg.text_column or "text" in table.column_names
+            or chat_column(table.column_names, cfg.chat_column, has_text=False)):
         return None
     return np.array([t or "" for t in _texts(table, cfg, path)], dtype=object)
 

@@ -30,6 +30,7 @@ from typing import Optional
 
 import numpy as np
 
+from .chat import chat_tokens
 from .config import FinetuneConfig
 from .metrics import macro_f1
 from .models import load_for_task, load_tuned
@@ -49,19 +50,36 @@ def classification_batch(tok, texts: list, labels: Optional[np.ndarray], max_len
     return enc
 
 
+def size(data: dict) -> int:
+    """How many samples a ``task_arrays`` dict holds (texts, prompts or chats)."""
+    return len(next(data[k] for k in ("texts", "prompts", "chats") if k in data))
+
+
+def causal_batch(tok, data: dict, idx, max_length: int):
+    """The samples ``idx`` of a causal-LM ``task_arrays`` dict as a batch: chats rendered with the
+    chat template (loss on the assistant turns: :func:`ray_pipeline.chat.chat_tokens`), or
+    prompt + response pairs (:func:`instruction_batch`)."""
+    if "chats" in data:
+        return _padded(tok, [chat_tokens(tok, data["chats"][i], max_length) for i in idx])
+    return instruction_batch(tok, [data["prompts"][i] for i in idx], [data["responses"][i] for i in idx], max_length)
+
+
 def instruction_batch(tok, prompts: list, responses: list, max_length: int):
     """Prompt + response + EOS, right-padded; labels -100 on prompt and padding, so the loss
     covers the response tokens only."""
-    import torch
-
-    ids, labels = [], []
+    pairs = []
     for p, r in zip(prompts, responses):
         pi = tok(p, add_special_tokens=False)["input_ids"]
         ri = tok(r, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-        seq = (pi + ri)[:max_length]
-        lab = ([-100] * len(pi) + ri)[:max_length]
-        ids.append(seq)
-        labels.append(lab)
+        pairs.append(((pi + ri)[:max_length], ([-100] * len(pi) + ri)[:max_length]))
+    return _padded(tok, pairs)
+
+
+def _padded(tok, pairs: list[tuple[list[int], list[int]]]):
+    """(ids, labels) per sample as right-padded tensors (labels -100 on the padding)."""
+    import torch
+
+    ids, labels = [p[0] for p in pairs], [p[1] for p in pairs]
     width = max(len(s) for s in ids)
     pad = tok.pad_token_id
     input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
@@ -102,7 +120,7 @@ def _evaluate(engine, tok, cfg: dict, rank: int, world: int, device) -> dict:
 
     ft: FinetuneConfig = cfg["finetune"]
     ev = cfg["eval"]
-    n = len(ev["texts"] if ft.task == "classification" else ev["prompts"])
+    n = size(ev)
     mine = np.arange(rank, n, world)
     loss_sum = torch.zeros(1, dtype=torch.float64)
     count = torch.zeros(1, dtype=torch.float64)
@@ -119,8 +137,7 @@ def _evaluate(engine, tok, cfg: dict, rank: int, world: int, device) -> dict:
                 preds.append(out.logits.argmax(-1).cpu().numpy())
                 trues.append(ev["labels"][idx])
             else:
-                batch = instruction_batch(tok, [ev["prompts"][i] for i in idx], [ev["responses"][i] for i in idx],
-                                          ft.max_length)
+                batch = causal_batch(tok, ev, idx, ft.max_length)
                 out = engine(**{k: v.to(device) for k, v in batch.items()})
                 tokens = int((batch["labels"][:, 1:] != -100).sum())
                 loss_sum += float(out.loss) * tokens
@@ -174,9 +191,8 @@ def per_sample_values(model_dir: str, ft: FinetuneConfig, data: dict, device: st
                 pred = model(**{k: v.to(device) for k, v in batch.items()}).logits.argmax(-1).cpu().numpy()
                 rows.append(np.stack([pred == data["labels"][lo:lo + len(pred)], np.ones(len(pred))], axis=1))
         else:
-            for lo in range(0, len(data["prompts"]), ft.eval_batch_size):
-                batch = instruction_batch(tok, data["prompts"][lo:lo + ft.eval_batch_size],
-                                          data["responses"][lo:lo + ft.eval_batch_size], ft.max_length)
+            for lo in range(0, size(data), ft.eval_batch_size):
+                batch = causal_batch(tok, data, range(lo, min(lo + ft.eval_batch_size, size(data))), ft.max_length)
                 logits = model(input_ids=batch["input_ids"].to(device),
                                attention_mask=batch["attention_mask"].to(device)).logits[:, :-1].float()
                 labels = batch["labels"][:, 1:].to(device)
@@ -235,7 +251,7 @@ def train_loop_per_worker(cfg: dict) -> None:
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                    config=deepspeed_config(ft, on_gpu))
     tr = cfg["train"]
-    n = len(tr["texts"] if ft.task == "classification" else tr["prompts"])
+    n = size(tr)
     mine = np.arange(rank, n, world)  # this worker's share of the candidate subset
     rng = np.random.default_rng(cfg["seed"] + rank)
     order, pos = rng.permutation(mine), 0
@@ -251,8 +267,7 @@ def train_loop_per_worker(cfg: dict) -> None:
         if ft.task == "classification":
             batch = classification_batch(tok, [tr["texts"][i] for i in idx], tr["labels"][idx], ft.max_length)
         else:
-            batch = instruction_batch(tok, [tr["prompts"][i] for i in idx], [tr["responses"][i] for i in idx],
-                                      ft.max_length)
+            batch = causal_batch(tok, tr, idx, ft.max_length)
         tokens_seen += int(batch["attention_mask"].sum())
         out = engine(**{k: v.to(device) for k, v in batch.items()})
         engine.backward(out.loss)

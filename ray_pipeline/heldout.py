@@ -17,7 +17,8 @@ from typing import Optional
 import numpy as np
 
 from .config import Config, DataConfig
-from .data import Pool, read_pool
+from .chat import chat_column, check_trainable
+from .data import Pool, read_chats, read_pool
 from .errors import InputError
 
 log = logging.getLogger(__name__)
@@ -84,13 +85,16 @@ def task_arrays(pool: Pool, cfg: Config, labels: Optional[list] = None) -> dict:
                              f"a classifier cannot learn them")
         return {"texts": pool.texts.tolist(), "labels": np.array([index[str(v)] for v in pool.labels]),
                 "label_names": labels}
+    if "chats" in pool.extra:
+        return {"chats": list(pool.extra["chats"])}
     prompts, responses = pool.extra["prompts"], pool.extra["responses"]
     return {"prompts": list(prompts), "responses": list(responses)}
 
 
 def read_task_pool(data: DataConfig, cfg: Config) -> Pool:
-    """The pool (or held-out set) with what the task needs; for instruction tuning the prompt
-    (``finetune.prompt_template``) and the response (``finetune.response_field``) per sample."""
+    """The pool (or held-out set) with what the task needs; for instruction tuning each sample's
+    turns (a chat column: ``data.chat_column``, or ``messages`` / ``conversations``), else the
+    prompt (``finetune.prompt_template``) and the response (``finetune.response_field``)."""
     pool = read_pool(data)
     if cfg.finetune.task == "instruction":
         from .data import read_table
@@ -98,6 +102,13 @@ def read_task_pool(data: DataConfig, cfg: Config) -> Pool:
         table = read_table(data.path, data.format)
         if data.limit:
             table = table.slice(0, data.limit)
+        chat = chat_column(table.column_names, data.chat_column, has_text=False)  # trains on it, whatever is embedded
+        if chat is not None:
+            chats = read_chats(table, chat, str(data.path))
+            for i, conv in enumerate(chats):
+                check_trainable(conv, f"{data.path}, row {i} ({chat})")
+            pool.extra = {"chats": np.array(chats + [None], dtype=object)[:-1]}  # an array of lists, not 2-d
+            return pool
         rf = cfg.finetune.response_field
         if rf not in table.column_names:
             raise InputError(f"{data.path} has no response column {rf!r}; set finetune.response_field")

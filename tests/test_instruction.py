@@ -28,28 +28,47 @@ def test_loss_only_on_response_tokens(smollm2):
         assert int(b["attention_mask"][i].sum()) == n_prompt + len(resp)
 
 
-def test_instruction_worker_learns_and_the_model_generates(smollm2, tmp_path, local_ray):
+def fit_worker(smollm2, data: dict, max_length: int, out):
+    """Four steps of the Ray Train + DeepSpeed worker on ``data`` (train and eval alike): the
+    metrics and the FinetuneConfig; the best model is saved in ``out / "best"``."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from ray_pipeline.config import FinetuneConfig
     from ray_pipeline.finetune import train_loop_per_worker
 
-    data = {"prompts": ["What is the capital of France?\n", "What colour is the sky?\n"],
-            "responses": ["Paris.", "Blue."]}
     ft = FinetuneConfig(task="instruction", lr=1e-4, batch_size=2, eval_batch_size=2, max_steps=4, eval_every=2,
-                        patience=5, max_length=32, zero_stage=0, precision="fp32", threads_per_worker=2)
+                        patience=5, max_length=max_length, zero_stage=0, precision="fp32", threads_per_worker=2)
     loop = {"finetune": ft, "seed": 0, "use_gpu": False, "steps": 4, "model_path": smollm2, "train": data, "eval": data,
-            "best_model_dir": str(tmp_path / "best")}
+            "best_model_dir": str(out / "best")}
     result = TorchTrainer(train_loop_per_worker, train_loop_config=loop,
                           scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
                           torch_config=TorchConfig(backend="gloo"),
-                          run_config=ray.train.RunConfig(name="instr", storage_path=str(tmp_path / "s"))).fit()
-    h = result.metrics_dataframe
+                          run_config=ray.train.RunConfig(name="instr", storage_path=str(out / "s"))).fit()
+    return result.metrics_dataframe, ft
+
+
+def test_instruction_worker_learns_and_the_model_generates(smollm2, tmp_path, local_ray):
+    data = {"prompts": ["What is the capital of France?\n", "What colour is the sky?\n"],
+            "responses": ["Paris.", "Blue."]}
+    h, _ = fit_worker(smollm2, data, 32, tmp_path)
     assert h["eval_loss"].iloc[-1] < h["eval_loss"].iloc[0]
     assert np.isclose(h["perplexity"].iloc[-1], np.exp(h["eval_loss"].iloc[-1]))
     out = predict(str(tmp_path / "best"), ["What is the capital of France?\n"], max_new_tokens=8)
     assert isinstance(out[0]["generation"], str) and out[0]["generation"].strip()
+
+
+def test_chat_data_trains_through_the_worker(smollm2, tmp_path, local_ray):
+    """Conversations (loss on the assistant turns) through the same Ray Train + DeepSpeed worker."""
+    from ray_pipeline.finetune import per_sample_values
+
+    chats = [[{"role": "user", "content": "What is the capital of France?"}, {"role": "assistant", "content": "Paris."}],
+             [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "Sky colour?"},
+              {"role": "assistant", "content": "Blue."}]]
+    h, ft = fit_worker(smollm2, {"chats": chats}, 64, tmp_path)
+    assert h["eval_loss"].iloc[-1] < h["eval_loss"].iloc[0]
+    values = per_sample_values(str(tmp_path / "best"), ft, {"chats": chats})  # the test part's per-sample losses
+    assert values.shape == (2, 2) and (values[:, 1] > 0).all() and (values[:, 0] < 0).all()
 
 
 def test_smollm2_as_an_encoder_with_last_and_mean_pooling():

@@ -16,7 +16,7 @@ LAYERS = [
     ["embed", "select", "distributed", "proxy", "tune", "report", "export"],  # one stage each
     ["finetune", "heldout"],  # the per-worker training loop that tune runs; the held-out parts
     ["cluster", "models", "data", "artifacts", "device", "runtime", "verdict"],
-    ["kcenter", "boundary", "config", "formats"],  # kcenter, boundary: the pure selection kernels
+    ["kcenter", "boundary", "config", "formats", "chat"],  # kcenter, boundary: the pure selection kernels
     ["typed", "metrics"],
     ["errors", "faults", "__init__"],
 ]
