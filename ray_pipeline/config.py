@@ -224,6 +224,33 @@ class SelectConfig:
 
 
 @dataclass(frozen=True)
+class LoraSettings:
+    """LoRA adapters through PEFT (Hu et al. 2021): only low-rank updates of the ``target_modules``
+    are trained. ``enabled`` empty: on for causal LMs (``finetune.task: instruction``), off for
+    classification. ``rank`` r, ``alpha`` (the update is scaled by alpha / r), ``dropout`` on the
+    adapters' input, ``target_modules``: module names, or ``all-linear`` (every linear layer but
+    the output). The tuned model is saved merged (loads with ``from_pretrained``) and its adapter
+    beside it in ``adapter/``."""
+
+    enabled: Optional[bool] = None
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = ("all-linear",)
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            fail("finetune.lora.rank", self.rank, "an int >= 1, e.g. 16")
+        if not self.alpha > 0:
+            fail("finetune.lora.alpha", self.alpha, "a number > 0, e.g. twice the rank")
+        if not 0.0 <= self.dropout < 1.0:
+            fail("finetune.lora.dropout", self.dropout, "a probability in [0, 1)")
+        if not self.target_modules:
+            fail("finetune.lora.target_modules", list(self.target_modules),
+                 "module names such as [q_proj, v_proj], or [all-linear]")
+
+
+@dataclass(frozen=True)
 class FinetuneConfig:
     """Fine-tuning every candidate (Ray Tune over Ray Train + DeepSpeed).
 
@@ -248,6 +275,7 @@ class FinetuneConfig:
     the frozen embeddings (seconds each) and only this many selection candidates, with the random
     subsets of their sizes and the full pool, are fine-tuned (empty: all of them).
     ``zero_stage``/``precision`` empty/``auto``: ZeRO-2 + bf16 on GPU, ZeRO-0 + fp32 on CPU.
+    ``lora``: :class:`LoraSettings` (on by default for causal LMs).
     """
 
     task: Literal["classification", "instruction"] = "classification"
@@ -280,6 +308,12 @@ class FinetuneConfig:
     asha_grace_period: int = 1
     asha_reduction_factor: int = 2
     include_full: bool = True
+    lora: LoraSettings = field(default_factory=LoraSettings)
+
+    @property
+    def uses_lora(self) -> bool:
+        """LoRA as configured, or by default for a causal LM."""
+        return self.lora.enabled if self.lora.enabled is not None else self.task == "instruction"
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "eval_batch_size", "max_steps", "eval_every", "patience", "num_workers",

@@ -33,7 +33,7 @@ import numpy as np
 from .chat import chat_tokens
 from .config import FinetuneConfig
 from .metrics import macro_f1
-from .models import load_for_task, load_tuned
+from .models import load_for_task, load_tuned, with_lora
 
 log = logging.getLogger(__name__)
 
@@ -246,7 +246,9 @@ def train_loop_per_worker(cfg: dict) -> None:
 
     torch.manual_seed(cfg["seed"])
     model, tok = load_for_task(cfg["model_path"], ft.task, cfg.get("labels"))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=ft.lr, weight_decay=0.01)
+    if ft.uses_lora:
+        model = with_lora(model, ft.lora, ft.task)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=ft.lr, weight_decay=0.01)
     # A torch optimizer, not DeepSpeed's: its fused/CPU Adam ops would compile for minutes.
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                    config=deepspeed_config(ft, on_gpu))
@@ -299,9 +301,15 @@ def train_loop_per_worker(cfg: dict) -> None:
 
 
 def _save_model(model, tok, out: Path, metrics: dict) -> None:
-    """save_pretrained into a temporary directory beside ``out``, then swap it in."""
+    """save_pretrained into a temporary directory beside ``out``, then swap it in. A LoRA model
+    is saved merged (a plain model for ``from_pretrained``) with its adapter in ``adapter/``."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    if hasattr(model, "merge_and_unload"):  # a PEFT model
+        import copy
+
+        model.save_pretrained(tmp / "adapter", safe_serialization=True)
+        model = copy.deepcopy(model).merge_and_unload()
     model.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
     (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))

@@ -101,6 +101,17 @@ def load_for_task(path: str, task: str, labels: Optional[list] = None):
     return model, tok
 
 
+def with_lora(model, lora, task: str):
+    """``model`` wrapped in PEFT LoRA adapters as ``lora`` (``config.LoraSettings``) sets them;
+    for a classifier the new head is trained whole (PEFT's ``SEQ_CLS`` keeps it trainable)."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = "all-linear" if tuple(lora.target_modules) == ("all-linear",) else list(lora.target_modules)
+    return get_peft_model(model, LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                            target_modules=targets,
+                                            task_type="CAUSAL_LM" if task == "instruction" else "SEQ_CLS"))
+
+
 def load_tuned(model_dir: str):
     """(model, tokenizer, task) of a model a run saved (``target/model``): its task read from the
     saved architecture, a classifier with its own labels."""

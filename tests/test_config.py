@@ -84,3 +84,16 @@ def test_k_relative_to_the_budget():
                                          (40, 40)]
     with pytest.raises(ConfigError, match="choose K <= 25"):
         Config.from_dict({"cluster": {"k": [30]}, "select": {"budgets": [10]}}).candidate_grid(25)
+
+
+def test_lora_is_on_by_default_for_causal_lms_only_and_checked():
+    assert Config.from_dict({"finetune": {"task": "instruction"}}).finetune.uses_lora
+    assert not Config.from_dict({"finetune": {"task": "classification"}}).finetune.uses_lora
+    assert Config.from_dict({"finetune": {"lora": {"enabled": True}}}).finetune.uses_lora
+    cfg = Config.from_dict({"finetune": {"task": "instruction", "lora": {"enabled": False, "rank": 4,
+                                                                        "target_modules": ["q_proj", "v_proj"]}}})
+    assert not cfg.finetune.uses_lora and cfg.finetune.lora.target_modules == ("q_proj", "v_proj")
+    for bad, match in (({"rank": 0}, "finetune.lora.rank"), ({"dropout": 1.0}, "finetune.lora.dropout"),
+                       ({"target_modules": []}, "finetune.lora.target_modules"), ({"r": 8}, "allowed in")):
+        with pytest.raises(ConfigError, match=match):
+            Config.from_dict({"finetune": {"lora": bad}})
