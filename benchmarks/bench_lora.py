@@ -52,8 +52,8 @@ def one_mode(mode: str, batch_size: int, max_length: int, steps: int, warmup: in
     data = {"chats": chats}
     times = []
     for step in range(warmup + steps):
-        idx = range(step * batch_size % len(chats), step * batch_size % len(chats) + batch_size)
-        batch = {k: v.to(device) for k, v in causal_batch(tok, data, [i % len(chats) for i in idx], max_length).items()}
+        idx = [(step * batch_size + j) % len(chats) for j in range(batch_size)]
+        batch = {k: v.to(device) for k, v in causal_batch(tok, data, idx, max_length).items()}
         if device == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from ray_pipeline.boundary import boundary_picks, boundary_share, fit_probe, probe_margins
 from ray_pipeline.config import Config
+from ray_pipeline.data import Pool
 from ray_pipeline.errors import ConfigError
 from ray_pipeline.select import clusters_table, select_candidates
 from reference import boundary_picks_reference
@@ -116,7 +117,9 @@ def test_boundary_candidates_are_listed_and_seeded():
     assert {"boundary_k30_m30", "boundary_k60_m60", "centroid_k30_m30", "k60_m60"} <= set(names)
     assert all((s.rank == t.rank).all() for s, t in zip(a.per_k, b.per_k))
     # a boundary family holds one budget; the clusters table takes its budgets from the others
-    table = clusters_table(type("P", (), {"ids": np.arange(len(x)).astype(str)})(), a).to_pydict()
+    pool = Pool(ids=np.arange(len(x)).astype(str).astype(object), texts=None, labels=labels, embeddings=x,
+                source="blobs")
+    table = clusters_table(pool, a).to_pydict()
     assert None not in [v for k, v in zip(table["k"], table["budget_m30"]) if k == 30]
 
 
