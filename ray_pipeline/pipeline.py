@@ -115,20 +115,26 @@ def _sharded_vectors(pool: Pool, cfg: Config, run: Run, devices: Devices):
 
 
 def proxy_scores(pool: Pool, eval_pool: Pool, candidates: list, cfg: Config, run: Run) -> dict:
-    """Linear-probe score of every candidate on the held-out set's embeddings (embedded by the same
-    stage, so with the same encoder)."""
-    from .proxy import score_candidates
+    """Every candidate's proxy score on the held-out set's embeddings (embedded by the same stage,
+    so with the same encoder): a linear probe on the labels, or the held-out set's coverage."""
+    from .proxy import score_candidates, score_coverage
 
     t0 = time.perf_counter()
+    kind = cfg.finetune.proxy_kind
     eval_pool, _ = embed_into(eval_pool, cfg, run.out, progress=False)
-    labels = sorted({str(v) for v in pool.labels})
-    index = {v: i for i, v in enumerate(labels)}
-    y = np.array([index[str(v)] for v in pool.labels])
-    known = np.array([str(v) in index for v in eval_pool.labels])
-    ye = np.array([index[str(v)] for v in eval_pool.labels[known]])
-    scores = score_candidates(pool.embeddings, y, {c.name: c.rows for c in candidates},
-                              eval_pool.embeddings[known], ye, len(labels))
-    log.info("proxy: %d candidates scored by a linear probe in %.1fs", len(scores), time.perf_counter() - t0)
+    scored = [c for c in candidates if c.kind != "full" or kind == "probe"]  # the full pool covers all it can
+    if kind == "coverage":
+        scores = score_coverage(pool.embeddings, {c.name: c.rows for c in scored}, eval_pool.embeddings)
+    else:
+        labels = sorted({str(v) for v in pool.labels})
+        index = {v: i for i, v in enumerate(labels)}
+        y = np.array([index[str(v)] for v in pool.labels])
+        known = np.array([str(v) in index for v in eval_pool.labels])
+        ye = np.array([index[str(v)] for v in eval_pool.labels[known]])
+        scores = score_candidates(pool.embeddings, y, {c.name: c.rows for c in scored},
+                                  eval_pool.embeddings[known], ye, len(labels))
+    log.info("proxy: %d candidates scored by %s in %.1fs", len(scores),
+             "a linear probe" if kind == "probe" else "held-out coverage", time.perf_counter() - t0)
     return scores
 
 
@@ -162,7 +168,7 @@ def tune_stage(pool: Pool, select_dir: Path, cfg: Config, run: Run, *, resume: b
     else:
         candidates = candidates_from_selection(selection, meta["candidates"], include_full=cfg.finetune.include_full)
         proxy = None
-        if cfg.finetune.task == "classification" and pool.embeddings is not None:
+        if cfg.finetune.proxy_kind and pool.embeddings is not None:
             proxy = proxy_scores(pool, val_pool, candidates, cfg, run)  # the validation part only
             write_json(proxy, d / "proxy.json")
             candidates = prune(candidates, proxy, cfg.finetune.top_candidates)

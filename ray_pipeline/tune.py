@@ -260,8 +260,11 @@ def run_sweep(candidates: list[Candidate], pool: Pool, val_pool: Pool, cfg: Conf
     trials = [_trial_record(r, ft, plan) for r in grid]
     for t in trials:
         if proxy and t["name"] in proxy:
-            t["proxy_accuracy"] = proxy[t["name"]]["accuracy"]
-            t["label_coverage"] = proxy[t["name"]]["label_coverage"]
+            t["proxy_score"] = proxy[t["name"]]["score"]
+            for k, name in (("accuracy", "proxy_accuracy"), ("label_coverage", "label_coverage"),
+                            ("coverage", "proxy_coverage")):
+                if k in proxy[t["name"]]:
+                    t[name] = proxy[t["name"]][k]
     values = _score_on_test(trials, out, cfg, test_pool, train.get("label_names")) if test_pool is not None else {}
     return _choose_and_write(trials, values, candidates, pool, out, cfg, sweep_s, plan, split)
 
@@ -298,7 +301,8 @@ def _trial_record(result, ft, plan: dict) -> dict:
 
 def _score_on_test(trials: list[dict], out: Path, cfg: Config, test_pool: Pool, label_names) -> dict:
     """Each finished trial's best model (best on validation) scored once on the test part: trial
-    name -> (n, 2) values (``verdict``). The test part is read here and nowhere before."""
+    name -> (n, 2) values (``verdict``), also saved as ``trials/<name>/test_values.npy``. The test
+    part is read here and nowhere before."""
     from .finetune import per_sample_values
 
     data = task_arrays(test_pool, cfg, labels=label_names)
@@ -310,6 +314,7 @@ def _score_on_test(trials: list[dict], out: Path, cfg: Config, test_pool: Pool, 
             continue
         v = per_sample_values(str(model), cfg.finetune, data)
         values[t["name"]] = v
+        np.save(out / "trials" / t["name"] / "test_values.npy", v)  # per test sample, for later analysis
         t["test_score"] = float(v[:, 0].sum() / max(v[:, 1].sum(), 1e-12))
         if cfg.finetune.task == "classification":
             t["test_accuracy"] = t["test_score"]
@@ -337,10 +342,10 @@ def _choose_and_write(trials: list[dict], values: dict, candidates: list[Candida
             baselines["full"] = {"validation": t["validation_score"], "test": t.get("test_score"),
                                  "status": t["status"], "epochs": t["epochs"]}
     baselines["random"] = {m: _spread(v) for m, v in baselines["random"].items()}
-    with_proxy = [t for t in ok if t.get("proxy_accuracy") is not None]
+    with_proxy = [t for t in ok if t.get("proxy_score") is not None]
     summary = {"target": None, "baselines": baselines, "sweep_seconds": sweep_s, "plan": plan, "split": split,
                "choice": "the selection candidate with the highest validation score",
-               "proxy_rank_correlation": spearman([t["proxy_accuracy"] for t in with_proxy],
+               "proxy_rank_correlation": spearman([t["proxy_score"] for t in with_proxy],
                                                   [t["validation_score"] for t in with_proxy]),
                "failed": [t["name"] for t in trials if t["status"] == "failed"],
                "stopped_early": [t["name"] for t in trials if t["status"] == "stopped_early"]}

@@ -17,6 +17,7 @@ LAYERS = [
     ["finetune", "heldout"],  # the per-worker training loop that tune runs; the held-out parts
     ["cluster", "models", "data", "artifacts", "device", "runtime", "verdict"],
     ["kcenter", "boundary", "config", "formats", "chat"],  # kcenter, boundary: the pure selection kernels
+    ["config_finetune"],  # the finetune part of the config (config re-exports it)
     ["typed", "metrics"],
     ["errors", "faults", "__init__"],
 ]
