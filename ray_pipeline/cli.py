@@ -160,6 +160,20 @@ def print_sweep(result: dict) -> None:
     print(f"target model: {tg['model']}\ntarget subset: {tg.get('subset', tg['ids'])}")
 
 
+def _prompts(path: str, pool) -> list:
+    """What the model answers: each sample's conversation when the file has a chat column (rendered
+    with the chat template), else its text."""
+    from .chat import chat_column
+    from .data import read_chats
+    from .formats import read_table
+
+    table = read_table(path, "auto")
+    chat = None if pool.texts is None else chat_column(table.column_names, None, has_text=False)
+    if chat is None or "text" in table.column_names:
+        return pool.texts.tolist()
+    return read_chats(table, chat, path)
+
+
 def _predict(args: argparse.Namespace) -> int:
     from .artifacts import atomic_path
     from .config import DataConfig
@@ -171,7 +185,7 @@ def _predict(args: argparse.Namespace) -> int:
     out = Path(args.output or f"{args.input}.predictions.jsonl")
     if out.is_dir():
         raise OutputError(f"--output {str(out)!r} is a directory; give a file name such as predictions.jsonl")
-    rows = predict(args.model, pool.texts.tolist())
+    rows = predict(args.model, _prompts(args.input, pool))
     with atomic_path(out) as tmp:
         tmp.write_text("".join(json.dumps({"id": i, **r}) + "\n" for i, r in zip(pool.ids, rows)))
     print(f"{len(rows)} predictions written to {out}")

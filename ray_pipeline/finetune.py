@@ -32,6 +32,7 @@ import numpy as np
 
 from .chat import chat_tokens
 from .config import FinetuneConfig
+from .errors import InputError
 from .metrics import macro_f1
 from .models import load_for_task, load_tuned, with_lora
 
@@ -324,10 +325,21 @@ def _save_model(model, tok, out: Path, metrics: dict) -> None:
 # step 10: use the target model
 
 
+def chat_prompt(tok, conv: list[dict]) -> str:
+    """The conversation through its last user turn, rendered for the model to answer."""
+    last = max((i for i, t in enumerate(conv) if t["role"] == "user"), default=None)
+    if last is None:
+        raise InputError("a conversation to answer needs a user turn")
+    return tok.apply_chat_template(conv[:last + 1], tokenize=False, add_generation_prompt=True)
+
+
 def predict(model_dir: str, texts: list, *, batch_size: int = 32, max_length: int = 128,
             max_new_tokens: int = 64) -> list[dict]:
     """Apply a tuned model to new samples: a classifier gives ``label`` and ``probability``; a
-    causal LM gives ``generation`` (greedy) for each prompt."""
+    causal LM gives ``generation`` (greedy) for each prompt. For a causal LM an item may also be a
+    conversation (a list of ``role``/``content`` turns): it is rendered with the tokenizer's chat
+    template up to its last user turn (an assistant reply after it is left out) and the model
+    answers it, as it was trained on conversations."""
     import torch
 
     model, tok, task = load_tuned(model_dir)
@@ -342,7 +354,8 @@ def predict(model_dir: str, texts: list, *, batch_size: int = 32, max_length: in
                 out += [{"label": model.config.id2label[int(j)], "probability": float(q)} for q, j in zip(p, i)]
             else:
                 for prompt in chunk:
-                    enc = tok(prompt, return_tensors="pt")
+                    enc = tok(chat_prompt(tok, prompt), return_tensors="pt", add_special_tokens=False) \
+                        if isinstance(prompt, list) else tok(prompt, return_tensors="pt")
                     gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                          pad_token_id=tok.pad_token_id)
                     out.append({"generation": tok.decode(gen[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)})

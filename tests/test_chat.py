@@ -123,3 +123,17 @@ def test_a_tokenizer_without_a_chat_template_is_refused(smollm2_tokenizer):
     tok.chat_template = None
     with pytest.raises(InputError, match="no chat template"):
         chat_tokens(tok, TWO_TURNS, 64)
+
+
+@pytest.mark.slow
+def test_a_conversation_is_answered_from_its_last_user_turn(smollm2_tokenizer):
+    """predict's prompt for a conversation: the chat template through the last user turn, the
+    assistant's header opened, the reply after it left out (by hand, SmolLM2's ChatML)."""
+    from ray_pipeline.finetune import chat_prompt
+
+    prompt = chat_prompt(smollm2_tokenizer, TWO_TURNS)
+    assert prompt.endswith("<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n")
+    assert "Hello!" in prompt and "4<|im_end|>" not in prompt
+    assert chat_prompt(smollm2_tokenizer, TWO_TURNS[:3]) == prompt
+    with pytest.raises(InputError, match="user turn"):
+        chat_prompt(smollm2_tokenizer, [{"role": "assistant", "content": "Hi"}])

@@ -135,3 +135,10 @@ def test_a_sharegpt_pool_runs_through_the_chat_config_with_lora(smollm2, tmp_pat
     assert (target / "adapter" / "adapter_config.json").is_file() and (target / "config.json").is_file()
     subset = [json.loads(line) for line in Path(summary["target"]["subset"]).read_text().splitlines()]
     assert len(subset) == 8 and all(r["conversations"][1]["from"] == "gpt" for r in subset)
+    proxy = json.loads((tmp_path / "run" / "proxy.json").read_text())  # no labels: held-out coverage
+    assert set(proxy) == {"centroid_k8_m8", "random_m8_s0"} and all(0 < v["coverage"] <= 1 for v in proxy.values())
+    # the tuned model answers the held-out conversations through the CLI, rendered with its chat template
+    assert main(["predict", "--model", str(target), "--input", str(tmp_path / "held.jsonl"), "--id-column", "id",
+                 "--output", str(tmp_path / "pred.jsonl")]) == 0
+    preds = [json.loads(line) for line in (tmp_path / "pred.jsonl").read_text().splitlines()]
+    assert len(preds) == 20 and preds[0]["id"] == "a900" and all(isinstance(p["generation"], str) for p in preds)
