@@ -5,7 +5,8 @@ k-center greedy and the nearest-to-centroid candidates, one greedy pass per K), 
 clustered unit vectors (N/100 random directions plus noise), at budgets 1% and 5%, for N from
 100k to 2M: once with ``cluster.algorithm: flat`` (one k-means into K clusters, N K d work per
 iteration: quadratic in N when K is a share of N) and once with ``hierarchical`` (multi-level
-k-means, at most ``branching`` clusters a level). Flat runs only up to ``--flat-max-n`` (1M at 1%
+k-means, the same fan-out at every level, at most ``branching``), which the default
+``cluster.algorithm: auto`` picks at every size here (N K >= 1e8). Flat runs only up to ``--flat-max-n`` (1M at 1%
 took about 16 minutes on 2 cores); beyond it the table prints its time projected from the fitted
 exponent, marked as projected. Per run: seconds of the whole selection, of k-means, peak RSS; per
 algorithm and budget: the growth exponent b of time ~ N^b (least squares on log-log). Writes

@@ -120,10 +120,27 @@ def assign(x: np.ndarray, centroids: np.ndarray, *, gpus: int = 0,
     return out_a, out_s
 
 
+def node_branching(k: int, branching: int) -> int:
+    """Clusters a node asked for ``k`` leaves splits into: the fewest levels of at most
+    ``branching`` that reach ``k`` (L = ceil(log_branching k)), each level the same fan-out
+    ceil(k ** (1/L)); so 200 leaves under a cap of 64 are 15 x ~14, not 64 x ~3.
+
+    Example:
+        >>> node_branching(200, 64), node_branching(2000, 64), node_branching(10_000, 64), node_branching(50, 64)
+        (15, 45, 22, 50)
+    """
+    levels = 1
+    while branching ** levels < k:
+        levels += 1
+    fan = int(np.ceil(k ** (1.0 / levels) - 1e-9))
+    return max(2, min(branching, fan)) if k > 1 else 1
+
+
 def hierarchical_kmeans(x: np.ndarray, k: int, *, seed: int, niter: int = 20, max_points_per_centroid: int = 256,
                         branching: int = 64, gpus: int = 0) -> KMeansResult:
     """Multi-level spherical k-means (as in Vo et al. 2024, "Automatic Data Curation for
-    Self-Supervised Learning"): k-means into at most ``branching`` clusters, then the same inside
+    Self-Supervised Learning"): k-means into :func:`node_branching` clusters (at most
+    ``branching``, the same number at every level of the node's subtree), then the same inside
     each of them with its share of ``k`` (by size, largest remainder, at least one), down to nodes
     asked for at most ``branching`` clusters, which run flat :func:`kmeans`. The leaves are the
     ``k`` clusters, numbered depth-first.
@@ -142,36 +159,60 @@ def hierarchical_kmeans(x: np.ndarray, k: int, *, seed: int, niter: int = 20, ma
         >>> r.centroids.shape, int(r.sizes.sum()), int(r.assign.max()) < 40
         ((40, 8), 3000, True)
     """
-    from .kcenter import proportional_budgets
-
     n = len(x)
     if not 1 <= k <= n:
         raise InputError(f"cannot make k={k} clusters of n={n} samples; choose 1 <= k <= {n}")
     if branching < 2:
         raise ValueError("branching must be at least 2")
+    return subtree(x, k, path=(seed,), niter=niter, max_points_per_centroid=max_points_per_centroid,
+                   branching=branching, gpus=gpus)
+
+
+def node_seed(path: tuple) -> int:
+    """faiss's seed for the tree node at ``path`` (the run's seed, then the child indices)."""
+    return int(np.random.default_rng(path).integers(0, 2**31 - 1))
+
+
+def child_shares(sizes: np.ndarray, k: int) -> np.ndarray:
+    """Leaves of each child of a node asked for ``k``: one per non-empty child, the rest by size
+    (largest remainder), never more than a child's rows.
+
+    Example:
+        >>> child_shares(np.array([60, 30, 10, 0]), 10).tolist()  # 1 each, then 7 as 4.2 / 2.1 / 0.7
+        [5, 3, 2, 0]
+    """
+    from .kcenter import proportional_budgets
+
+    live = sizes > 0
+    return live.astype(np.int64) + proportional_budgets(sizes, k - int(live.sum()), sizes - live)
+
+
+def subtree(x: np.ndarray, k: int, *, path: tuple, niter: int = 20, max_points_per_centroid: int = 256,
+            branching: int = 64, gpus: int = 0) -> KMeansResult:
+    """The leaves under the tree node at ``path`` whose rows are ``x`` (in pool order), asked for
+    ``k``: :func:`hierarchical_kmeans` from that node down. The shard engine runs one per child of
+    the root in a Ray task, and gets the driver's leaves."""
+    n = len(x)
     assign = np.empty(n, dtype=np.int64)
     sim = np.empty(n, dtype=np.float32)
     centroids: list[np.ndarray] = []
-    stack = [(np.arange(n), k, (seed,))]  # (rows, clusters asked of the node, path); depth-first, in order
+    stack = [(np.arange(n), k, tuple(path))]  # (rows, clusters asked of the node, path); depth-first, in order
     while stack:
         rows, k_here, path = stack.pop()
-        node_seed = int(np.random.default_rng(path).integers(0, 2**31 - 1))
+        seed_here = node_seed(path)
         xs = x[rows]
-        split = None if k_here <= branching else kmeans(xs, branching, seed=node_seed, niter=niter,
+        fan = node_branching(k_here, branching)
+        split = None if k_here <= branching else kmeans(xs, fan, seed=seed_here, niter=niter,
                                                         max_points_per_centroid=max_points_per_centroid, gpus=gpus)
         if split is None or int((split.sizes > 0).sum()) == 1:  # a leaf node, or one that would not split
             k_here = min(k_here, len(rows))
-            r = kmeans(xs, k_here, seed=node_seed, niter=niter, max_points_per_centroid=max_points_per_centroid,
+            r = kmeans(xs, k_here, seed=seed_here, niter=niter, max_points_per_centroid=max_points_per_centroid,
                        gpus=gpus)
             assign[rows] = r.assign + sum(len(c) for c in centroids)
             sim[rows] = r.sim
             centroids.append(r.centroids)
             continue
-        r = split
-        sizes = r.sizes
-        live = sizes > 0
-        # every non-empty child gets one leaf, the rest of k_here by size, never more than its rows
-        share = live.astype(np.int64) + proportional_budgets(sizes, k_here - int(live.sum()), sizes - live)
-        children = [(rows[r.assign == c], int(share[c]), (*path, c)) for c in range(branching) if share[c] > 0]
+        share = child_shares(split.sizes, k_here)
+        children = [(rows[split.assign == c], int(share[c]), (*path, c)) for c in range(fan) if share[c] > 0]
         stack.extend(reversed(children))  # popped in child order
     return KMeansResult(centroids=np.concatenate(centroids), assign=assign, sim=sim)

@@ -127,16 +127,27 @@ class ClusterConfig:
     ``"M/2"``, ``"M/4"``): a ratio gives one K per M, so the clusters follow the budget.
     ``max_points_per_centroid``: faiss trains on at most K times this many points (a seeded
     sample), then assigns every point. ``algorithm``: ``flat`` (one k-means into K clusters: cost
-    N K d per iteration) or ``hierarchical`` (multi-level k-means, at most ``branching`` clusters a
-    level: about N branching d log_branching(K); the driver engine only).
+    N K d per iteration), ``hierarchical`` (multi-level k-means, at most ``branching`` clusters a
+    level: about N branching d log_branching(K); on the shard engine each child of the root is
+    clustered in a Ray task) or ``auto``: hierarchical where flat k-means would cost more, i.e.
+    where K > ``branching`` and N K >= ``HIERARCHICAL_ABOVE`` (1e8: a few seconds of flat k-means
+    on a 2-core CPU; README, benchmarks/bench_clustering.py).
     """
 
     k: tuple[KValue, ...] = ("M/2", "M")
     niter: int = 20
     max_points_per_centroid: int = 256
     gpu: Literal["auto", "never"] = "auto"
-    algorithm: Literal["flat", "hierarchical"] = "flat"
+    algorithm: Literal["auto", "flat", "hierarchical"] = "auto"
     branching: int = 64
+
+    HIERARCHICAL_ABOVE = 10**8  # N K from which ``auto`` clusters hierarchically
+
+    def algorithm_for(self, n: int, k: int) -> str:
+        """``flat`` or ``hierarchical`` for K clusters of N rows (``auto`` decided here, once)."""
+        if self.algorithm != "auto":
+            return self.algorithm
+        return "hierarchical" if k > self.branching and n * k >= self.HIERARCHICAL_ABOVE else "flat"
 
     def __post_init__(self) -> None:
         if not self.k:
@@ -248,9 +259,6 @@ class Config:
             fail("output_dir", self.output_dir, "a directory path")
         no_credentials_in("output_dir", self.output_dir)
         no_credentials_in("finetune.eval_path", self.finetune.eval_path)
-        if self.cluster.algorithm == "hierarchical" and self.select.engine == "ray":
-            fail("cluster.algorithm", self.cluster.algorithm, "'flat' with select.engine 'ray' (the shard engine "
-                 "clusters flat), or select.engine 'driver'")
         for name in ("eval_labels_path", "test_path", "test_labels_path"):
             no_credentials_in(f"finetune.{name}", getattr(self.finetune, name))
         no_credentials_in("ray_address", self.ray_address)

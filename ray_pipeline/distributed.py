@@ -33,8 +33,9 @@ import numpy as np
 
 from .boundary import fit_probe, probe_margins
 from .cluster import assign as assign_rows
-from .cluster import train_centroids, training_rows
+from .cluster import child_shares, node_branching, node_seed, subtree, train_centroids, training_rows
 from .config import Config
+from .data import check_vectors
 from .device import Devices
 from .errors import ConfigError, InputError
 
@@ -48,13 +49,16 @@ log = logging.getLogger(__name__)
 def read_shard(path: str, row_map: Optional[np.ndarray] = None,
                rows_wanted: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
     """(rows (r,) int64, x (r, d) float32) of one shard; ``row_map`` renumbers the file's ``row``
-    column (-1 drops the row); ``rows_wanted`` (sorted) keeps only those rows."""
+    column (-1 drops the row); ``rows_wanted`` (sorted) keeps only those rows. The vectors are
+    normalised as :func:`data.load_embeddings` normalises the whole stage for the driver engine
+    (row by row, so the same bits): without it a tie between two members that the driver's copy
+    breaks one way can break the other way here."""
     import pyarrow.parquet as pq
 
     t = pq.read_table(path, columns=["row", "embedding"])
     rows = t.column("row").to_numpy().astype(np.int64)
     emb = t.column("embedding").combine_chunks()
-    x = emb.values.to_numpy(zero_copy_only=False).reshape(len(t), -1).astype(np.float32, copy=False)
+    x = check_vectors(emb.values.to_numpy(zero_copy_only=False).reshape(len(t), -1), path)
     keep = np.ones(len(rows), dtype=bool)
     if row_map is not None:
         rows = row_map[rows]
@@ -99,6 +103,12 @@ def _partition_shard(path, row_map, assign, group_of_cluster, groups):
     g = group_of_cluster[assign[rows]]
     out = tuple((rows[g == i], x[g == i]) for i in range(groups))
     return out if groups > 1 else out[0]  # one return value per group
+
+
+def _subtree_group(k, path, params, *pieces):
+    rows, x = _group_arrays(list(pieces))
+    r = subtree(x, k, path=path, **params)
+    return rows, r.assign, r.sim, len(r.centroids)
 
 
 def _keys_group(c0, c1, assign, sim, *pieces):
@@ -189,17 +199,27 @@ class Sharded:
                           "every pair in a cluster, in the driver's memory)")
 
     def cluster(self, k: int) -> "_ShardedClustering":
+        c = self.cfg.cluster
+        if c.algorithm_for(self.n, k) == "hierarchical":
+            assign, sim = self._tree(k)
+        else:
+            assign, sim = self._flat(k, self.cfg.seed)
+        return _ShardedClustering(self, k, assign, sim)
+
+    def _flat(self, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        """k-means over the shards: the seeded training sample gathered to the driver, centroids
+        trained there, every row assigned by a task per shard."""
         import ray
 
-        n, cfg = self.n, self.cfg
-        wanted = training_rows(n, k, seed=cfg.seed, max_points_per_centroid=cfg.cluster.max_points_per_centroid)
+        n, c = self.n, self.cfg.cluster
+        wanted = training_rows(n, k, seed=seed, max_points_per_centroid=c.max_points_per_centroid)
         wanted_ref = ray.put(np.arange(n) if wanted is None else wanted)
         got = ray.get([ray.remote(read_shard).remote(p, self.row_map_ref(), wanted_ref) for p in self.shards])
         rows_s, x_s = _group_arrays(got)
         if len(rows_s) != (n if wanted is None else len(wanted)):
             raise InputError(f"the shards hold {len(rows_s)} of the {n if wanted is None else len(wanted)} rows "
                              f"k-means needs; the shards do not cover rows 0..{n - 1} once each")
-        centroids = train_centroids(x_s, k, seed=cfg.seed, niter=cfg.cluster.niter, gpus=self.devices.faiss_gpus)
+        centroids = train_centroids(x_s, k, seed=seed, niter=c.niter, gpus=self.devices.faiss_gpus)
         del x_s
         assign, sim = np.full(n, -1, dtype=np.int64), np.zeros(n, dtype=np.float32)
         task = ray.remote(_assign_shard)
@@ -208,7 +228,37 @@ class Sharded:
         if (assign < 0).any():
             raise InputError(f"the shards do not cover every row: row {int(np.flatnonzero(assign < 0)[0])} "
                              f"is missing")
-        return _ShardedClustering(self, k, assign, sim)
+        return assign, sim
+
+    def _tree(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Multi-level k-means (``cluster.hierarchical_kmeans``) over the shards: the root's split
+        as :meth:`_flat`, the shards cut by its clusters, then each child's whole subtree in one
+        Ray task on that child's rows; the driver's leaves, numbered depth-first the same way."""
+        import ray
+
+        c, root = self.cfg.cluster, (self.cfg.seed,)
+        if k <= c.branching:  # one level: the tree is a flat k-means with the root's seed
+            return self._flat(min(k, self.n), node_seed(root))
+        fan = node_branching(k, c.branching)
+        top, _ = self._flat(fan, node_seed(root))
+        sizes = np.bincount(top, minlength=fan)
+        if int((sizes > 0).sum()) == 1:  # the root would not split: one flat k-means, as the driver does
+            return self._flat(min(k, self.n), node_seed(root))
+        share = child_shares(sizes, k)
+        part = ray.remote(num_returns=fan)(_partition_shard)
+        top_ref = ray.put(top)
+        pieces = [part.remote(p, self.row_map_ref(), top_ref, np.arange(fan), fan) for p in self.shards]
+        params = {"niter": c.niter, "max_points_per_centroid": c.max_points_per_centroid, "branching": c.branching,
+                  "gpus": 0}  # tasks ask for CPUs only
+        task = ray.remote(_subtree_group)
+        refs = [task.remote(int(share[ch]), (*root, ch), params, *[pc[ch] for pc in pieces])
+                for ch in range(fan) if share[ch] > 0]
+        assign, sim = np.full(self.n, -1, dtype=np.int64), np.zeros(self.n, dtype=np.float32)
+        offset = 0
+        for rows, a, s, leaves in ray.get(refs):  # in child order: depth-first numbering
+            assign[rows], sim[rows] = a + offset, s
+            offset += leaves
+        return assign, sim
 
 
 class _ShardedClustering:

@@ -115,8 +115,8 @@ class InMemory:
         c = self.cfg.cluster
         kw = dict(seed=self.cfg.seed, niter=c.niter, max_points_per_centroid=c.max_points_per_centroid,
                   gpus=self.devices.faiss_gpus)
-        km = hierarchical_kmeans(self.x, k, branching=c.branching, **kw) if c.algorithm == "hierarchical" \
-            else kmeans(self.x, k, **kw)
+        km = hierarchical_kmeans(self.x, k, branching=c.branching, **kw) \
+            if c.algorithm_for(self.n, k) == "hierarchical" else kmeans(self.x, k, **kw)
         return _InMemoryClustering(self.x_t, km.assign, km.sim, k)
 
     def subset(self, rows: np.ndarray) -> "InMemory":

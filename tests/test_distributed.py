@@ -9,7 +9,7 @@ import pytest
 from conftest import unit_blobs
 from ray_pipeline.artifacts import write_parquet
 from ray_pipeline.cli import main
-from ray_pipeline.cluster import assign, kmeans, training_rows
+from ray_pipeline.cluster import assign, hierarchical_kmeans, kmeans, training_rows
 from ray_pipeline.config import Config
 from ray_pipeline.device import Devices
 from ray_pipeline.distributed import Sharded, cluster_groups, read_shard
@@ -69,6 +69,24 @@ def test_assignment_does_not_depend_on_the_batch_a_row_is_in():
     assert (whole[0] == km.assign).all() and (whole[1] == km.sim).all()
 
 
+def test_read_shard_gives_the_driver_engines_bits_regression_center_key_swap(tmp_path):
+    """The driver engine's vectors pass through ``load_embeddings`` (normalised again, row by row);
+    the shards were read raw, one ulp apart, and a two-member cluster's tied center and key swapped
+    between the engines on banking77. Both now hold the same bits."""
+    from ray_pipeline.data import load_embeddings
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((300, 24)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True) * np.float32(1.0000001)  # as an encoder leaves them: nearly unit
+    paths = write_shards(x, tmp_path, 70, seed=1)
+    (tmp_path / "manifest.json").write_text("{}")  # marks the stage complete
+    driver, ids = load_embeddings(tmp_path)
+    rows, xs = zip(*(read_shard(p) for p in paths))
+    rows, xs = np.concatenate(rows), np.concatenate(xs)
+    assert (xs[np.argsort(rows)] == driver).all()
+    assert not (xs[np.argsort(rows)] == x).all()  # they were renormalised, not read raw
+
+
 def test_read_shard_renumbers_drops_and_filters(tmp_path):
     x = unit_blobs(10, 4, 2, 0)
     (path,) = write_shards(x, tmp_path, 10, 0)
@@ -107,6 +125,25 @@ def test_sharded_selection_equals_the_driver_path_stratified_by_label(tmp_path, 
     assert {s.method for s in a.per_k} == {"kcenter", "centroid", "boundary"}  # the probe ran over the shards
     chosen = a.per_k[0].members(30)
     assert len(set(labels[chosen])) == 4  # it did stratify
+
+
+@pytest.mark.parametrize("k,branching", [(60, 8), (200, 6), (5, 8)])
+def test_sharded_hierarchical_clustering_equals_the_driver_path(tmp_path, local_ray, k, branching):
+    """Multi-level k-means on the shard engine (the root's split over the shards, each child's
+    subtree in a task) gives the driver's leaves and selection, index for index; also where the
+    tree is a single flat k-means (k within one level)."""
+    n = 6000
+    x = unit_blobs(n, 16, 30, 4)
+    cfg = Config.from_dict({"cluster": {"k": [k], "algorithm": "hierarchical", "branching": branching,
+                                        "max_points_per_centroid": 32},
+                            "select": {"budgets": [2 * k], "stratify": "none"}})
+    paths = write_shards(x, tmp_path, 1100, seed=k)
+    a = select_candidates(x, cfg, rng=np.random.default_rng(0), devices=CPU)
+    b = select_candidates(Sharded(paths, n, cfg, CPU, groups=3), cfg, rng=np.random.default_rng(0))
+    same_selection(a, b)
+    assert (a.per_k[0].assign == b.per_k[0].assign).all()
+    km = hierarchical_kmeans(x, k, seed=cfg.seed, branching=branching, max_points_per_centroid=32)
+    assert (a.per_k[0].assign == km.assign).all()  # the selection's clusters are the tree's leaves
 
 
 def test_sharded_selection_reports_shards_that_miss_rows(tmp_path, local_ray):

@@ -107,5 +107,12 @@ def test_hierarchical_clustering_gives_exact_budgets_and_repeats_itself():
         for m in s.budgets:
             assert s.members(m).sum() == m
     assert {s.k for s in a.per_k} == {25, 50, 125, 250}
-    with pytest.raises(ConfigError, match="cluster.algorithm"):
-        Config.from_dict({"cluster": {"algorithm": "hierarchical"}, "select": {"engine": "ray"}})
+
+
+def test_auto_clusters_hierarchically_only_past_the_size_where_flat_costs_more():
+    c = Config.from_dict({}).cluster
+    assert c.algorithm == "auto"
+    assert c.algorithm_for(10_003, 2_000) == "flat"  # banking77 at 20%: N K = 2e7
+    assert c.algorithm_for(100_000, 1_000) == "hierarchical"  # 1% of 100k: N K = 1e8
+    assert c.algorithm_for(10**7, 64) == "flat"  # K within one level: the tree would be flat k-means
+    assert Config.from_dict({"cluster": {"algorithm": "flat"}}).cluster.algorithm_for(10**7, 10**5) == "flat"
