@@ -3,17 +3,18 @@
 What ``ray-pipeline select --embeddings X --budgets P%`` runs by default (K in {M/2, M}, the
 k-center greedy and the nearest-to-centroid candidates, one greedy pass per K), on 384-d
 clustered unit vectors (N/100 random directions plus noise), at budgets 1% and 5%, for N from
-100k to 2M: once with ``cluster.algorithm: flat`` (one k-means into K clusters, N K d work per
-iteration: quadratic in N when K is a share of N) and once with ``hierarchical`` (multi-level
-k-means, the same fan-out at every level, at most ``branching``), which the default
-``cluster.algorithm: auto`` picks at every size here (N K >= 1e8). Flat runs only up to ``--flat-max-n`` (1M at 1%
-took about 16 minutes on 2 cores); beyond it the table prints its time projected from the fitted
-exponent, marked as projected. Per run: seconds of the whole selection, of k-means, peak RSS; per
-algorithm and budget: the growth exponent b of time ~ N^b (least squares on log-log). Writes
+100k to 2M: once with the shipped default, ``cluster.algorithm: auto`` (it records what it chose
+per K: multi-level k-means, the same fan-out at every level, at most ``branching``, wherever
+K >= 1000 (and > branching) and N K >= 1e8, which is every run here but K = 500 at 100k), and once with ``flat`` (one k-means into K
+clusters, N K d work per iteration: quadratic in N when K is a share of N). Flat runs only where
+N M <= ``--flat-max-nm`` (its cost grows with N M; the default 2e9 is 400k at 1% and 200k at 5%,
+about 100 s each on 2 cores); beyond, the table prints its time projected from its fitted exponent,
+marked as projected. Per run: seconds of the whole selection, of k-means, peak RSS; per algorithm
+and budget: the growth exponent b of time ~ N^b (least squares on log-log). Writes
 ``benchmarks/results/clustering-{cpu,gpu}.json``.
 
     .venv/bin/python benchmarks/bench_clustering.py
-    .venv/bin/python benchmarks/bench_clustering.py --ns 100000 200000 400000 --flat-max-n 400000 --budgets 1
+    .venv/bin/python benchmarks/bench_clustering.py --ns 100000 200000 400000 --budgets 1
 """
 
 from __future__ import annotations
@@ -41,16 +42,18 @@ def vectors(n: int, d: int, seed: int = 0) -> np.ndarray:
     return x
 
 
-def run(x: np.ndarray, pct: float, algorithm: str, branching: int) -> dict:
-    cfg = Config.from_dict({"cluster": {"algorithm": algorithm, "branching": branching, "gpu": "never"},
+def run(x: np.ndarray, pct: float, algorithm: str, branching: int, gpu: bool) -> dict:
+    cfg = Config.from_dict({"cluster": {"algorithm": algorithm, "branching": branching,
+                                        "gpu": "auto" if gpu else "never"},
                             "select": {"budgets": [f"{pct:g}%"], "random_seeds": [], "stratify": "none",
-                                       "device": "cpu"}})
+                                       "device": "auto" if gpu else "cpu"}})
     r = {"n": len(x), "budget_pct": pct, "algorithm": algorithm}
     with timed(r, "select"):
         sel = select_candidates(x, cfg, rng=np.random.default_rng(0), devices=Devices())
     r["kmeans_s"] = round(sum(s.seconds["kmeans"] for s in sel.per_k if s.method == "kcenter"), 3)
     r["k"] = sorted({s.k for s in sel.per_k})
-    print(f"  n={len(x):>9,} {pct:g}% {algorithm:12s} K={r['k']}: select {r['select_s']:8.1f}s "
+    r["chosen"] = {k: cfg.cluster.algorithm_for(len(x), k) for k in r["k"]}
+    print(f"  n={len(x):>9,} {pct:g}% {algorithm:5s} K={r['k']} ({'/'.join(sorted(set(r['chosen'].values())))}): select {r['select_s']:8.1f}s "
           f"(k-means {r['kmeans_s']:7.1f}s), peak {r['select_peak_gib']:.2f} GiB", flush=True)
     return r
 
@@ -63,7 +66,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ns", nargs="+", type=int, default=[100_000, 200_000, 400_000, 1_000_000, 2_000_000])
     p.add_argument("--budgets", nargs="+", type=float, default=[1, 5], help="percent of the pool")
-    p.add_argument("--flat-max-n", type=int, default=400_000)
+    p.add_argument("--flat-max-nm", type=float, default=2e9, help="flat runs where N * M <= this")
+    p.add_argument("--gpu", action="store_true", help="faiss and the greedy on the GPU where there is one")
     p.add_argument("--branching", type=int, default=64)
     p.add_argument("--dim", type=int, default=384)
     args = p.parse_args()
@@ -71,19 +75,19 @@ def main() -> None:
     for n in args.ns:
         x = vectors(n, args.dim)
         for pct in args.budgets:
-            for algorithm in ("flat", "hierarchical"):
-                if algorithm == "flat" and n > args.flat_max_n:
+            for algorithm in ("auto", "flat"):
+                if algorithm == "flat" and n * n * pct / 100 > args.flat_max_nm:
                     continue
-                out["runs"].append(run(x, pct, algorithm, args.branching))
+                out["runs"].append(run(x, pct, algorithm, args.branching, args.gpu))
         del x
-    print("\n| N | budget | flat (s) | hierarchical (s) | flat / hierarchical |\n|---|---|---|---|---|")
+    print("\n| N | budget | flat (s) | default, auto (s) | flat / default | peak RSS, default |\n|---|---|---|---|---|---|")
     for pct in args.budgets:
         rows = {a: [r for r in out["runs"] if r["algorithm"] == a and r["budget_pct"] == pct]
-                for a in ("flat", "hierarchical")}
+                for a in ("flat", "auto")}
         b = {a: exponent(v) if len(v) > 1 else None for a, v in rows.items()}
         out["exponents"][f"{pct:g}%"] = b
         flat_at = {r["n"]: r["select_s"] for r in rows["flat"]}
-        for r in rows["hierarchical"]:
+        for r in rows["auto"]:
             if r["n"] in flat_at:
                 f, note = flat_at[r["n"]], ""
             elif b["flat"] is not None:  # projected from the largest flat run and its exponent
@@ -91,9 +95,9 @@ def main() -> None:
                 f, note = last["select_s"] * (r["n"] / last["n"]) ** b["flat"], " (projected)"
             else:
                 f, note = float("nan"), ""
-            print(f"| {r['n']:,} | {pct:g}% | {f:.1f}{note} | {r['select_s']:.1f} | {f / r['select_s']:.1f}x{note} |")
-        print(f"growth at {pct:g}%: flat N^{b['flat'] or float('nan'):.2f}, hierarchical "
-              f"N^{b['hierarchical'] or float('nan'):.2f}", flush=True)
+            print(f"| {r['n']:,} | {pct:g}% | {f:.1f}{note} | {r['select_s']:.1f} | {f / r['select_s']:.1f}x{note} | {r['select_peak_gib']:.2f} GiB |")
+        print(f"growth at {pct:g}%: flat N^{b['flat'] or float('nan'):.2f}, default (auto) "
+              f"N^{b['auto'] or float('nan'):.2f}", flush=True)
     print(f"wrote {save('clustering', out)}")
 
 

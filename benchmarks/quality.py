@@ -34,6 +34,11 @@ prints Markdown tables.
     .venv/bin/python benchmarks/quality.py                      # all three datasets
     .venv/bin/python benchmarks/quality.py --datasets banking77 --budgets 1 2 5
     .venv/bin/python benchmarks/quality.py --methods "kcenter K=M" "kcenter K=M, hierarchical"
+    .venv/bin/python benchmarks/quality.py --methods "centroid K=M" "centroid K=M, hierarchical" --cluster-seeds 3
+
+``--cluster-seeds N`` runs each method row with the run seeds 0..N-1 (k-means' sampling and
+initialisation; the probe and the held-out halves stay fixed) and reports mean ± std, so that a
+difference between two clusterings can be read against the seed-to-seed spread of either.
 """
 
 from __future__ import annotations
@@ -95,7 +100,7 @@ def vectors(name: str, split: int, data: DataConfig) -> tuple[np.ndarray, np.nda
     return x, np.array([str(v) for v in pool.labels[keep]], dtype=object)
 
 
-def run_dataset(name: str, budgets_pct: list[float], seeds: int, only: tuple = ()) -> dict:
+def run_dataset(name: str, budgets_pct: list[float], seeds: int, only: tuple = (), cluster_seeds: int = 1) -> dict:
     t0 = time.perf_counter()
     x, labels = vectors(name, 0, DATASETS[name][0])
     xe, labels_e = vectors(name, 1, DATASETS[name][1])
@@ -129,14 +134,18 @@ def run_dataset(name: str, budgets_pct: list[float], seeds: int, only: tuple = (
             if (label == "kcenter K=100" and 100 > n) or (only and label not in only):
                 continue
             opts = dict(opts)
-            cfg = Config.from_dict({"cluster": {"k": k, **opts.pop("cluster", {})},
-                                    "select": {"budgets": [m], "random_seeds": [], "stratify": "none", **opts},
-                                    "seed": 0})
-            t1 = time.perf_counter()
-            sel = select_candidates(x, cfg, rng=np.random.default_rng(0), labels=labels)
-            rows = np.flatnonzero(sel.per_k[0].members(m))
-            row[label] = {"mean": probe(rows, test), "std": 0.0, "coverage": coverage(rows),
-                          "select_s": time.perf_counter() - t1}
+            accs, covs, t1 = [], [], time.perf_counter()
+            for seed in range(cluster_seeds):  # the run's seed: k-means' sampling and initialisation
+                cfg = Config.from_dict({"cluster": {"k": k, **opts.get("cluster", {})},
+                                        "select": {"budgets": [m], "random_seeds": [], "stratify": "none",
+                                                   **{o: v for o, v in opts.items() if o != "cluster"}},
+                                        "seed": seed})
+                sel = select_candidates(x, cfg, rng=np.random.default_rng(0), labels=labels)
+                rows = np.flatnonzero(sel.per_k[0].members(m))
+                accs.append(probe(rows, test))
+                covs.append(coverage(rows))
+            row[label] = {"mean": float(np.mean(accs)), "std": float(np.std(accs)), "seeds": accs,
+                          "coverage": float(np.mean(covs)), "select_s": (time.perf_counter() - t1) / cluster_seeds}
         # The pipeline as it ships: the default grid, chosen by the proxy on the validation half;
         # and the same without label-stratified budgets (the default before the stratified one won).
         for label, extra in (("pipeline", {}), ("pipeline, not stratified", {"stratify": "none"}),
@@ -172,7 +181,7 @@ def markdown(name: str, r: dict) -> str:
             v = r["budgets"][b].get(meth)
             if v is None:
                 cells.append("–")
-            elif meth == "random":
+            elif meth == "random" or v.get("std"):
                 cells.append(f"{100 * v['mean']:.1f} ± {100 * v['std']:.1f} ({100 * v['coverage']:.0f}%)")
             else:
                 cells.append(f"{100 * v['mean']:.1f} ({100 * v['coverage']:.0f}%)")
@@ -212,15 +221,19 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=5, help="random subsets per budget")
     p.add_argument("--methods", nargs="+", default=[], choices=[m[0] for m in METHODS],
                    help="only these rows of the method table (the results go to quality-methods-*.json)")
+    p.add_argument("--cluster-seeds", type=int, default=1,
+                   help="the method rows over this many run seeds (k-means' own randomness): mean ± std")
+    p.add_argument("--name", default="", help="results file benchmarks/results/NAME-{cpu,gpu}.json "
+                   "(default: quality, or quality-methods with --methods)")
     args = p.parse_args()
     import torch
 
     torch.set_num_threads(2)
-    results = {d: run_dataset(d, args.budgets, args.seeds, tuple(args.methods)) for d in args.datasets}
+    results = {d: run_dataset(d, args.budgets, args.seeds, tuple(args.methods), args.cluster_seeds) for d in args.datasets}
     print()
     for d, r in results.items():
         print(markdown(d, r))
-    name = "quality-methods" if args.methods else "quality"
+    name = args.name or ("quality-methods" if args.methods else "quality")
     print(f"wrote {save(name, {'machine': machine(), 'args': vars(args), 'results': results})}")
 
 

@@ -129,9 +129,12 @@ class ClusterConfig:
     sample), then assigns every point. ``algorithm``: ``flat`` (one k-means into K clusters: cost
     N K d per iteration), ``hierarchical`` (multi-level k-means, at most ``branching`` clusters a
     level: about N branching d log_branching(K); on the shard engine each child of the root is
-    clustered in a Ray task) or ``auto``: hierarchical where flat k-means would cost more, i.e.
-    where K > ``branching`` and N K >= ``HIERARCHICAL_ABOVE`` (1e8: a few seconds of flat k-means
-    on a 2-core CPU; README, benchmarks/bench_clustering.py).
+    clustered in a Ray task) or ``auto``: hierarchical where flat k-means would cost more and the
+    tree costs no quality, i.e. where N K >= ``HIERARCHICAL_ABOVE`` (1e8: about 20 s of flat
+    k-means on a 2-core CPU) and K >= ``HIERARCHICAL_MIN_K`` (1000; below it the tree lost up to
+    2.6 points of probe accuracy to flat k-means in the quality benchmark, and flat k-means into
+    fewer clusters is linear in N: it trains on at most 256 K rows) and K > ``branching``
+    (README, benchmarks/bench_clustering.py).
     """
 
     k: tuple[KValue, ...] = ("M/2", "M")
@@ -141,13 +144,15 @@ class ClusterConfig:
     algorithm: Literal["auto", "flat", "hierarchical"] = "auto"
     branching: int = 64
 
-    HIERARCHICAL_ABOVE = 10**8  # N K from which ``auto`` clusters hierarchically
+    HIERARCHICAL_ABOVE = 10**8  # N K from which ``auto`` clusters hierarchically ...
+    HIERARCHICAL_MIN_K = 1000  # ... into at least this many clusters
 
     def algorithm_for(self, n: int, k: int) -> str:
         """``flat`` or ``hierarchical`` for K clusters of N rows (``auto`` decided here, once)."""
         if self.algorithm != "auto":
             return self.algorithm
-        return "hierarchical" if k > self.branching and n * k >= self.HIERARCHICAL_ABOVE else "flat"
+        deep = k > self.branching and k >= self.HIERARCHICAL_MIN_K and n * k >= self.HIERARCHICAL_ABOVE
+        return "hierarchical" if deep else "flat"
 
     def __post_init__(self) -> None:
         if not self.k:

@@ -115,4 +115,7 @@ def test_auto_clusters_hierarchically_only_past_the_size_where_flat_costs_more()
     assert c.algorithm_for(10_003, 2_000) == "flat"  # banking77 at 20%: N K = 2e7
     assert c.algorithm_for(100_000, 1_000) == "hierarchical"  # 1% of 100k: N K = 1e8
     assert c.algorithm_for(10**7, 64) == "flat"  # K within one level: the tree would be flat k-means
+    assert c.algorithm_for(10**7, 999) == "flat"  # below 1000 clusters the tree lost to flat; flat is linear here
+    assert c.algorithm_for(10**7, 1000) == "hierarchical"
+    assert c.algorithm_for(99_999, 1000) == "flat"  # N K just below 1e8
     assert Config.from_dict({"cluster": {"algorithm": "flat"}}).cluster.algorithm_for(10**7, 10**5) == "flat"
