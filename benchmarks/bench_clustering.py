@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, save, timed  # noqa: E402
 
 from ray_pipeline.config import Config  # noqa: E402
-from ray_pipeline.device import Devices  # noqa: E402
+from ray_pipeline.device import decide  # noqa: E402
 from ray_pipeline.select import select_candidates  # noqa: E402
 
 
@@ -49,7 +49,7 @@ def run(x: np.ndarray, pct: float, algorithm: str, branching: int, gpu: bool) ->
                                        "device": "auto" if gpu else "cpu"}})
     r = {"n": len(x), "budget_pct": pct, "algorithm": algorithm}
     with timed(r, "select"):
-        sel = select_candidates(x, cfg, rng=np.random.default_rng(0), devices=Devices())
+        sel = select_candidates(x, cfg, rng=np.random.default_rng(0), devices=decide(cfg))  # --gpu: faiss there
     r["kmeans_s"] = round(sum(s.seconds["kmeans"] for s in sel.per_k if s.method == "kcenter"), 3)
     r["k"] = sorted({s.k for s in sel.per_k})
     r["chosen"] = {k: cfg.cluster.algorithm_for(len(x), k) for k in r["k"]}

@@ -132,7 +132,7 @@ class ClusterConfig:
     clustered in a Ray task) or ``auto``: hierarchical where flat k-means would cost more and the
     tree costs no quality, i.e. where N K >= ``HIERARCHICAL_ABOVE`` (1e8: about 20 s of flat
     k-means on a 2-core CPU) and K >= ``HIERARCHICAL_MIN_K`` (1000; below it the tree lost up to
-    2.6 points of probe accuracy to flat k-means in the quality benchmark, and flat k-means into
+    2.7 points of probe accuracy to flat k-means in the quality benchmark, and flat k-means into
     fewer clusters is linear in N: it trains on at most 256 K rows) and K > ``branching``
     (README, benchmarks/bench_clustering.py).
     """
