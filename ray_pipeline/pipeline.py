@@ -14,6 +14,7 @@ import logging
 import time
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pyarrow as pa
@@ -114,18 +115,26 @@ def _sharded_vectors(pool: Pool, cfg: Config, run: Run, devices: Devices):
     return Sharded(paths, len(pool), cfg, devices, row_map=row_map, groups=cfg.select.groups)
 
 
-def proxy_scores(pool: Pool, eval_pool: Pool, candidates: list, cfg: Config, run: Run) -> dict:
-    """Every candidate's proxy score on the held-out set's embeddings (embedded by the same stage,
-    so with the same encoder): a linear probe on the labels, or the held-out set's coverage."""
+def proxy_scores(pool: Pool, eval_pool: Pool, candidates: list, cfg: Config, run: Run, *,
+                 task_pool: Optional[Pool] = None) -> dict:
+    """Every candidate's proxy score (``finetune.proxy_kind``): a linear probe on the labels or the
+    held-out set's coverage, both on the held-out set's embeddings (embedded by the same stage, so
+    with the same encoder); or the base model's loss on the candidate's rows of ``task_pool`` (the
+    pool's prompts and responses or chats, in ``pool``'s row order)."""
     from .proxy import score_candidates, score_coverage
 
     t0 = time.perf_counter()
     kind = cfg.finetune.proxy_kind
-    eval_pool, _ = embed_into(eval_pool, cfg, run.out, progress=False)
     scored = [c for c in candidates if c.kind != "full" or kind == "probe"]  # the full pool covers all it can
-    if kind == "coverage":
+    if kind == "base_loss":
+        if task_pool is None:
+            raise ValueError("the base_loss proxy needs the task pool")
+        scores = _base_loss_scores(task_pool, scored, cfg)
+    elif kind == "coverage":
+        eval_pool, _ = embed_into(eval_pool, cfg, run.out, progress=False)
         scores = score_coverage(pool.embeddings, {c.name: c.rows for c in scored}, eval_pool.embeddings)
     else:
+        eval_pool, _ = embed_into(eval_pool, cfg, run.out, progress=False)
         labels = sorted({str(v) for v in pool.labels})
         index = {v: i for i, v in enumerate(labels)}
         y = np.array([index[str(v)] for v in pool.labels])
@@ -134,8 +143,29 @@ def proxy_scores(pool: Pool, eval_pool: Pool, candidates: list, cfg: Config, run
         scores = score_candidates(pool.embeddings, y, {c.name: c.rows for c in scored},
                                   eval_pool.embeddings[known], ye, len(labels))
     log.info("proxy: %d candidates scored by %s in %.1fs", len(scores),
-             "a linear probe" if kind == "probe" else "held-out coverage", time.perf_counter() - t0)
+             {"probe": "a linear probe", "coverage": "held-out coverage", "base_loss": "the base model's loss"}[kind],
+             time.perf_counter() - t0)
     return scores
+
+
+def _base_loss_scores(task_pool: Pool, candidates: list, cfg: Config) -> dict:
+    """The base model's token-weighted response loss on a seeded sample of at most
+    ``finetune.proxy_rows`` rows of each candidate; every distinct row is read once, on the
+    driver (a GPU where ``finetune.device`` allows and the driver has one)."""
+    from .device import torch_device
+    from .finetune import per_sample_values
+    from .heldout import task_arrays
+    from .models import resolve
+    from .proxy import sample_rows, score_base_loss
+
+    ft = cfg.finetune
+    sampled = sample_rows({c.name: c.rows for c in candidates}, ft.proxy_rows, np.random.default_rng(cfg.seed))
+    rows = np.unique(np.concatenate([r for r in sampled.values()] or [np.zeros(0, np.int64)]))
+    device = torch_device(ft.device).type
+    log.info("proxy: the base model's loss on %d rows (%d candidates, at most %s rows each) on %s", len(rows),
+             len(sampled), ft.proxy_rows or "all", device)
+    per_row = per_sample_values(resolve(ft.model, ft.task), ft, task_arrays(task_pool.take(rows), cfg), device=device)
+    return score_base_loss(per_row, rows, sampled)
 
 
 def tune_stage(pool: Pool, select_dir: Path, cfg: Config, run: Run, *, resume: bool = False) -> dict:
@@ -169,7 +199,7 @@ def tune_stage(pool: Pool, select_dir: Path, cfg: Config, run: Run, *, resume: b
         candidates = candidates_from_selection(selection, meta["candidates"], include_full=cfg.finetune.include_full)
         proxy = None
         if cfg.finetune.proxy_kind and pool.embeddings is not None:
-            proxy = proxy_scores(pool, val_pool, candidates, cfg, run)  # the validation part only
+            proxy = proxy_scores(pool, val_pool, candidates, cfg, run, task_pool=task_pool)  # validation part only
             write_json(proxy, d / "proxy.json")
             candidates = prune(candidates, proxy, cfg.finetune.top_candidates)
         result = run_sweep(candidates, task_pool, val_pool, cfg, d, test_pool=test_pool, ray_address=cfg.ray_address,

@@ -6,8 +6,11 @@
   holds), which bounds what any learner can get from it.
 - Without labels (instruction and chat pools), :func:`coverage`: how well the subset covers the
   held-out set in embedding space, the mean over held-out samples of the highest cosine to any
-  subset member. ``benchmarks/quality_instruction.py`` measured it against short fine-tuning runs
-  and the base model's loss (Spearman's rho with the fine-tuned test loss; README).
+  subset member; or :func:`score_base_loss`: the base model's mean response loss on (a seeded
+  sample of) the subset, higher first. ``benchmarks/quality_instruction.py`` measured both, and
+  short fine-tuning runs, against the fine-tuned test loss (Spearman's rho; README): coverage
+  ranked a budget's candidates best over two splits and costs nothing, so it is
+  ``finetune.proxy: auto`` for instruction; the base model's loss is an option.
 """
 
 from __future__ import annotations
@@ -76,13 +79,63 @@ def score_coverage(x: np.ndarray, candidates: dict[str, np.ndarray], x_eval: np.
     return {name: {"score": (c := coverage(x[rows], x_eval)), "coverage": c} for name, rows in candidates.items()}
 
 
+def sample_rows(candidates: dict[str, np.ndarray], cap: Optional[int],
+                rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Each candidate's rows (name -> row indices), or a sample of ``cap`` of them drawn without
+    replacement by ``rng``, sorted; every row where ``cap`` is empty or not smaller."""
+    return {name: (np.sort(rows) if cap is None or len(rows) <= cap else np.sort(rng.choice(rows, cap, replace=False)))
+            for name, rows in candidates.items()}
+
+
+def token_mean_loss(values: np.ndarray) -> float:
+    """The token-weighted mean loss of (n, 2) rows of (-loss summed over a sample's tokens, tokens),
+    as :func:`ray_pipeline.finetune.per_sample_values` gives them for a causal LM.
+
+    Example:
+        >>> token_mean_loss(np.array([[-6.0, 3], [-2.0, 1]]))  # 8 nats over 4 tokens
+        2.0
+    """
+    return float(-values[:, 0].sum() / max(values[:, 1].sum(), 1e-12))
+
+
+def score_base_loss(per_row: np.ndarray, rows: np.ndarray, sampled: dict[str, np.ndarray]) -> dict[str, dict]:
+    """Every candidate's base-model loss: per_row (u, 2) are the values of ``rows`` (u sorted,
+    distinct row indices), sampled: name -> the rows of the candidate that were scored, all among
+    ``rows``. ``{"score": loss, "base_loss": loss, "rows_scored": n}``; a higher loss ranks first."""
+    out = {}
+    for name, r in sampled.items():
+        at = np.searchsorted(rows, r)
+        if (at >= len(rows)).any() or not np.array_equal(rows[at], r):
+            raise ValueError(f"candidate {name!r} has rows that were not scored")
+        loss = token_mean_loss(per_row[at])
+        out[name] = {"score": loss, "base_loss": loss, "rows_scored": int(len(r))}
+    return out
+
+
 def prune(candidates: list, scores: dict[str, dict], top: Optional[int]) -> list:
-    """The ``top`` selection candidates by proxy score, the random subsets of their sizes and the
-    full pool; every candidate when ``top`` is empty. candidates: objects with ``name``, ``kind``
-    and ``m`` (``tune.Candidate``)."""
+    """The ``top`` selection candidates by proxy score, spread over the budgets, with the random
+    subsets of their sizes and the full pool; every candidate when ``top`` is empty.
+
+    Each budget's best candidate comes first (the best of those first), then each budget's second
+    best, and so on: a score is compared with another budget's only to order them, so a proxy that
+    grows with the subset's size (coverage) cannot spend every fine-tune on the largest budget, nor
+    one that does not (the base model's loss) on an arbitrary one. candidates: objects with
+    ``name``, ``kind`` and ``m`` (``tune.Candidate``).
+
+    Example (budgets 5 and 9; the best of each first, then the better second):
+        >>> from types import SimpleNamespace as C
+        >>> cands = [C(name=n, kind="selection", m=m) for n, m in (("a", 5), ("b", 5), ("c", 9), ("d", 9))]
+        >>> s = {"a": {"score": 0.1}, "b": {"score": 0.3}, "c": {"score": 0.9}, "d": {"score": 0.8}}
+        >>> [c.name for c in prune(cands, s, top=3)]
+        ['b', 'c', 'd']
+    """
     if top is None:
         return candidates
-    sel = sorted((c for c in candidates if c.kind == "selection"), key=lambda c: -scores[c.name]["score"])[:top]
-    sizes = {c.m for c in sel}
-    kept = {c.name for c in sel}
+    by_m: dict = {}
+    for c in sorted((c for c in candidates if c.kind == "selection"), key=lambda c: -scores[c.name]["score"]):
+        by_m.setdefault(c.m, []).append(c)
+    order = sorted((c for ranked in by_m.values() for c in ranked),
+                   key=lambda c: (by_m[c.m].index(c), -scores[c.name]["score"]))
+    kept = {c.name for c in order[:top]}
+    sizes = {c.m for c in order[:top]}
     return [c for c in candidates if c.name in kept or c.kind == "full" or (c.kind == "random" and c.m in sizes)]

@@ -202,18 +202,20 @@ def write_report(out: Path, run_info: dict, pool) -> Path:
         parts.append(f"<h2>Score against subset size</h2><img src='{_plot_score_vs_size(trials)}'>")
         parts.append(f"<h2>Learning curves</h2><img src='{_plot_curves(trials)}'>")
         cols = ["name", "kind", "size", "status", "steps", "epochs", "samples_seen", "validation_score", "test_score",
-                "proxy_score", "proxy_accuracy", "proxy_coverage", "label_coverage", "wall_s", "cpu_seconds",
+                "proxy_score", "proxy_accuracy", "proxy_coverage", "proxy_base_loss", "label_coverage", "wall_s", "cpu_seconds",
                 "gpu_seconds", "error"]
         cols = [c for c in cols if any(c in t for t in trials)]
         rho = tuned["summary"].get("proxy_rank_correlation")
         if rho is not None:
-            parts.append(f"<p>Proxy (a linear probe with labels, held-out coverage without) against fine-tuned score: Spearman rank correlation "
+            parts.append(f"<p>Proxy (a linear probe with labels; the base model's loss or held-out coverage without) against "
+                         f"fine-tuned score: Spearman rank correlation "
                          f"<b>{rho:.2f}</b> over the trials that ran.</p>")
         proxy_path = out / "proxy.json"
         if proxy_path.is_file():
             proxy = json.loads(proxy_path.read_text())
             prow = [{"candidate": k, **v} for k, v in sorted(proxy.items(), key=lambda kv: -kv[1]["score"])]
-            pcols = [c for c in ("accuracy", "macro_f1", "label_coverage", "coverage") if any(c in r for r in prow)]
+            pcols = [c for c in ("accuracy", "macro_f1", "label_coverage", "coverage", "base_loss",
+                                                   "rows_scored") if any(c in r for r in prow)]
             parts.append("<h2>Every candidate's proxy score</h2>" + _table(prow, ["candidate", *pcols]))
         parts.append("<h2>Trials</h2>" + _table(sorted(trials, key=lambda t: -(t.get("validation_score") or -1e9)), cols))
     parts.append(f"<h2>Cost</h2><img src='{_plot_costs(stages)}'>")

@@ -262,7 +262,7 @@ def run_sweep(candidates: list[Candidate], pool: Pool, val_pool: Pool, cfg: Conf
         if proxy and t["name"] in proxy:
             t["proxy_score"] = proxy[t["name"]]["score"]
             for k, name in (("accuracy", "proxy_accuracy"), ("label_coverage", "label_coverage"),
-                            ("coverage", "proxy_coverage")):
+                            ("coverage", "proxy_coverage"), ("base_loss", "proxy_base_loss")):
                 if k in proxy[t["name"]]:
                     t[name] = proxy[t["name"]][k]
     values = _score_on_test(trials, out, cfg, test_pool, train.get("label_names")) if test_pool is not None else {}
