@@ -28,14 +28,20 @@ trials of a budget (selection candidates and random subsets):
 
 The pipeline's choice per budget and embedder: the selection candidate with the best
 *validation* loss (no oracle; the pipeline with ``finetune.top_candidates`` empty), and the
-pipeline as it ships (``finetune.proxy: auto``, which is coverage here, keeps the 3 candidates of
-best coverage, and validation chooses among those); reported on the test part against random's mean and spread and
-against the full pool, with each trial's cost (CPU-seconds or GPU-seconds, samples seen). Writes
-``benchmarks/results/quality-instruction-{cpu,gpu}.json`` and prints Markdown tables.
+pipeline as it ships (``finetune.proxy: auto``, the base model's loss here; ``proxy.prune`` keeps
+3 of the embedder's candidates over all budgets, each budget's best first, and validation chooses
+among those kept at a budget), and the same with coverage keeping 3; reported on the test part
+against random's mean and spread and against the full pool, with each trial's cost (CPU-seconds
+or GPU-seconds, samples seen). Writes ``benchmarks/results/NAME-{cpu,gpu}.json`` (``--name``,
+default ``quality-instruction``) and prints Markdown tables; ``--retable FILE`` recomputes the
+tables of a stored run from its trials (no fine-tuning).
 
     .venv/bin/python benchmarks/quality_instruction.py                       # the issue's settings (a GPU)
     .venv/bin/python benchmarks/quality_instruction.py --pool-size 1600 --held-out-per-source 40 \
         --max-length 128 --max-epochs 2 --max-steps 100                       # a 2-core CPU: about 90 minutes
+    .venv/bin/python benchmarks/quality_instruction.py --pool-size 1600 --held-out-per-source 40 \
+        --max-length 128 --max-epochs 2 --max-steps 100 --embedders minilm --no-full \
+        --seed 1 --name quality-instruction-seed1                              # a repetition: another split
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -60,7 +67,7 @@ from ray_pipeline.finetune import per_sample_values  # noqa: E402
 from ray_pipeline.heldout import read_task_pool, stratified_sample, task_arrays  # noqa: E402
 from ray_pipeline.metrics import spearman  # noqa: E402
 from ray_pipeline.models import resolve  # noqa: E402
-from ray_pipeline.proxy import coverage  # noqa: E402
+from ray_pipeline.proxy import coverage, prune  # noqa: E402
 from ray_pipeline.select import select_candidates  # noqa: E402
 from ray_pipeline.tune import Candidate, run_sweep  # noqa: E402
 
@@ -148,10 +155,17 @@ def main() -> None:
     p.add_argument("--eval-every", type=int, default=5)
     p.add_argument("--patience", type=int, default=3)
     p.add_argument("--no-full", action="store_true", help="leave out the full pool")
+    p.add_argument("--seed", type=int, default=0, help="the held-out split, the pool's sample and the selection's "
+                                                     "seed (another seed: an independent repetition)")
+    p.add_argument("--name", default="quality-instruction", help="results file: benchmarks/results/NAME-cpu.json")
+    p.add_argument("--retable", type=Path, help="recompute and print the tables of a results file from its stored "
+                                              "trials (no fine-tuning), and write it back")
     args = p.parse_args()
+    if args.retable:
+        return retable(args.retable)
 
     t_start = time.perf_counter()
-    parts = split(load_records(), args.held_out_per_source, args.pool_size, np.random.default_rng(0))
+    parts = split(load_records(), args.held_out_per_source, args.pool_size, np.random.default_rng(args.seed))
     work = CACHE / "run"
     if work.exists():
         shutil.rmtree(work)
@@ -169,7 +183,7 @@ def main() -> None:
                      "max_epochs": args.max_epochs, "max_steps": args.max_steps, "eval_every": args.eval_every,
                      "patience": args.patience, "early_stopping": False, "threads_per_worker": os.cpu_count(),
                      "max_concurrent_trials": 1, "top_candidates": None},
-        "output_dir": str(work), "seed": 0})
+        "output_dir": str(work), "seed": args.seed})
     data_cfg = lambda path: DataConfig(path=str(path), id_column="id")  # noqa: E731
     pool = read_task_pool(data_cfg(paths["pool"]), cfg)
     val_pool = read_task_pool(data_cfg(paths["validation"]), cfg)
@@ -182,9 +196,10 @@ def main() -> None:
     budgets = {pct: max(1, int(round(pct / 100 * n))) for pct in args.budgets}
     candidates = []
     for m in budgets.values():
-        cfg_m = Config.from_dict({"select": {"budgets": [m], "random_seeds": list(range(args.seeds))}, "seed": 0})
+        cfg_m = Config.from_dict({"select": {"budgets": [m], "random_seeds": list(range(args.seeds))},
+                                  "seed": args.seed})
         for i, e in enumerate(args.embedders):
-            sel = select_candidates(x[e], cfg_m, rng=np.random.default_rng(0))  # the default grid for M
+            sel = select_candidates(x[e], cfg_m, rng=np.random.default_rng(args.seed))  # the default grid for M
             candidates += [Candidate(f"{e}_{s.name(m)}", "selection", np.flatnonzero(s.members(m)), k=s.k, m=m,
                                      extra={"method": s.method, "embedder": e}) for s in sel.per_k]
             if i == 0:  # the random subsets depend on the rng alone: the same for every embedder
@@ -240,7 +255,19 @@ def main() -> None:
            "proxy_seconds": {"coverage": coverage_s, "base_loss": base_s},
            "sweep_seconds": result["summary"]["sweep_seconds"], "seconds": time.perf_counter() - t_start}
     _print_tables(out)
-    print(f"wrote {save('quality-instruction', out)}")
+    print(f"wrote {save(args.name, out)}")
+
+
+def retable(path: Path) -> None:
+    """The tables of a stored run recomputed from its trials, e.g. after the shipped proxy changed."""
+    out = json.loads(path.read_text())
+    embedders = out["args"]["embedders"]
+    out["table"] = {f"{float(pct):g}%": _budget_row(out["trials"], m, embedders) for pct, m in out["budgets"].items()}
+    _print_tables(out)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(out, indent=2))
+    tmp.replace(path)
+    print(f"rewrote {path}")
 
 
 def _counts(rows: list[dict]) -> dict[str, int]:
@@ -273,13 +300,21 @@ def _budget_row(trials: dict, m: int, embedders: list[str]) -> dict:
         if full:
             row[e]["over_full_pct"] = 100 * (c["test_loss"] / full["test_loss"] - 1)
             row[e]["cost_share_of_full"] = c["cost_s"] / full["cost_s"]
-        # As the pipeline ships (finetune.proxy: auto -> coverage, top_candidates: 3): the three
-        # candidates of best coverage are fine-tuned, the best validation loss among them chosen.
-        top = sorted(mine, key=lambda k: (-mine[k]["coverage"], k))[:3]
-        pick = min(top, key=lambda k: (mine[k]["validation_loss"], mine[k]["size"]))
-        row[e]["shipped"] = {"fine_tuned": top, "choice": pick, "test_loss": mine[pick]["test_loss"],
-                             "minus_random": mine[pick]["test_loss"] - row["random"]["mean"],
-                             "cost_s": float(sum(mine[k]["cost_s"] for k in top))}
+        # As the pipeline ships (finetune.proxy: auto -> base_loss, top_candidates: 3), and with
+        # coverage: proxy.prune keeps 3 of this embedder's candidates over all budgets, each
+        # budget's best first; the best validation loss among those kept at this budget is chosen.
+        for key, proxy in (("shipped", "base_loss"), ("coverage_keeps_3", "coverage")):
+            everywhere = {k: v for k, v in trials.items() if v["kind"] == "selection" and v.get("embedder") == e}
+            cands = [SimpleNamespace(name=k, kind="selection", m=v["m"]) for k, v in sorted(everywhere.items())]
+            kept = [c.name for c in prune(cands, {k: {"score": v[proxy]} for k, v in everywhere.items()}, 3)]
+            top = [k for k in kept if k in mine]
+            if not top:
+                row[e][key] = {"fine_tuned": [], "choice": None, "proxy": proxy}
+                continue
+            pick = min(top, key=lambda k: (mine[k]["validation_loss"], mine[k]["size"]))
+            row[e][key] = {"proxy": proxy, "fine_tuned": top, "choice": pick, "test_loss": mine[pick]["test_loss"],
+                           "minus_random": mine[pick]["test_loss"] - row["random"]["mean"],
+                           "cost_s": float(sum(mine[k]["cost_s"] for k in top))}
     # Proxies: rank correlation of each proxy's "goodness" with -test loss over this budget's trials.
     good = [-v["test_loss"] for v in here.values()]
     row["proxy_rho"] = {
@@ -305,9 +340,12 @@ def _print_tables(out: dict) -> None:
             print(f"| pipeline, {label} | " + " | ".join(
                 f"{r[e]['test_loss']:.4f} ({r[e]['minus_random']:+.4f}, {r[e]['random_stds']:+.1f} std; "
                 f"{r[e]['choice']}; {r[e]['cost_s']:.0f} {unit})" for r in table.values()) + " |")
-            print(f"| pipeline as shipped ({label}: coverage keeps 3, validation chooses) | " + " | ".join(
-                f"{r[e]['shipped']['test_loss']:.4f} ({r[e]['shipped']['minus_random']:+.4f}; "
-                f"{r[e]['shipped']['choice']})" for r in table.values()) + " |")
+            for key, what in (("shipped", "as shipped: the base model's loss keeps 3"),
+                              ("coverage_keeps_3", "coverage keeps 3")):
+                print(f"| pipeline {what} ({label}), validation chooses | " + " | ".join(
+                    "no candidate kept" if r[e][key]["choice"] is None else
+                    f"{r[e][key]['test_loss']:.4f} ({r[e][key]['minus_random']:+.4f}; {r[e][key]['choice']})"
+                    for r in table.values()) + " |")
             if full:
                 print(f"| {label}: over full, cost share of full | " + " | ".join(
                     f"{r[e]['over_full_pct']:+.1f}%, {r[e]['cost_share_of_full']:.2f}x" for r in table.values()) + " |")
