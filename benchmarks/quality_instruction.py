@@ -28,9 +28,9 @@ trials of a budget (selection candidates and random subsets):
 
 The pipeline's choice per budget and embedder: the selection candidate with the best
 *validation* loss (no oracle; the pipeline with ``finetune.top_candidates`` empty), and the
-pipeline as it ships (``finetune.proxy: auto``, the base model's loss here; ``proxy.prune`` keeps
-3 of the embedder's candidates over all budgets, each budget's best first, and validation chooses
-among those kept at a budget), and the same with coverage keeping 3; reported on the test part
+pipeline as it ships (``finetune.proxy: auto``, coverage here; ``proxy.prune`` keeps 3 of the
+embedder's candidates over all budgets, each budget's best first, and validation chooses among
+those kept at a budget), and the same with the base model's loss keeping 3; reported on the test part
 against random's mean and spread and against the full pool, with each trial's cost (CPU-seconds
 or GPU-seconds, samples seen). Writes ``benchmarks/results/NAME-{cpu,gpu}.json`` (``--name``,
 default ``quality-instruction``) and prints Markdown tables; ``--retable FILE`` recomputes the
@@ -300,10 +300,10 @@ def _budget_row(trials: dict, m: int, embedders: list[str]) -> dict:
         if full:
             row[e]["over_full_pct"] = 100 * (c["test_loss"] / full["test_loss"] - 1)
             row[e]["cost_share_of_full"] = c["cost_s"] / full["cost_s"]
-        # As the pipeline ships (finetune.proxy: auto -> base_loss, top_candidates: 3), and with
-        # coverage: proxy.prune keeps 3 of this embedder's candidates over all budgets, each
-        # budget's best first; the best validation loss among those kept at this budget is chosen.
-        for key, proxy in (("shipped", "base_loss"), ("coverage_keeps_3", "coverage")):
+        # As the pipeline ships (finetune.proxy: auto -> coverage, top_candidates: 3), and with the
+        # base model's loss: proxy.prune keeps 3 of this embedder's candidates over all budgets,
+        # each budget's best first; the best validation loss among those kept here is chosen.
+        for key, proxy in (("shipped", "coverage"), ("base_loss_keeps_3", "base_loss")):
             everywhere = {k: v for k, v in trials.items() if v["kind"] == "selection" and v.get("embedder") == e}
             cands = [SimpleNamespace(name=k, kind="selection", m=v["m"]) for k, v in sorted(everywhere.items())]
             kept = [c.name for c in prune(cands, {k: {"score": v[proxy]} for k, v in everywhere.items()}, 3)]
@@ -340,8 +340,8 @@ def _print_tables(out: dict) -> None:
             print(f"| pipeline, {label} | " + " | ".join(
                 f"{r[e]['test_loss']:.4f} ({r[e]['minus_random']:+.4f}, {r[e]['random_stds']:+.1f} std; "
                 f"{r[e]['choice']}; {r[e]['cost_s']:.0f} {unit})" for r in table.values()) + " |")
-            for key, what in (("shipped", "as shipped: the base model's loss keeps 3"),
-                              ("coverage_keeps_3", "coverage keeps 3")):
+            for key, what in (("shipped", "as shipped: coverage keeps 3"),
+                              ("base_loss_keeps_3", "the base model's loss keeps 3")):
                 print(f"| pipeline {what} ({label}), validation chooses | " + " | ".join(
                     "no candidate kept" if r[e][key]["choice"] is None else
                     f"{r[e][key]['test_loss']:.4f} ({r[e][key]['minus_random']:+.4f}; {r[e][key]['choice']})"
