@@ -157,6 +157,8 @@ def main() -> None:
     p.add_argument("--no-full", action="store_true", help="leave out the full pool")
     p.add_argument("--seed", type=int, default=0, help="the held-out split, the pool's sample and the selection's "
                                                      "seed (another seed: an independent repetition)")
+    p.add_argument("--stratify-source", action="store_true",
+                   help="split each budget over the four sources, as the pipeline does with data.label_column: source")
     p.add_argument("--name", default="quality-instruction", help="results file: benchmarks/results/NAME-cpu.json")
     p.add_argument("--retable", type=Path, help="recompute and print the tables of a results file from its stored "
                                               "trials (no fine-tuning), and write it back")
@@ -194,12 +196,14 @@ def main() -> None:
     x_cov = x["minilm"] if "minilm" in x else vectors("minilm", parts["pool"], args.embed_max_length)
 
     budgets = {pct: max(1, int(round(pct / 100 * n))) for pct in args.budgets}
+    pool_sources = np.array([r["source"] for r in parts["pool"]], dtype=object) if args.stratify_source else None
     candidates = []
     for m in budgets.values():
         cfg_m = Config.from_dict({"select": {"budgets": [m], "random_seeds": list(range(args.seeds))},
                                   "seed": args.seed})
         for i, e in enumerate(args.embedders):
-            sel = select_candidates(x[e], cfg_m, rng=np.random.default_rng(args.seed))  # the default grid for M
+            sel = select_candidates(x[e], cfg_m, rng=np.random.default_rng(args.seed),
+                                    labels=pool_sources)  # the default grid for M (stratify: auto)
             candidates += [Candidate(f"{e}_{s.name(m)}", "selection", np.flatnonzero(s.members(m)), k=s.k, m=m,
                                      extra={"method": s.method, "embedder": e}) for s in sel.per_k]
             if i == 0:  # the random subsets depend on the rng alone: the same for every embedder
