@@ -67,7 +67,7 @@ from ray_pipeline.finetune import per_sample_values  # noqa: E402
 from ray_pipeline.heldout import read_task_pool, stratified_sample, task_arrays  # noqa: E402
 from ray_pipeline.metrics import spearman  # noqa: E402
 from ray_pipeline.models import resolve  # noqa: E402
-from ray_pipeline.proxy import coverage, prune  # noqa: E402
+from ray_pipeline.proxy import coverage, prune, score_base_loss, token_mean_loss  # noqa: E402
 from ray_pipeline.select import select_candidates  # noqa: E402
 from ray_pipeline.tune import Candidate, run_sweep  # noqa: E402
 
@@ -132,11 +132,6 @@ def vectors(model: str, rows: list[dict], max_length: int) -> np.ndarray:
         np.save(path, x)
         print(f"embedded {len(rows)} rows with {model} in {time.perf_counter() - t0:.0f}s", flush=True)
     return np.load(path)
-
-
-def mean_loss(values: np.ndarray) -> float:
-    """Token-weighted response loss of (n, 2) (-summed loss, tokens) rows."""
-    return float(-values[:, 0].sum() / max(values[:, 1].sum(), 1e-12))
 
 
 def main() -> None:
@@ -218,10 +213,9 @@ def main() -> None:
     t0 = time.perf_counter()
     subset_rows = np.unique(np.concatenate([c.rows for c in candidates if c.kind != "full"]))
     base = per_sample_values(resolve("smollm2"), cfg.finetune, task_arrays(pool.take(subset_rows), cfg))
-    at = {int(r): i for i, r in enumerate(subset_rows)}
-    for c in candidates:
-        if c.kind != "full":
-            proxies[c.name]["base_loss"] = mean_loss(base[[at[int(r)] for r in c.rows]])
+    for name, r in score_base_loss(base, subset_rows, {c.name: np.sort(c.rows) for c in candidates
+                                                       if c.kind != "full"}).items():
+        proxies[name]["base_loss"] = r["base_loss"]  # every row of the candidate, as proxy_rows empty
     base_s = time.perf_counter() - t0
     print(f"proxies: coverage of {len(candidates)} candidates in {coverage_s:.1f}s; base-model loss on "
           f"{len(subset_rows)} rows in {base_s:.0f}s", flush=True)
@@ -245,8 +239,8 @@ def main() -> None:
             **{k: t.get(k) for k in ("kind", "m", "k", "method", "embedder", "size", "status", "steps", "epochs",
                                      "samples_seen", "wall_s")},
             "cost_s": t[cost_key], "cost_unit": cost_key,
-            "validation_loss": -t["validation_score"], "test_loss": mean_loss(v),
-            "test_loss_by_source": {s: mean_loss(v[sources == s]) for s in SOURCES},
+            "validation_loss": -t["validation_score"], "test_loss": token_mean_loss(v),
+            "test_loss_by_source": {s: token_mean_loss(v[sources == s]) for s in SOURCES},
             "short_run_loss": hist[0]["eval_loss"] if hist else None, **proxies[t["name"]]}
         r = trials[t["name"]]
         print(f"  {t['name']}: {r['status']}, {r['steps']} steps ({r['epochs']:.1f} epochs), validation "
@@ -269,7 +263,7 @@ def retable(path: Path) -> None:
     out["table"] = {f"{float(pct):g}%": _budget_row(out["trials"], m, embedders) for pct, m in out["budgets"].items()}
     _print_tables(out)
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(out, indent=2))
+    tmp.write_text(json.dumps(out, indent=2) + "\n")  # as save() writes it
     tmp.replace(path)
     print(f"rewrote {path}")
 

@@ -66,9 +66,10 @@ class FinetuneConfig:
     (probe for classification, coverage for instruction: over two splits of
     ``benchmarks/quality_instruction.py`` it ranked a budget's candidates better than the base
     model's loss, Spearman's rho 0.40 against 0.10 on average, and the 3 it kept held a choice as
-    good or better at every budget, at no cost; README), ``none``. ``top_candidates``: only this many selection
-    candidates by proxy score, with the random subsets of their sizes and the full pool, are
-    fine-tuned (empty: all of them).
+    good or better at every budget, at no cost; README), ``none``. ``top_candidates``: only this
+    many selection candidates by proxy score, spread over the budgets (each budget's best first:
+    ``proxy.prune``), with the random subsets of their sizes and the full pool, are fine-tuned
+    (empty: all of them).
     ``zero_stage``/``precision`` empty/``auto``: ZeRO-2 + bf16 on GPU, ZeRO-0 + fp32 on CPU.
     ``lora``: :class:`LoraSettings` (on by default for causal LMs).
     """

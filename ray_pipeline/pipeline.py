@@ -160,7 +160,7 @@ def _base_loss_scores(task_pool: Pool, candidates: list, cfg: Config) -> dict:
 
     ft = cfg.finetune
     sampled = sample_rows({c.name: c.rows for c in candidates}, ft.proxy_rows, np.random.default_rng(cfg.seed))
-    rows = np.unique(np.concatenate([r for r in sampled.values()] or [np.zeros(0, np.int64)]))
+    rows = np.unique(np.concatenate(list(sampled.values()) or [np.zeros(0, np.int64)]))
     device = torch_device(ft.device).type
     log.info("proxy: the base model's loss on %d rows (%d candidates, at most %s rows each) on %s", len(rows),
              len(sampled), ft.proxy_rows or "all", device)

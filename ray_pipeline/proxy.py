@@ -131,11 +131,12 @@ def prune(candidates: list, scores: dict[str, dict], top: Optional[int]) -> list
     """
     if top is None:
         return candidates
-    by_m: dict = {}
-    for c in sorted((c for c in candidates if c.kind == "selection"), key=lambda c: -scores[c.name]["score"]):
-        by_m.setdefault(c.m, []).append(c)
-    order = sorted((c for ranked in by_m.values() for c in ranked),
-                   key=lambda c: (by_m[c.m].index(c), -scores[c.name]["score"]))
+    sel = sorted((c for c in candidates if c.kind == "selection"), key=lambda c: -scores[c.name]["score"])
+    place, count = [], {}
+    for c in sel:
+        count[c.m] = count.get(c.m, 0) + 1
+        place.append(count[c.m])  # 1: its budget's best
+    order = [c for _, c in sorted(zip(place, sel), key=lambda t: t[0])]  # stable: by score within a place
     kept = {c.name for c in order[:top]}
     sizes = {c.m for c in order[:top]}
     return [c for c in candidates if c.name in kept or c.kind == "full" or (c.kind == "random" and c.m in sizes)]

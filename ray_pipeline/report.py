@@ -214,8 +214,8 @@ def write_report(out: Path, run_info: dict, pool) -> Path:
         if proxy_path.is_file():
             proxy = json.loads(proxy_path.read_text())
             prow = [{"candidate": k, **v} for k, v in sorted(proxy.items(), key=lambda kv: -kv[1]["score"])]
-            pcols = [c for c in ("accuracy", "macro_f1", "label_coverage", "coverage", "base_loss",
-                                                   "rows_scored") if any(c in r for r in prow)]
+            pcols = [c for c in ("accuracy", "macro_f1", "label_coverage", "coverage", "base_loss", "rows_scored")
+                     if any(c in r for r in prow)]
             parts.append("<h2>Every candidate's proxy score</h2>" + _table(prow, ["candidate", *pcols]))
         parts.append("<h2>Trials</h2>" + _table(sorted(trials, key=lambda t: -(t.get("validation_score") or -1e9)), cols))
     parts.append(f"<h2>Cost</h2><img src='{_plot_costs(stages)}'>")
