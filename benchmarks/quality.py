@@ -163,7 +163,6 @@ def run_dataset(name: str, budgets_pct: list[float], seeds: int, only: tuple = (
                           "regret": float(np.mean([r["regret"] for r in runs])),
                           "chose_per_seed": [r["chose"] for r in runs],
                           "regret_per_seed": [r["regret"] for r in runs],
-                          "candidates": runs[0]["candidates"],
                           "candidates_per_seed": [r["candidates"] for r in runs]}
         table[f"{pct:g}%"] = row
         print(f"  {pct:g}% (M={m:,}): random {row['random']['mean']:.3f}±{row['random']['std']:.3f}; "

@@ -301,9 +301,9 @@ def _budget_row(trials: dict, m: int, embedders: list[str]) -> dict:
         # As the pipeline ships (finetune.proxy: auto -> coverage, top_candidates: 3), and with the
         # base model's loss: proxy.prune keeps 3 of this embedder's candidates over all budgets,
         # each budget's best first; the best validation loss among those kept here is chosen.
+        everywhere = {k: v for k, v in trials.items() if v["kind"] == "selection" and v.get("embedder") == e}
+        cands = [SimpleNamespace(name=k, kind="selection", m=v["m"]) for k, v in sorted(everywhere.items())]
         for key, proxy in (("shipped", "coverage"), ("base_loss_keeps_3", "base_loss")):
-            everywhere = {k: v for k, v in trials.items() if v["kind"] == "selection" and v.get("embedder") == e}
-            cands = [SimpleNamespace(name=k, kind="selection", m=v["m"]) for k, v in sorted(everywhere.items())]
             kept = [c.name for c in prune(cands, {k: {"score": v[proxy]} for k, v in everywhere.items()}, 3)]
             top = [k for k in kept if k in mine]
             if not top:

@@ -126,15 +126,15 @@ def proxy_scores(pool: Pool, eval_pool: Pool, candidates: list, cfg: Config, run
     t0 = time.perf_counter()
     kind = cfg.finetune.proxy_kind
     scored = [c for c in candidates if c.kind != "full" or kind == "probe"]  # the full pool covers all it can
+    if kind != "base_loss":  # the embedding proxies read the held-out set's vectors
+        eval_pool, _ = embed_into(eval_pool, cfg, run.out, progress=False)
     if kind == "base_loss":
         if task_pool is None:
             raise ValueError("the base_loss proxy needs the task pool")
         scores = _base_loss_scores(task_pool, scored, cfg)
     elif kind == "coverage":
-        eval_pool, _ = embed_into(eval_pool, cfg, run.out, progress=False)
         scores = score_coverage(pool.embeddings, {c.name: c.rows for c in scored}, eval_pool.embeddings)
     else:
-        eval_pool, _ = embed_into(eval_pool, cfg, run.out, progress=False)
         labels = sorted({str(v) for v in pool.labels})
         index = {v: i for i, v in enumerate(labels)}
         y = np.array([index[str(v)] for v in pool.labels])
