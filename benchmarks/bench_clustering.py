@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, save, timed  # noqa: E402
 
 from ray_pipeline.config import Config  # noqa: E402
-from ray_pipeline.device import decide  # noqa: E402
-from ray_pipeline.select import select_candidates  # noqa: E402
+from ray_pipeline.runtime.devices import decide  # noqa: E402
+from ray_pipeline.select.engine import select_candidates  # noqa: E402
 
 
 def vectors(n: int, d: int, seed: int = 0) -> np.ndarray:

@@ -29,12 +29,12 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, save, timed  # noqa: E402
 
-from ray_pipeline.artifacts import write_parquet  # noqa: E402
+from ray_pipeline.io.run_dir import write_parquet  # noqa: E402
 from ray_pipeline.config import Config  # noqa: E402
-from ray_pipeline.device import Devices  # noqa: E402
-from ray_pipeline.distributed import Sharded  # noqa: E402
-from ray_pipeline.embed import shard_table  # noqa: E402
-from ray_pipeline.select import select_candidates  # noqa: E402
+from ray_pipeline.runtime.devices import Devices  # noqa: E402
+from ray_pipeline.select.sharded import Sharded  # noqa: E402
+from ray_pipeline.embed.stage import shard_table  # noqa: E402
+from ray_pipeline.select.engine import select_candidates  # noqa: E402
 
 
 def write_shards(n: int, d: int, shard_rows: int, folder: Path, seed: int = 0) -> list[str]:
@@ -53,7 +53,7 @@ def write_shards(n: int, d: int, shard_rows: int, folder: Path, seed: int = 0) -
 
 
 def load_all(paths: list[str], n: int, d: int) -> np.ndarray:
-    from ray_pipeline.distributed import read_shard
+    from ray_pipeline.select.sharded import read_shard
 
     x = np.empty((n, d), dtype=np.float32)
     for p in paths:

@@ -31,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import embed_texts, machine, save  # noqa: E402
 
 from ray_pipeline.config import DataConfig, EmbedConfig  # noqa: E402
-from ray_pipeline.data import read_pool  # noqa: E402
-from ray_pipeline.embed import embed_pool  # noqa: E402
+from ray_pipeline.io.pool import read_pool  # noqa: E402
+from ray_pipeline.embed.stage import embed_pool  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 DATASETS = {

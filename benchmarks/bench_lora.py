@@ -33,8 +33,8 @@ def one_mode(mode: str, batch_size: int, max_length: int, steps: int, warmup: in
     import torch
 
     from ray_pipeline.config import LoraSettings
-    from ray_pipeline.finetune import causal_batch
-    from ray_pipeline.models import load_for_task, smollm2_path, with_lora
+    from ray_pipeline.finetune.train import causal_batch
+    from ray_pipeline.io.models import load_for_task, smollm2_path, with_lora
 
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -21,8 +21,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, save, timed  # noqa: E402
 
-from ray_pipeline.cluster import kmeans  # noqa: E402
-from ray_pipeline.kcenter import center_and_key_samples, k_center_greedy, proportional_budgets  # noqa: E402
+from ray_pipeline.select.kmeans import kmeans  # noqa: E402
+from ray_pipeline.select.kernels import center_and_key_samples, k_center_greedy, proportional_budgets  # noqa: E402
 
 
 def run(n: int, d: int, seed: int = 0) -> dict:

@@ -41,8 +41,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, save, timed  # noqa: E402
 
-from ray_pipeline.cluster import kmeans  # noqa: E402
-from ray_pipeline.kcenter import center_and_key_samples, k_center_greedy, proportional_budgets  # noqa: E402
+from ray_pipeline.select.kmeans import kmeans  # noqa: E402
+from ray_pipeline.select.kernels import center_and_key_samples, k_center_greedy, proportional_budgets  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from reference import k_center_greedy_reference  # noqa: E402  (the tests' slow, obvious loop)
@@ -160,7 +160,7 @@ def random_unit(n: int, d: int, seed: int) -> np.ndarray:
 def real_embeddings(dataset: str) -> np.ndarray:
     """MiniLM embeddings of a shared dataset, cached under benchmarks/.cache."""
     from ray_pipeline.config import DataConfig, EmbedConfig
-    from ray_pipeline.data import normalize, read_pool
+    from ray_pipeline.io.pool import normalize, read_pool
     from _common import embed_texts
 
     cache = ROOT / "benchmarks" / ".cache" / f"{dataset}-minilm.npy"

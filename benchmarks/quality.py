@@ -58,10 +58,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, save  # noqa: E402
 
 from ray_pipeline.config import Config, DataConfig, EmbedConfig  # noqa: E402
-from ray_pipeline.data import read_pool  # noqa: E402
-from ray_pipeline.embed import embed_pool, load_stage  # noqa: E402
-from ray_pipeline.select import select_candidates  # noqa: E402
-from ray_pipeline.proxy import linear_probe  # noqa: E402
+from ray_pipeline.io.pool import read_pool  # noqa: E402
+from ray_pipeline.embed.stage import embed_pool, load_stage  # noqa: E402
+from ray_pipeline.select.engine import select_candidates  # noqa: E402
+from ray_pipeline.finetune.proxy import linear_probe  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 CACHE = Path(__file__).resolve().parent / ".cache" / "quality"

@@ -33,12 +33,12 @@ from _common import machine, save  # noqa: E402
 from quality import DATASETS, vectors  # noqa: E402
 
 from ray_pipeline.config import Config  # noqa: E402
-from ray_pipeline.data import read_pool  # noqa: E402
-from ray_pipeline.heldout import read_parts  # noqa: E402
-from ray_pipeline.proxy import linear_probe  # noqa: E402
-from ray_pipeline.select import select_candidates  # noqa: E402
-from ray_pipeline.tune import Candidate, run_sweep  # noqa: E402
-from ray_pipeline.verdict import judge  # noqa: E402
+from ray_pipeline.io.pool import read_pool  # noqa: E402
+from ray_pipeline.finetune.heldout import read_parts  # noqa: E402
+from ray_pipeline.finetune.proxy import linear_probe  # noqa: E402
+from ray_pipeline.select.engine import select_candidates  # noqa: E402
+from ray_pipeline.finetune.sweep import Candidate, run_sweep  # noqa: E402
+from ray_pipeline.finetune.verdict import judge  # noqa: E402
 
 WORK = Path(__file__).resolve().parent / ".cache" / "quality-finetune"
 
@@ -140,8 +140,8 @@ def main() -> None:
 
 def _values(work: Path, cfg, test_pool, cands) -> dict:
     """Per-sample test values of the trials in ``cands`` (the sweep's verdict covers its target only)."""
-    from ray_pipeline.finetune import per_sample_values
-    from ray_pipeline.heldout import task_arrays
+    from ray_pipeline.finetune.train import per_sample_values
+    from ray_pipeline.finetune.heldout import task_arrays
 
     data = task_arrays(test_pool, cfg, labels=sorted({str(v) for v in read_pool(cfg.data).labels}))
     return {c.name: per_sample_values(str(work / "trials" / c.name / "best_model"), cfg.finetune, data)

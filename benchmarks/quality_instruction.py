@@ -61,15 +61,15 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import embed_texts, machine, save  # noqa: E402
 
-from ray_pipeline.chat import embed_text  # noqa: E402
+from ray_pipeline.io.chat import embed_text  # noqa: E402
 from ray_pipeline.config import Config, DataConfig, EmbedConfig  # noqa: E402
-from ray_pipeline.finetune import per_sample_values  # noqa: E402
-from ray_pipeline.heldout import read_task_pool, stratified_sample, task_arrays  # noqa: E402
-from ray_pipeline.metrics import spearman  # noqa: E402
-from ray_pipeline.models import resolve  # noqa: E402
-from ray_pipeline.proxy import coverage, prune, score_base_loss, token_mean_loss  # noqa: E402
-from ray_pipeline.select import select_candidates  # noqa: E402
-from ray_pipeline.tune import Candidate, run_sweep  # noqa: E402
+from ray_pipeline.finetune.train import per_sample_values  # noqa: E402
+from ray_pipeline.finetune.heldout import read_task_pool, stratified_sample, task_arrays  # noqa: E402
+from ray_pipeline.finetune.metrics import spearman  # noqa: E402
+from ray_pipeline.io.models import resolve  # noqa: E402
+from ray_pipeline.finetune.proxy import coverage, prune, score_base_loss, token_mean_loss  # noqa: E402
+from ray_pipeline.select.engine import select_candidates  # noqa: E402
+from ray_pipeline.finetune.sweep import Candidate, run_sweep  # noqa: E402
 
 INSTRUCT = Path(__file__).resolve().parents[2] / "shared" / "data" / "instruct"
 CACHE = Path(__file__).resolve().parent / ".cache" / "quality-instruction"

@@ -1,8 +1,10 @@
 """ray_pipeline: choose a small, diverse core of a fine-tuning pool, and prove it by fine-tuning.
 
-Stages, one module each: ``data`` (read the pool), ``embed`` (vectors), ``cluster`` (FAISS
-k-means), ``select`` (key samples, budgets, k-center greedy), ``pipeline`` (the job that runs
-them and writes the run directory), ``cli`` (the ``ray-pipeline`` command).
+The folders are the stages, each importing only the ones below it: ``config`` (the one typed
+config), ``io`` (pool, formats, run directory, export), ``runtime`` (devices, the Ray session),
+``embed`` (vectors), ``select`` (k-means, kernels, engines), ``finetune`` (task, held-out split,
+proxy, training, sweep, verdict), then ``report``, ``pipeline`` (the stages of a run directory)
+and ``cli`` (the ``ray-pipeline`` command).
 """
 
 __version__ = "0.1.0"

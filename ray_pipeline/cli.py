@@ -163,9 +163,9 @@ def print_sweep(result: dict) -> None:
 def _prompts(path: str, pool) -> list:
     """What the model answers: each sample's conversation when the file has a chat column (rendered
     with the chat template), else its text."""
-    from .chat import chat_column
-    from .data import read_chats
-    from .formats import read_table
+    from .io.chat import chat_column
+    from .io.pool import read_chats
+    from .io.formats import read_table
 
     table = read_table(path, "auto")
     chat = None if pool.texts is None else chat_column(table.column_names, None, has_text=False)
@@ -175,10 +175,10 @@ def _prompts(path: str, pool) -> list:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from .artifacts import atomic_path
+    from .io.run_dir import atomic_path
     from .config import DataConfig
-    from .data import read_pool
-    from .finetune import predict
+    from .io.pool import read_pool
+    from .finetune.train import predict
 
     pool = read_pool(DataConfig(path=args.input, text_column=args.text_column, text_template=args.text_template,
                                 id_column=args.id_column))
@@ -201,7 +201,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command == "predict":
             return _predict(args)
         if args.command == "export":
-            from .export import export_run
+            from .io.export import export_run
 
             done = export_run(Path(args.run), args.candidate, Path(args.output), fmt=args.format, order=args.order)
             print(f"{done['rows']} samples of {done['candidate']} ({done['order']} order) written to {done['output']} "

@@ -22,12 +22,12 @@ import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 
 from . import faults
-from .artifacts import Run, digest, link, publish, write_json, write_parquet
+from .io.run_dir import Run, digest, link, publish, write_json, write_parquet
 from .config import Config
-from .data import Pool, read_pool
-from .device import Devices, decide
+from .io.pool import Pool, read_pool
+from .runtime.devices import Devices, decide
 from .errors import ConfigError, InputError
-from .select import InMemory, clusters_table, select_candidates, selection_table
+from .select.engine import InMemory, clusters_table, select_candidates, selection_table
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 def embed_into(pool: Pool, cfg: Config, out: Path, *, progress: bool = True) -> tuple[Pool, dict]:
     """Run the embedding stage into ``out/embeddings/<key>/`` and return the pool with its vectors
     (rows whose image could not be read, under ``on_bad_rows: skip``, dropped)."""
-    from .embed import embed_pool, load_stage
+    from .embed.stage import embed_pool, load_stage
 
     manifest = embed_pool(pool, cfg.embed, out / "embeddings", progress=progress, ray_address=cfg.ray_address)
     keep, x = load_stage(out / "embeddings" / manifest["key"], pool.ids)
@@ -97,7 +97,7 @@ def select_stage(pool: Pool, cfg: Config, run: Run, devices: Devices, *, progres
 def _sharded_vectors(pool: Pool, cfg: Config, run: Run, devices: Devices):
     """``select.engine: ray``: the pool's vectors as the embedding stage's shards (this run's, or a
     stage directory given as ``data.embeddings``), their rows mapped to the pool's order."""
-    from .distributed import Sharded, shard_paths
+    from .select.sharded import Sharded, shard_paths
 
     stage = run.info["stages"].get("embed", {}).get("dir")
     if stage is None and cfg.data.embeddings and Path(cfg.data.embeddings).is_dir():
@@ -121,7 +121,7 @@ def proxy_scores(pool: Pool, eval_pool: Pool, candidates: list, cfg: Config, run
     held-out set's coverage, both on the held-out set's embeddings (embedded by the same stage, so
     with the same encoder); or the base model's loss on the candidate's rows of ``task_pool`` (the
     pool's prompts and responses or chats, in ``pool``'s row order)."""
-    from .proxy import score_candidates, score_coverage
+    from .finetune.proxy import score_candidates, score_coverage
 
     t0 = time.perf_counter()
     kind = cfg.finetune.proxy_kind
@@ -152,11 +152,11 @@ def _base_loss_scores(task_pool: Pool, candidates: list, cfg: Config) -> dict:
     """The base model's token-weighted response loss on a seeded sample of at most
     ``finetune.proxy_rows`` rows of each candidate; every distinct row is read once, on the
     driver (a GPU where ``finetune.device`` allows and the driver has one)."""
-    from .device import torch_device
-    from .finetune import per_sample_values
-    from .heldout import task_arrays
-    from .models import resolve
-    from .proxy import sample_rows, score_base_loss
+    from .runtime.devices import torch_device
+    from .finetune.train import per_sample_values
+    from .finetune.heldout import task_arrays
+    from .io.models import resolve
+    from .finetune.proxy import sample_rows, score_base_loss
 
     ft = cfg.finetune
     sampled = sample_rows({c.name: c.rows for c in candidates}, ft.proxy_rows, np.random.default_rng(cfg.seed))
@@ -170,9 +170,9 @@ def _base_loss_scores(task_pool: Pool, candidates: list, cfg: Config) -> dict:
 
 def tune_stage(pool: Pool, select_dir: Path, cfg: Config, run: Run, *, resume: bool = False) -> dict:
     """The fine-tuning sweep over every candidate into ``tune/<key>/``; target/ linked at the top."""
-    from .heldout import read_parts, read_task_pool
-    from .proxy import prune
-    from .tune import candidates_from_selection, run_sweep
+    from .finetune.heldout import read_parts, read_task_pool
+    from .finetune.proxy import prune
+    from .finetune.sweep import candidates_from_selection, run_sweep
 
     log.info("stage tune: start")
     t0 = time.perf_counter()
@@ -223,8 +223,8 @@ def tune_stage(pool: Pool, select_dir: Path, cfg: Config, run: Run, *, resume: b
 
 def _write_target_records(cfg: Config, target_dir: Path, result: dict) -> None:
     """target/subset.<the pool's format>: the target's samples with every original field, for a trainer."""
-    from .export import export_records, pool_format
-    from .formats import SUFFIX
+    from .io.export import export_records, pool_format
+    from .io.formats import SUFFIX
 
     ids = pq.read_table(target_dir / "ids.parquet").column("id").to_pylist()
     path = target_dir / f"subset{SUFFIX[pool_format(cfg)]}"
@@ -263,8 +263,8 @@ def _read_and_embed(cfg: Config, run: Run, progress: bool, *, tune: bool = False
 def _check_held_out(cfg: Config, pool: Pool) -> tuple[Pool, Pool]:
     """The held-out parts read, their labels known to the pool, the model found: before any stage.
     Returns the (validation, test) parts."""
-    from .heldout import read_parts
-    from .models import resolve
+    from .finetune.heldout import read_parts
+    from .io.models import resolve
 
     resolve(cfg.finetune.model, cfg.finetune.task)
     val, test, _ = read_parts(cfg)
@@ -287,7 +287,7 @@ def _check_held_out(cfg: Config, pool: Pool) -> tuple[Pool, Pool]:
 def _one_ray(cfg: Config, needed: bool):
     """One Ray session for a whole command: stages that use Ray join it instead of starting and
     stopping their own (Ray Train does not survive a second ray.init in one process)."""
-    from .runtime import ray_session
+    from .runtime.session import ray_session
 
     return ray_session(cfg.ray_address) if needed else nullcontext()
 
@@ -299,7 +299,7 @@ def _embeds_with_ray(cfg: Config) -> bool:
 def check(cfg: Config, *, tune: bool, overwrite: bool = False, resume: bool = False) -> dict:
     """Every check a run makes before its first stage (config, pool, grid, output directory, held-out
     set, model), and nothing written; what was found. ``ray-pipeline run --check``."""
-    from .heldout import eval_data_config
+    from .finetune.heldout import eval_data_config
 
     if tune:
         eval_data_config(cfg)
@@ -328,7 +328,7 @@ def run_select(cfg: Config, *, overwrite: bool = False, resume: bool = False, pr
 
 def run_embed(cfg: Config, *, progress: bool = True) -> Path:
     """Only the embedding stage, into ``<output_dir>/embeddings/<key>/``; returns that directory."""
-    from .embed import embed_pool
+    from .embed.stage import embed_pool
 
     pool = read_pool(cfg.data, skip_bad_rows=cfg.embed.on_bad_rows == "skip")
     if pool.embeddings is not None:
@@ -341,7 +341,7 @@ def run_embed(cfg: Config, *, progress: bool = True) -> Path:
 
 def run_tune(cfg: Config, *, overwrite: bool = False, resume: bool = False, progress: bool = True) -> dict:
     """Selection, then the Tune sweep over every candidate, the random baselines and the full pool."""
-    from .heldout import eval_data_config
+    from .finetune.heldout import eval_data_config
 
     eval_data_config(cfg)  # no held-out set: fail before any work
     devices = decide(cfg)

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from .artifacts import atomic_path
+from .io.run_dir import atomic_path
 
 log = logging.getLogger(__name__)
 

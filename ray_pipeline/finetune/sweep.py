@@ -1,0 +1,381 @@
+"""Stages 8-9 of METHOD.md: fine-tune every candidate under Ray Tune, choose on validation, report
+on test, and say who won.
+
+Three layers, as in Ray's ``train_tune_interop`` example: the per-worker training function
+(``finetune.train_loop_per_worker``), a trial function that builds and fits one
+``TorchTrainer`` for one candidate (:func:`_trial`), and the ``Tuner`` over all candidates
+(:func:`run_sweep`). The rules that make the comparison honest:
+
+- every trial (selection candidates, random subsets, the full pool) trains under one rule: until
+  its *validation* score stops improving (patience) or its cap (``finetune.step_cap``);
+- ASHA (:class:`CandidateASHA`) stops clearly worse *selection candidates* early and never a
+  baseline: a yardstick runs its course whatever order the trials happen to run in;
+- the target is the selection candidate with the best validation score; then every finished
+  trial's best model is scored once on the *test* part, which took no part in any choice, and
+  :func:`verdict.judge` compares the target with random and full there, with intervals and costs.
+
+A trial that fails is reported as failed; the sweep goes on. The result, in the run directory:
+``candidates.json`` (every trial: validation and test scores, status, steps, epochs, samples
+seen, cost, learning curve; the summary with the verdict), ``target/ids.parquet`` (the ids of
+the target subset; the pipeline writes its records beside it as ``target/subset.<pool format>``) and ``target/model/`` (its tuned model; ``from_pretrained`` loads it).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import pyarrow as pa
+from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
+from ..io.run_dir import write_json, write_parquet
+from ..config import Config
+from ..io.pool import Pool
+from ..errors import InputError
+from .heldout import task_arrays
+
+log = logging.getLogger(__name__)
+
+
+class CandidateASHA(ASHAScheduler):
+    """ASHA among the selection candidates only: a baseline trial (random, full) always continues
+    and takes no place in the rungs, so it neither is stopped nor sets the bar for a candidate."""
+
+    @staticmethod
+    def _is_baseline(trial) -> bool:
+        return trial.config["candidate"]["kind"] != "selection"
+
+    def on_trial_result(self, tune_controller, trial, result):
+        if self._is_baseline(trial):
+            return TrialScheduler.CONTINUE
+        return super().on_trial_result(tune_controller, trial, result)
+
+    def on_trial_complete(self, tune_controller, trial, result):
+        if self._is_baseline(trial):
+            self._trial_info.pop(trial.trial_id, None)
+            return
+        super().on_trial_complete(tune_controller, trial, result)
+
+
+@dataclass
+class Candidate:
+    """One trial's training subset: rows of the pool."""
+
+    name: str
+    kind: str  # selection | random | full
+    rows: np.ndarray
+    k: Optional[int] = None
+    m: Optional[int] = None
+    seed: Optional[int] = None
+    extra: dict = field(default_factory=dict)
+
+    def describe(self) -> dict:
+        return {"name": self.name, "kind": self.kind, "k": self.k, "m": self.m, "seed": self.seed,
+                "size": int(len(self.rows)), **self.extra}
+
+
+def candidates_from_selection(selection: pa.Table, listed: list[dict], include_full: bool = True) -> list[Candidate]:
+    """The candidates ``select.json`` lists (``listed``), their rows from selection.parquet's
+    ``in_<name>`` columns, plus the full pool."""
+    out = []
+    for c in listed:
+        col = f"in_{c['name']}"
+        if col not in selection.column_names:
+            raise InputError(f"selection.parquet has no column {col!r} for the listed candidate {c['name']!r}; "
+                             f"the select stage's files do not belong together: rerun it with --overwrite")
+        rows = np.flatnonzero(np.asarray(selection.column(col).to_numpy(zero_copy_only=False)))
+        extra = {"method": c["method"]} if c["kind"] == "selection" else {}
+        out.append(Candidate(c["name"], c["kind"], rows, k=c.get("k"), m=c.get("m"), seed=c.get("seed"), extra=extra))
+    if include_full:
+        out.append(Candidate("full", "full", np.arange(selection.num_rows)))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# the sweep
+
+PLACEMENT_GROUPS = "placement_groups.txt"  # in a trial's directory: the worker groups' placement groups
+
+
+def release_placement_groups(path: Path, grace_s: float = 5.0) -> list[str]:
+    """Remove the placement groups listed in ``path`` (hex ids, one per line) that are still there
+    ``grace_s`` seconds after the trial ended; the ids removed. The file is consumed.
+
+    Why: in Ray 2.60, Train V2 inside a Tune trial sometimes leaves the trial's worker placement
+    group (its CPUs or GPUs) in place when the trial ends. Its ``PlacementGroupCleaner`` removes it
+    only once the state API answers (never without the dashboard), and until then the next trial
+    cannot start its workers: on 2 CPUs, an endless ``WorkerGroupStartupTimeoutError``."""
+    import ray
+    from ray._raylet import PlacementGroupID
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    if not path.is_file():
+        return []
+    ids = list(dict.fromkeys(path.read_text().split()))
+    path.unlink()
+    removed, deadline = [], time.monotonic() + grace_s
+    for hex_id in ids:
+        pg = PlacementGroup(PlacementGroupID(bytes.fromhex(hex_id)))
+        while ray.util.placement_group_table(pg).get("state") not in (None, "REMOVED"):
+            if time.monotonic() >= deadline:
+                remove_placement_group(pg)
+                removed.append(hex_id)
+                break
+            time.sleep(0.2)
+    if removed:
+        log.info("released %d placement group(s) Ray Train left behind: %s", len(removed), removed)
+    return removed
+
+
+def _release_callback(trials_dir: Path):
+    """A Tune callback that releases each ended trial's left-behind placement groups."""
+    from ray.tune import Callback
+
+    class ReleasePlacementGroups(Callback):
+        def on_trial_complete(self, iteration, trials, trial, **info):  # finished or stopped by ASHA
+            release_placement_groups(trials_dir / trial.config["candidate"]["name"] / PLACEMENT_GROUPS)
+
+        on_trial_error = on_trial_complete
+
+    return ReleasePlacementGroups()
+
+
+def _trial(config: dict, shared: dict) -> None:
+    """One Tune trial: build and fit a TorchTrainer for one candidate; metrics flow to Tune through
+    TuneReportCallback."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from .train import train_loop_per_worker
+
+    cand = config["candidate"]
+    rows = shared["rows"][cand["name"]]
+    train = {k: (np.asarray(v)[rows] if k == "labels" else [v[i] for i in rows])
+             for k, v in shared["train"].items() if k != "label_names"}
+    loop = dict(shared["loop"], train=train, use_gpu=shared["use_gpu"], steps=cand["steps"], name=cand["name"],
+                inject_failure=cand.get("inject_failure", False),
+                best_model_dir=str(Path(shared["trials_dir"]) / cand["name"] / "best_model"),
+                placement_group_file=str(Path(shared["trials_dir"]) / cand["name"] / PLACEMENT_GROUPS))
+    use_gpu = shared["use_gpu"]
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop,
+        scaling_config=ray.train.ScalingConfig(num_workers=shared["num_workers"], use_gpu=use_gpu,
+                                               resources_per_worker=shared["resources_per_worker"]),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        run_config=ray.train.RunConfig(
+            name=cand["name"], storage_path=shared["train_storage"], callbacks=[TuneReportCallback()],
+            # A trial whose workers cannot start (e.g. resources never freed) fails after a few
+            # tries and is reported, instead of retrying forever (Ray's default).
+            failure_config=ray.train.FailureConfig(max_failures=0, controller_failure_limit=3)),
+    )
+    trainer.fit()
+
+
+def plan_resources(cpus: float, gpus: float, cfg: Config) -> dict:
+    """Workers per trial and what each asks for; trials at once from the cluster's totals."""
+    ft = cfg.finetune
+    use_gpu = gpus >= 1 and ft.device != "cpu"
+    per_worker = {"CPU": ft.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
+    need_cpu = ft.num_workers * ft.cpus_per_worker + 0.1  # + the trial driver's 0.1 CPU
+    fits = int(gpus // ft.num_workers) if use_gpu else int(cpus // need_cpu)
+    if fits < 1:
+        raise InputError(f"one trial needs {ft.num_workers} worker(s) x {ft.cpus_per_worker} CPU "
+                         f"{'and 1 GPU ' if use_gpu else ''}but the cluster has {cpus:g} CPU / {gpus:g} GPU; "
+                         f"lower finetune.num_workers or finetune.cpus_per_worker")
+    return {"use_gpu": use_gpu, "resources_per_worker": per_worker,
+            "max_concurrent_trials": min(ft.max_concurrent_trials or fits, fits)}
+
+
+def run_sweep(candidates: list[Candidate], pool: Pool, val_pool: Pool, cfg: Config, out: Path, *,
+              test_pool: Optional[Pool] = None, ray_address: Optional[str] = None, resume: bool = False,
+              proxy: Optional[dict] = None, split: Optional[dict] = None) -> dict:
+    """Fine-tune every candidate under Tune, choose the target on ``val_pool``, score every
+    finished trial on ``test_pool`` (when given) and judge; write candidates.json and target/.
+
+    With ``resume`` and an interrupted sweep in ``out/tune``, Tune restores it: finished trials
+    are kept, unfinished ones run again from their start."""
+    from ray import tune
+    from ray.tune.schedulers import FIFOScheduler
+
+    from .train import step_cap
+    from ..io.models import resolve
+    from ..runtime.session import ray_session
+
+    ft = cfg.finetune
+    out = Path(out).resolve()
+    train = task_arrays(pool, cfg)
+    ev = task_arrays(val_pool, cfg, labels=train.get("label_names"))
+    ev.pop("label_names", None)
+    loop = {"finetune": ft, "seed": cfg.seed, "model_path": resolve(ft.model, ft.task),
+            "labels": train.get("label_names"), "eval": ev}
+    specs = [dict(c.describe(), steps=step_cap(ft, len(c.rows))) for c in candidates]
+    max_t = max(math.ceil(s["steps"] / ft.eval_every) for s in specs)  # evaluations of the longest trial
+    with ray_session(ray_address) as res:
+        plan = plan_resources(res.cpus, res.gpus, cfg)
+        # Rows and data travel once through the object store (tune.with_parameters); the param
+        # space holds only each candidate's description.
+        shared = {"train": train, "loop": loop, "trials_dir": str(out / "trials"), "num_workers": ft.num_workers,
+                  "train_storage": str(out / "train"), "rows": {c.name: c.rows for c in candidates}, **plan}
+        log.info("Tune: %d candidates, %d at a time, %d worker(s) each (%s); every trial until patience or "
+                 "%g epochs / %d steps; ASHA among the selection candidates only", len(candidates),
+                 plan["max_concurrent_trials"], ft.num_workers, "GPU" if plan["use_gpu"] else "CPU",
+                 ft.max_epochs, ft.max_steps)
+        trainable = tune.with_resources(tune.with_parameters(_trial, shared=shared), {"cpu": 0.1})
+        experiment = out / "tune"
+        if resume and tune.Tuner.can_restore(str(experiment)):
+            log.info("Tune: restoring the interrupted sweep in %s", experiment)
+            tuner = tune.Tuner.restore(str(experiment), trainable=trainable, resume_unfinished=True,
+                                       resume_errored=False, restart_errored=False)
+        else:
+            if experiment.exists():  # a sweep that did not finish, not resumed: start it again
+                shutil.rmtree(experiment)
+            tuner = tune.Tuner(
+                trainable,
+                param_space={"candidate": tune.grid_search(specs)},
+                tune_config=tune.TuneConfig(
+                    metric="score", mode="max",
+                    scheduler=CandidateASHA(time_attr="training_iteration", max_t=max_t,
+                                            grace_period=min(ft.asha_grace_period, max_t),
+                                            reduction_factor=ft.asha_reduction_factor)
+                    if ft.early_stopping else FIFOScheduler(),
+                    max_concurrent_trials=plan["max_concurrent_trials"],
+                    trial_name_creator=lambda t: t.config["candidate"]["name"],
+                    trial_dirname_creator=lambda t: t.config["candidate"]["name"],
+                ),
+                run_config=tune.RunConfig(name="tune", storage_path=str(out), verbose=1,
+                                          failure_config=tune.FailureConfig(max_failures=0),
+                                          callbacks=[_release_callback(out / "trials")]),
+            )
+        t0 = time.perf_counter()
+        grid = tuner.fit()
+        sweep_s = time.perf_counter() - t0
+    trials = [_trial_record(r, ft, plan) for r in grid]
+    for t in trials:
+        if proxy and t["name"] in proxy:
+            t["proxy_score"] = proxy[t["name"]]["score"]
+            for k, name in (("accuracy", "proxy_accuracy"), ("label_coverage", "label_coverage"),
+                            ("coverage", "proxy_coverage"), ("base_loss", "proxy_base_loss")):
+                if k in proxy[t["name"]]:
+                    t[name] = proxy[t["name"]][k]
+    values = _score_on_test(trials, out, cfg, test_pool, train.get("label_names")) if test_pool is not None else {}
+    return _choose_and_write(trials, values, candidates, pool, out, cfg, sweep_s, plan, split)
+
+
+def _trial_record(result, ft, plan: dict) -> dict:
+    rec = {k: v for k, v in result.config["candidate"].items() if k != "inject_failure"}
+    df = result.metrics_dataframe
+    history = []
+    if df is not None and len(df) and "step" in df:
+        cols = [c for c in ("step", "score", "eval_loss", "accuracy", "train_loss") if c in df]
+        # A trial restarted after a crash (or a resumed sweep) reports its steps again: the later
+        # report of a step is the one the trial's final state comes from.
+        history = sorted({r["step"]: r for r in df[cols].to_dict("records")}.values(), key=lambda r: r["step"])
+    last = result.metrics or {}
+    if result.error is not None:
+        rec["status"] = "failed"
+        rec["error"] = str(result.error).strip().splitlines()[-1][:300]
+    elif last.get("stopped_by_patience"):
+        rec["status"] = "converged"  # patience: the validation score stopped improving
+    elif last.get("step", 0) < rec["steps"]:
+        rec["status"] = "stopped_early"  # by ASHA (selection candidates only)
+    else:
+        rec["status"] = "capped"  # reached max_epochs / max_steps
+    wall = float(last.get("time_total_s") or 0.0)
+    device_s = wall * ft.num_workers * (1 if plan["use_gpu"] else ft.cpus_per_worker)
+    rec.update(step_cap=rec.pop("steps"), steps=int(last.get("step", 0)), evaluations=len(history),
+               samples_seen=int(last.get("samples_seen", 0)), epochs=float(last.get("epochs", 0.0)),
+               validation_score=last.get("best_score"), final_validation_score=last.get("score"),
+               accuracy=last.get("accuracy"), macro_f1=last.get("macro_f1"), eval_loss=last.get("eval_loss"),
+               tokens_per_s=last.get("tokens_per_s"), wall_s=wall,
+               **{("gpu_seconds" if plan["use_gpu"] else "cpu_seconds"): device_s}, history=history)
+    return rec
+
+
+def _score_on_test(trials: list[dict], out: Path, cfg: Config, test_pool: Pool, label_names) -> dict:
+    """Each finished trial's best model (best on validation) scored once on the test part: trial
+    name -> (n, 2) values (``verdict``), also saved as ``trials/<name>/test_values.npy``. The test
+    part is read here and nowhere before."""
+    from .train import per_sample_values
+
+    data = task_arrays(test_pool, cfg, labels=label_names)
+    values = {}
+    t0 = time.perf_counter()
+    for t in trials:
+        model = out / "trials" / t["name"] / "best_model"
+        if t["status"] == "failed" or not (model / "config.json").is_file():
+            continue
+        v = per_sample_values(str(model), cfg.finetune, data)
+        values[t["name"]] = v
+        np.save(out / "trials" / t["name"] / "test_values.npy", v)  # per test sample, for later analysis
+        t["test_score"] = float(v[:, 0].sum() / max(v[:, 1].sum(), 1e-12))
+        if cfg.finetune.task == "classification":
+            t["test_accuracy"] = t["test_score"]
+        else:
+            t["test_loss"] = -t["test_score"]
+    log.info("test part: %d trials scored on %d samples in %.1fs", len(values), len(test_pool),
+             time.perf_counter() - t0)
+    return values
+
+
+def _choose_and_write(trials: list[dict], values: dict, candidates: list[Candidate], pool: Pool, out: Path,
+                      cfg: Config, sweep_s: float, plan: dict, split: Optional[dict]) -> dict:
+    from .metrics import spearman
+    from .verdict import judge
+
+    ok = [t for t in trials if t["status"] != "failed" and t["validation_score"] is not None]
+    selected = [t for t in ok if t["kind"] == "selection"]
+    # The choice: validation only, ties to the smaller subset.
+    target = max(selected, key=lambda t: (t["validation_score"], -t["size"])) if selected else None
+    baselines: dict = {"random": {}, "full": None}
+    for t in ok:
+        if t["kind"] == "random":
+            baselines["random"].setdefault(str(t["m"]), []).append(t)
+        if t["kind"] == "full":
+            baselines["full"] = {"validation": t["validation_score"], "test": t.get("test_score"),
+                                 "status": t["status"], "epochs": t["epochs"]}
+    baselines["random"] = {m: _spread(v) for m, v in baselines["random"].items()}
+    with_proxy = [t for t in ok if t.get("proxy_score") is not None]
+    summary = {"target": None, "baselines": baselines, "sweep_seconds": sweep_s, "plan": plan, "split": split,
+               "choice": "the selection candidate with the highest validation score",
+               "proxy_rank_correlation": spearman([t["proxy_score"] for t in with_proxy],
+                                                  [t["validation_score"] for t in with_proxy]),
+               "failed": [t["name"] for t in trials if t["status"] == "failed"],
+               "stopped_early": [t["name"] for t in trials if t["status"] == "stopped_early"]}
+    if target is not None:
+        cand = next(c for c in candidates if c.name == target["name"])
+        src = out / "trials" / target["name"] / "best_model"
+        dst = out / "target" / "model"
+        if dst.exists():
+            shutil.rmtree(dst)
+        shutil.copytree(src, dst)
+        write_parquet(pa.table({"id": pa.array(pool.ids[cand.rows].tolist(), pa.string())}),
+                      out / "target" / "ids.parquet")
+        summary["target"] = {"name": target["name"], "k": target["k"], "m": target["m"], "size": target["size"],
+                             "validation_score": target["validation_score"], "test_score": target.get("test_score"),
+                             "random_same_size": baselines["random"].get(str(target["m"])),
+                             "full": baselines["full"], "model": str(dst),
+                             "ids": str(out / "target" / "ids.parquet")}
+        if target["name"] in values:
+            randoms = [t for t in ok if t["kind"] == "random" and t["m"] == target["m"] and t["name"] in values]
+            full = next((t for t in ok if t["kind"] == "full" and t["name"] in values), None)
+            summary["verdict"] = judge(cfg.finetune.task, target, values, randoms, full,
+                                       np.random.default_rng([cfg.seed, 11]))
+    write_json({"summary": summary, "trials": trials}, out / "candidates.json")
+    return {"summary": summary, "trials": trials}
+
+
+def _spread(trials: list[dict]) -> dict:
+    val = [t["validation_score"] for t in trials]
+    test = [t["test_score"] for t in trials if t.get("test_score") is not None]
+    out = {"mean": float(np.mean(val)), "std": float(np.std(val)), "n": len(val)}
+    if test:
+        out.update(test_mean=float(np.mean(test)), test_std=float(np.std(test)))
+    return out

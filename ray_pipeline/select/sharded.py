@@ -1,0 +1,305 @@
+"""The selection's vectors as Ray tasks over shards, for pools whose vectors do not fit the driver.
+
+:class:`Sharded` is the ``select.engine: ray`` strategy of :mod:`ray_pipeline.select`: the
+selection routine is the driver's, only the three steps that touch vectors run here, so the
+selection is the driver path's index for index under every config (stratified budgets included:
+:meth:`Sharded.subset` narrows the shards to a label's rows through their row map). Vectors are
+read from Parquet shards in the embedding stage's layout (``row``, ``embedding`` columns; any
+number of files). The driver holds about 21 bytes per row (cluster, similarity, rank, a flag) plus
+the k-means training sample (``k * max_points_per_centroid`` rows); the vectors move between tasks
+through Ray's object store. Per K:
+
+1. ``read_shard`` tasks send the driver its seeded training sample; it trains the centroids (on
+   the run's faiss GPUs where it has them).
+2. ``_assign_shard`` tasks: every row's cluster and similarity to it (:func:`cluster.assign`,
+   whose results do not depend on how rows are batched).
+3. The driver cuts the clusters into groups of consecutive ids with about equal rows;
+   ``_partition_shard`` tasks split each shard by group (the cluster-sorted shards).
+4. ``_keys_group`` tasks: center and key samples of the group's clusters. The driver then draws
+   the budgets, exactly as the driver path does (they need every cluster's size).
+5. ``_greedy_group`` tasks: the k-center greedy of the group's clusters.
+
+A group keeps its rows in pool order, so "lowest index" tie-breaks are the driver path's. The
+kernels are :mod:`ray_pipeline.kcenter`'s; these tasks only move data. They ask for CPUs only.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from .boundary import fit_probe, probe_margins
+from .kmeans import assign as assign_rows
+from .kmeans import child_shares, node_branching, node_seed, subtree, train_centroids, training_rows
+from ..config import Config
+from ..io.pool import check_vectors
+from ..runtime.devices import Devices
+from ..errors import ConfigError, InputError
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------
+# pure helpers
+
+
+def read_shard(path: str, row_map: Optional[np.ndarray] = None,
+               rows_wanted: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
+    """(rows (r,) int64, x (r, d) float32) of one shard; ``row_map`` renumbers the file's ``row``
+    column (-1 drops the row); ``rows_wanted`` (sorted) keeps only those rows. The vectors are
+    normalised as :func:`data.load_embeddings` normalises the whole stage for the driver engine
+    (row by row, so the same bits): without it a tie between two members that the driver's copy
+    breaks one way can break the other way here."""
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(path, columns=["row", "embedding"])
+    rows = t.column("row").to_numpy().astype(np.int64)
+    emb = t.column("embedding").combine_chunks()
+    x = check_vectors(emb.values.to_numpy(zero_copy_only=False).reshape(len(t), -1), path)
+    keep = np.ones(len(rows), dtype=bool)
+    if row_map is not None:
+        rows = row_map[rows]
+        keep &= rows >= 0
+    if rows_wanted is not None:
+        pos = np.clip(np.searchsorted(rows_wanted, rows), 0, max(0, len(rows_wanted) - 1))
+        keep &= (len(rows_wanted) > 0) & (rows_wanted[pos] == rows)
+    return rows[keep], x[keep]
+
+
+def cluster_groups(sizes: np.ndarray, groups: int) -> np.ndarray:
+    """(k,) group of each cluster: consecutive cluster ids, about sum(sizes)/groups rows a group."""
+    cum = np.cumsum(sizes) - sizes / 2.0  # a cluster's middle row decides its group
+    total = max(1.0, float(sizes.sum()))
+    return np.minimum((cum * groups / total).astype(np.int64), groups - 1)
+
+
+def _group_arrays(pieces: list[tuple]) -> tuple[np.ndarray, np.ndarray]:
+    rows = np.concatenate([p[0] for p in pieces])
+    x = np.concatenate([p[1] for p in pieces])
+    order = np.argsort(rows, kind="stable")
+    return rows[order], x[order]
+
+
+# ----------------------------------------------------------------------------------------------
+# task bodies (plain functions; wrapped with ray.remote where they run)
+
+
+def _assign_shard(path, row_map, centroids):
+    rows, x = read_shard(path, row_map)
+    a, s = assign_rows(x, centroids)
+    return rows, a, s
+
+
+def _margin_shard(path, row_map, probe):
+    rows, x = read_shard(path, row_map)
+    return rows, probe_margins(probe, x)
+
+
+def _partition_shard(path, row_map, assign, group_of_cluster, groups):
+    rows, x = read_shard(path, row_map)
+    g = group_of_cluster[assign[rows]]
+    out = tuple((rows[g == i], x[g == i]) for i in range(groups))
+    return out if groups > 1 else out[0]  # one return value per group
+
+
+def _subtree_group(k, path, params, *pieces):
+    rows, x = _group_arrays(list(pieces))
+    r = subtree(x, k, path=path, **params)
+    return rows, r.assign, r.sim, len(r.centroids)
+
+
+def _keys_group(c0, c1, assign, sim, *pieces):
+    import torch
+
+    from .kernels import center_and_key_samples
+
+    rows, x = _group_arrays(list(pieces))
+    local = torch.from_numpy(assign[rows] - c0)
+    center, key = center_and_key_samples(torch.from_numpy(x), local, torch.from_numpy(sim[rows]), c1 - c0)
+    center, key = center.numpy(), key.numpy()
+    return np.where(center >= 0, rows[center], -1), np.where(key >= 0, rows[key], -1)
+
+
+def _greedy_group(c0, c1, assign, eligible, run_to, key, *pieces):
+    import torch
+
+    from .kernels import k_center_greedy
+
+    rows, x = _group_arrays(list(pieces))
+    local = torch.from_numpy(assign[rows] - c0)
+    starts = np.searchsorted(rows, np.maximum(key[c0:c1], 0))  # rows are sorted: global -> local
+    el = None if eligible is None else torch.from_numpy(eligible[rows])
+    rank = k_center_greedy(torch.from_numpy(x), local, torch.from_numpy(np.array(run_to[c0:c1])),
+                           torch.from_numpy(starts), eligible=el)
+    return rows, rank.numpy()
+
+
+# ----------------------------------------------------------------------------------------------
+# the driver
+
+
+def shard_paths(stage_dir: str | Path) -> list[str]:
+    """The Parquet shards of an embedding stage directory, in name order."""
+    paths = sorted(str(p) for p in Path(stage_dir).glob("shard-*.parquet"))
+    if not paths:
+        raise InputError(f"{stage_dir} holds no shard-*.parquet files; point at a directory the embedding "
+                         f"stage wrote")
+    return paths
+
+
+class Sharded:
+    """Vectors in Parquet shards, read by Ray tasks (joins the running Ray).
+
+    shards: files with ``row`` (the sample's position once renumbered by ``row_map``: 0 <= row
+    < n, -1 drops it) and ``embedding`` (L2-normalised, fixed-size lists). groups: how many groups
+    the clusters are cut into for the per-cluster tasks (0: twice the cluster's CPUs).
+    """
+
+    def __init__(self, shards: list[str], n: int, cfg: Config, devices: Devices, *,
+                 row_map: Optional[np.ndarray] = None, groups: int = 0):
+        import ray
+
+        self.shards, self.n, self.cfg, self.devices, self.row_map = shards, n, cfg, devices, row_map
+        self.groups = groups or max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
+        self._row_map_ref = None
+
+    def row_map_ref(self):
+        import ray
+
+        if self._row_map_ref is None:
+            self._row_map_ref = ray.put(self.row_map)
+        return self._row_map_ref
+
+    def subset(self, rows: np.ndarray) -> "Sharded":
+        """The rows ``rows`` (sorted) as rows 0..len(rows)-1: the shards stay, the row map narrows."""
+        local = np.full(self.n, -1, dtype=np.int64)
+        local[rows] = np.arange(len(rows))
+        row_map = local if self.row_map is None else np.where(self.row_map >= 0, local[np.maximum(self.row_map, 0)], -1)
+        return Sharded(self.shards, len(rows), self.cfg, self.devices, row_map=row_map, groups=self.groups)
+
+    def probe_margins(self, labels: np.ndarray, train: np.ndarray) -> np.ndarray:
+        """(n,) the margin of a linear probe fit on the rows ``train`` (gathered to the driver), every
+        row scored by a task per shard."""
+        import ray
+
+        wanted = ray.put(np.sort(train))
+        rows_t, x_t = _group_arrays(ray.get([ray.remote(read_shard).remote(p, self.row_map_ref(), wanted)
+                                             for p in self.shards]))
+        probe = ray.put(fit_probe(x_t, np.asarray(labels)[rows_t]))
+        margin = np.ones(self.n, np.float32)
+        for rows, mg in ray.get([ray.remote(_margin_shard).remote(p, self.row_map_ref(), probe) for p in self.shards]):
+            margin[rows] = mg
+        return margin
+
+    def near_duplicates(self) -> np.ndarray:
+        raise ConfigError("select.dedup_threshold needs select.engine 'driver' (near-duplicate removal compares "
+                          "every pair in a cluster, in the driver's memory)")
+
+    def cluster(self, k: int) -> "_ShardedClustering":
+        c = self.cfg.cluster
+        if c.algorithm_for(self.n, k) == "hierarchical":
+            assign, sim = self._tree(k)
+        else:
+            assign, sim = self._flat(k, self.cfg.seed)
+        return _ShardedClustering(self, k, assign, sim)
+
+    def _flat(self, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        """k-means over the shards: the seeded training sample gathered to the driver, centroids
+        trained there, every row assigned by a task per shard."""
+        import ray
+
+        n, c = self.n, self.cfg.cluster
+        wanted = training_rows(n, k, seed=seed, max_points_per_centroid=c.max_points_per_centroid)
+        wanted_ref = ray.put(np.arange(n) if wanted is None else wanted)
+        got = ray.get([ray.remote(read_shard).remote(p, self.row_map_ref(), wanted_ref) for p in self.shards])
+        rows_s, x_s = _group_arrays(got)
+        if len(rows_s) != (n if wanted is None else len(wanted)):
+            raise InputError(f"the shards hold {len(rows_s)} of the {n if wanted is None else len(wanted)} rows "
+                             f"k-means needs; the shards do not cover rows 0..{n - 1} once each")
+        centroids = train_centroids(x_s, k, seed=seed, niter=c.niter, gpus=self.devices.faiss_gpus)
+        del x_s
+        assign, sim = np.full(n, -1, dtype=np.int64), np.zeros(n, dtype=np.float32)
+        task = ray.remote(_assign_shard)
+        for rows, a, s in ray.get([task.remote(p, self.row_map_ref(), centroids) for p in self.shards]):
+            assign[rows], sim[rows] = a, s
+        if (assign < 0).any():
+            raise InputError(f"the shards do not cover every row: row {int(np.flatnonzero(assign < 0)[0])} "
+                             f"is missing")
+        return assign, sim
+
+    def _tree(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Multi-level k-means (``cluster.hierarchical_kmeans``) over the shards: the root's split
+        as :meth:`_flat`, the shards cut by its clusters, then each child's whole subtree in one
+        Ray task on that child's rows; the driver's leaves, numbered depth-first the same way."""
+        import ray
+
+        c, root = self.cfg.cluster, (self.cfg.seed,)
+        if k <= c.branching:  # one level: the tree is a flat k-means with the root's seed
+            return self._flat(min(k, self.n), node_seed(root))
+        fan = node_branching(k, c.branching)
+        top, _ = self._flat(fan, node_seed(root))
+        sizes = np.bincount(top, minlength=fan)
+        if int((sizes > 0).sum()) == 1:  # the root would not split: one flat k-means, as the driver does
+            return self._flat(min(k, self.n), node_seed(root))
+        share = child_shares(sizes, k)
+        part = ray.remote(num_returns=fan)(_partition_shard)
+        top_ref = ray.put(top)
+        pieces = [part.remote(p, self.row_map_ref(), top_ref, np.arange(fan), fan) for p in self.shards]
+        params = {"niter": c.niter, "max_points_per_centroid": c.max_points_per_centroid, "branching": c.branching,
+                  "gpus": 0}  # tasks ask for CPUs only
+        task = ray.remote(_subtree_group)
+        refs = [task.remote(int(share[ch]), (*root, ch), params, *[pc[ch] for pc in pieces])
+                for ch in range(fan) if share[ch] > 0]
+        assign, sim = np.full(self.n, -1, dtype=np.int64), np.zeros(self.n, dtype=np.float32)
+        offset = 0
+        for rows, a, s, leaves in ray.get(refs):  # in child order: depth-first numbering
+            assign[rows], sim[rows] = a + offset, s
+            offset += leaves
+        return assign, sim
+
+
+class _ShardedClustering:
+    """One K over the shards; the cluster-sorted pieces are cut once and serve the key samples and
+    every greedy pass."""
+
+    def __init__(self, vectors: Sharded, k: int, assign: np.ndarray, sim: np.ndarray):
+        import ray
+
+        self.vectors, self.k, self.assign, self.sim = vectors, k, assign, sim
+        groups = vectors.groups
+        g_of_c = cluster_groups(np.bincount(assign, minlength=k), groups)
+        self.bounds = np.searchsorted(g_of_c, np.arange(groups + 1))  # group i: clusters [bounds[i], bounds[i+1])
+        self.assign_ref, self.sim_ref = ray.put(assign), ray.put(sim)
+        part = ray.remote(num_returns=groups)(_partition_shard) if groups > 1 else ray.remote(_partition_shard)
+        pieces = [part.remote(p, vectors.row_map_ref(), self.assign_ref, g_of_c, groups) for p in vectors.shards]
+        self.pieces = [[ref] for ref in pieces] if groups == 1 else pieces
+        self.live = [g for g in range(groups) if self.bounds[g + 1] > self.bounds[g]]
+
+    def _span(self, g: int) -> tuple[int, int]:
+        return int(self.bounds[g]), int(self.bounds[g + 1])
+
+    def center_and_key(self) -> tuple[np.ndarray, np.ndarray]:
+        import ray
+
+        task = ray.remote(_keys_group)
+        keys = ray.get([task.remote(*self._span(g), self.assign_ref, self.sim_ref, *[pc[g] for pc in self.pieces])
+                        for g in self.live])
+        center, key = np.full(self.k, -1, dtype=np.int64), np.full(self.k, -1, dtype=np.int64)
+        for g, (c, kk) in zip(self.live, keys):
+            lo, hi = self._span(g)
+            center[lo:hi], key[lo:hi] = c, kk
+        return center, key
+
+    def greedy(self, run_to: np.ndarray, key: np.ndarray, eligible: Optional[np.ndarray]) -> np.ndarray:
+        import ray
+
+        task = ray.remote(_greedy_group)
+        refs = [ray.put(eligible), ray.put(run_to), ray.put(key)]
+        rank = np.full(self.vectors.n, -1, dtype=np.int64)
+        for rows, r in ray.get([task.remote(*self._span(g), self.assign_ref, *refs, *[pc[g] for pc in self.pieces])
+                                for g in self.live]):
+            rank[rows] = r
+        return rank
