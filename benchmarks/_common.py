@@ -87,7 +87,7 @@ def embed_texts(texts, cfg, *, progress: bool = True):
     import numpy as np
     from tqdm.auto import tqdm
 
-    from ray_pipeline.embed.stage import TextEmbedder
+    from ray_pipeline.embed.encoders import TextEmbedder
 
     emb = TextEmbedder(cfg)
     out = np.empty((len(texts), emb.dim), dtype=np.float32)

@@ -13,24 +13,21 @@ marked as projected. Per run: seconds of the whole selection, of k-means, peak R
 and budget: the growth exponent b of time ~ N^b (least squares on log-log). Writes
 ``benchmarks/results/clustering-{cpu,gpu}.json``.
 
-    .venv/bin/python benchmarks/bench_clustering.py
-    .venv/bin/python benchmarks/bench_clustering.py --ns 100000 200000 400000 --budgets 1
+    .venv/bin/python -m benchmarks.bench_clustering
+    .venv/bin/python -m benchmarks.bench_clustering --ns 100000 200000 400000 --budgets 1
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, save, timed  # noqa: E402
+from benchmarks._common import machine, save, timed
 
-from ray_pipeline.config import Config  # noqa: E402
-from ray_pipeline.runtime.devices import decide  # noqa: E402
-from ray_pipeline.select.engine import select_candidates  # noqa: E402
+from ray_pipeline.config import Config
+from ray_pipeline.runtime.devices import decide
+from ray_pipeline.select.engine import select_candidates
 
 
 def vectors(n: int, d: int, seed: int = 0) -> np.ndarray:
@@ -63,7 +60,7 @@ def exponent(rows: list[dict]) -> float:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_clustering", description=__doc__.split("\n\n")[0])
     p.add_argument("--ns", nargs="+", type=int, default=[100_000, 200_000, 400_000, 1_000_000, 2_000_000])
     p.add_argument("--budgets", nargs="+", type=float, default=[1, 5], help="percent of the pool")
     p.add_argument("--flat-max-nm", type=float, default=2e9, help="flat runs where N * M <= this")

@@ -3,38 +3,36 @@
 Random unit vectors (default 1M x 384, K = 1000, M = 1%) are written as Parquet shards in the
 embedding stage's layout, in shuffled order. Then, in one run:
 
-- the driver path: every vector in the driver's memory, ``pipeline.select_candidates``;
-- the shard path: ``select_candidates`` over ``distributed.Sharded`` on a local multi-node Ray cluster
-  (``ray.cluster_utils.Cluster``: ``--nodes`` raylets with their own object stores, ``--cpus``
-  each), the driver holding only per-row ints and the k-means sample;
+- the driver path: every vector in the driver's memory, ``select.engine.select_candidates``;
+- the shard path: ``select_candidates`` over ``select.sharded.Sharded`` on a local multi-node Ray
+  cluster (``ray.cluster_utils.Cluster``: ``--nodes`` raylets with their own object stores,
+  ``--cpus`` each), the driver holding only per-row ints and the k-means sample;
 
 and checks the two selections agree index for index. Wall time per stage and the driver's peak
 RSS of each are printed and written to ``benchmarks/results/distributed-{cpu,gpu}.json``.
 
-    .venv/bin/python benchmarks/bench_distributed.py
-    .venv/bin/python benchmarks/bench_distributed.py --n 200000 --k 300
+    .venv/bin/python -m benchmarks.bench_distributed
+    .venv/bin/python -m benchmarks.bench_distributed --n 200000 --k 300
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, save, timed  # noqa: E402
+from benchmarks._common import machine, save, timed
 
-from ray_pipeline.io.run_dir import write_parquet  # noqa: E402
-from ray_pipeline.config import Config  # noqa: E402
-from ray_pipeline.runtime.devices import Devices  # noqa: E402
-from ray_pipeline.select.sharded import Sharded  # noqa: E402
-from ray_pipeline.embed.stage import shard_table  # noqa: E402
-from ray_pipeline.select.engine import select_candidates  # noqa: E402
+from ray_pipeline.io.run_dir import write_parquet
+from ray_pipeline.config import Config
+from ray_pipeline.runtime.devices import Devices
+from ray_pipeline.select.sharded import Sharded
+from ray_pipeline.embed.stage import shard_table
+from ray_pipeline.select.engine import select_candidates
 
 
 def write_shards(n: int, d: int, shard_rows: int, folder: Path, seed: int = 0) -> list[str]:
@@ -63,7 +61,7 @@ def load_all(paths: list[str], n: int, d: int) -> np.ndarray:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_distributed", description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, default=1_000_000)
     p.add_argument("--d", type=int, default=384)
     p.add_argument("--k", type=int, default=1000)

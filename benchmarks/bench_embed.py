@@ -10,8 +10,8 @@ Same model (the packaged MiniLM unless --model), same texts, same batch size and
 Prints samples/s of each and Ray's overhead against the bare loop; on a GPU also the share of
 time the GPU was busy (nvidia-smi, sampled). Writes ``benchmarks/results/embed-{cpu,gpu}.json``.
 
-    .venv/bin/python benchmarks/bench_embed.py                        # tweeteval_emoji, 10,000 tweets
-    .venv/bin/python benchmarks/bench_embed.py --n 100000 --batch-size 512   # on a GPU
+    .venv/bin/python -m benchmarks.bench_embed                        # tweeteval_emoji, 10,000 tweets
+    .venv/bin/python -m benchmarks.bench_embed --n 100000 --batch-size 512   # on a GPU
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import shutil
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -27,12 +26,11 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import embed_texts, machine, save  # noqa: E402
+from benchmarks._common import embed_texts, machine, save
 
-from ray_pipeline.config import DataConfig, EmbedConfig  # noqa: E402
-from ray_pipeline.io.pool import read_pool  # noqa: E402
-from ray_pipeline.embed.stage import embed_pool  # noqa: E402
+from ray_pipeline.config import DataConfig, EmbedConfig
+from ray_pipeline.io.pool import read_pool
+from ray_pipeline.embed.stage import embed_pool
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 DATASETS = {
@@ -74,7 +72,7 @@ class GpuBusy:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_embed", description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset", default="tweeteval_emoji", choices=sorted(DATASETS))
     p.add_argument("--n", type=int, default=10_000, help="samples (repeats the dataset if larger)")
     p.add_argument("--model", default="minilm")

@@ -1,14 +1,14 @@
 """LoRA against full fine-tuning of SmolLM2-135M-Instruct: steps per second and peak memory.
 
 The same model, optimizer (AdamW), batches (chat-template renderings of the Alpaca demo set as
-conversations, loss on the assistant turns, ``ray_pipeline.finetune.causal_batch``) and steps;
+conversations, loss on the assistant turns, ``ray_pipeline.finetune.task.CausalLM.batch``) and steps;
 the one difference is ``finetune.lora`` (PEFT adapters on every linear layer, rank 16, the
 default) against every weight trained. Each mode runs in its own process, so its peak resident
 memory (CPU) or peak allocated GPU memory is its own. The training loop is the model's, without
 Ray Train and DeepSpeed around it (ZeRO-0 on a CPU adds nothing to either figure).
 
-    .venv/bin/python benchmarks/bench_lora.py                       # batch 8, 128 tokens, 10 steps
-    .venv/bin/python benchmarks/bench_lora.py --batch-size 16 --max-length 256 --steps 20
+    .venv/bin/python -m benchmarks.bench_lora                       # batch 8, 128 tokens, 10 steps
+    .venv/bin/python -m benchmarks.bench_lora --batch-size 16 --max-length 256 --steps 20
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, save  # noqa: E402
+from benchmarks._common import machine, save
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+ROOT = Path(__file__).resolve().parents[1]  # the repository root: the child runs as -m benchmarks.bench_lora
+SHARED = ROOT.parent / "shared" / "data"
 LORA_DROPOUT = 0.0  # config.LoraSettings' default
 
 
@@ -33,17 +33,18 @@ def one_mode(mode: str, batch_size: int, max_length: int, steps: int, warmup: in
     import torch
 
     from ray_pipeline.config import LoraSettings
-    from ray_pipeline.finetune.train import causal_batch
-    from ray_pipeline.io.models import load_for_task, smollm2_path, with_lora
+    from ray_pipeline.finetune.task import CausalLM
+    from ray_pipeline.io.models import smollm2_path
 
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rows = json.loads((SHARED / "instruct" / "dataflex_alpaca_en_demo.json").read_text())
     chats = [[{"role": "user", "content": (r["instruction"] + "\n" + r["input"]).strip()},
               {"role": "assistant", "content": r["output"]}] for r in rows]
-    model, tok = load_for_task(smollm2_path(), "instruction")
+    task = CausalLM()
+    model, tok = task.load(smollm2_path())
     if mode == "lora":
-        model = with_lora(model, LoraSettings(dropout=dropout), "instruction")
+        model = task.with_lora(model, LoraSettings(dropout=dropout))
     model.to(device).train()
     loaded = (torch.cuda.memory_allocated() / 2 ** 30 if device == "cuda"
               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20)
@@ -53,7 +54,7 @@ def one_mode(mode: str, batch_size: int, max_length: int, steps: int, warmup: in
     times = []
     for step in range(warmup + steps):
         idx = [(step * batch_size + j) % len(chats) for j in range(batch_size)]
-        batch = {k: v.to(device) for k, v in causal_batch(tok, data, idx, max_length).items()}
+        batch = {k: v.to(device) for k, v in task.batch(tok, data, idx, max_length).items()}
         if device == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -75,7 +76,7 @@ def one_mode(mode: str, batch_size: int, max_length: int, steps: int, warmup: in
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_lora", description=__doc__.split("\n\n")[0])
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--steps", type=int, default=10)
@@ -88,10 +89,10 @@ def main() -> None:
         return
     results = {}
     for mode in ("full", "lora"):
-        cmd = [sys.executable, __file__, "--mode", mode, "--batch-size", str(args.batch_size), "--max-length",
-               str(args.max_length), "--steps", str(args.steps), "--warmup", str(args.warmup), "--dropout",
-               str(args.dropout)]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        cmd = [sys.executable, "-m", "benchmarks.bench_lora", "--mode", mode, "--batch-size", str(args.batch_size),
+               "--max-length", str(args.max_length), "--steps", str(args.steps), "--warmup", str(args.warmup),
+               "--dropout", str(args.dropout)]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT).stdout
         results[mode] = json.loads(out.strip().splitlines()[-1])
         r = results[mode]
         print(f"{mode:5s}: {r['seconds_per_step']:.2f} s/step ({r['steps_per_s']:.3f} steps/s), peak {r['peak_gib']:.2f} "

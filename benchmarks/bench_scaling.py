@@ -5,24 +5,21 @@ float32 vectors at d=384), d = 384 and 768, K = N/1000 (at least 10), M = 1% of 
 Prints a table, fits time ~ N^b by least squares on log-log for each stage, and writes
 ``benchmarks/results/scaling-{cpu,gpu}.json``.
 
-    .venv/bin/python benchmarks/bench_scaling.py
-    .venv/bin/python benchmarks/bench_scaling.py --max-n 10000000 --dims 384    # on a large machine
+    .venv/bin/python -m benchmarks.bench_scaling
+    .venv/bin/python -m benchmarks.bench_scaling --max-n 10000000 --dims 384    # on a large machine
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, save, timed  # noqa: E402
+from benchmarks._common import machine, save, timed
 
-from ray_pipeline.select.kmeans import kmeans  # noqa: E402
-from ray_pipeline.select.kernels import center_and_key_samples, k_center_greedy, proportional_budgets  # noqa: E402
+from ray_pipeline.select.kmeans import kmeans
+from ray_pipeline.select.kernels import center_and_key_samples, k_center_greedy, proportional_budgets
 
 
 def run(n: int, d: int, seed: int = 0) -> dict:
@@ -53,7 +50,7 @@ def exponent(rows: list[dict], key: str) -> float:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_scaling", description=__doc__.split("\n\n")[0])
     p.add_argument("--max-n", type=int, default=1_000_000)
     p.add_argument("--dims", nargs="+", type=int, default=[384, 768])
     args = p.parse_args()

@@ -6,7 +6,7 @@ On random unit vectors (default 1M x 384) and on real MiniLM embeddings of a sha
   ``MiniBatchKMeans`` on the same rows (``--compare-n`` rows, ``--compare-k`` clusters: scikit-learn's
   KMeans on 1M x 384 with K = 1000 takes hours here), plus FAISS with K on all rows;
 - center/key samples;
-- k-center greedy: ours (``select.k_center_greedy``, all clusters at once in torch) against
+- k-center greedy: ours (``select.kernels.k_center_greedy``, all clusters at once in torch) against
   (a) the obvious per-cluster numpy loop (``tests/reference.py: k_center_greedy_reference``) and
   (b) a per-cluster loop written the way Google's active-learning ``kcenter_greedy.py`` does it
   (for each pick, ``sklearn.metrics.pairwise_distances(features, [new center])`` then a running
@@ -24,28 +24,25 @@ On random unit vectors (default 1M x 384) and on real MiniLM embeddings of a sha
 Each stage's wall time and peak RSS are printed and written to
 ``benchmarks/results/selection-{cpu,gpu}.json`` with the machine's description.
 
-    .venv/bin/python benchmarks/bench_selection.py                 # 1M x 384, K=1000, M=1%
-    .venv/bin/python benchmarks/bench_selection.py --n 100000 --k 300 --no-real
+    .venv/bin/python -m benchmarks.bench_selection                 # 1M x 384, K=1000, M=1%
+    .venv/bin/python -m benchmarks.bench_selection --n 100000 --k 300 --no-real
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, save, timed  # noqa: E402
+from benchmarks._common import machine, save, timed
 
-from ray_pipeline.select.kmeans import kmeans  # noqa: E402
-from ray_pipeline.select.kernels import center_and_key_samples, k_center_greedy, proportional_budgets  # noqa: E402
+from ray_pipeline.select.kmeans import kmeans
+from ray_pipeline.select.kernels import center_and_key_samples, k_center_greedy, proportional_budgets
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from reference import k_center_greedy_reference  # noqa: E402  (the tests' slow, obvious loop)
+from tests.reference import k_center_greedy_reference  # the tests' slow, obvious loop
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -231,7 +228,7 @@ def bench(name: str, x: np.ndarray, k: int, budget: float, compare_n: int, compa
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_selection", description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, default=1_000_000)
     p.add_argument("--d", type=int, default=384)
     p.add_argument("--k", type=int, default=1000)

@@ -6,29 +6,27 @@ swept twice: with ASHA, and with every trial run to its end (FIFO). The benchmar
 trial's score, the compute (CPU- or GPU-seconds) of both sweeps, the share ASHA saved, and
 whether both sweeps choose the same target. Writes ``benchmarks/results/tune-{cpu,gpu}.json``.
 
-    .venv/bin/python benchmarks/bench_tune.py                       # banking77, MiniLM, CPU-sized
-    .venv/bin/python benchmarks/bench_tune.py --max-steps 300 --budgets 2% 10%   # on a GPU
+    .venv/bin/python -m benchmarks.bench_tune                       # banking77, MiniLM, CPU-sized
+    .venv/bin/python -m benchmarks.bench_tune --max-steps 300 --budgets 2% 10%   # on a GPU
 """
 
 from __future__ import annotations
 
 import argparse
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, save  # noqa: E402
+from benchmarks._common import machine, save
 
-from ray_pipeline.config import Config  # noqa: E402
-from ray_pipeline.pipeline import run_tune  # noqa: E402
+from ray_pipeline.config import Config
+from ray_pipeline.pipeline import run_tune
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_tune", description=__doc__.split("\n\n")[0])
     p.add_argument("--k", nargs="+", type=int, default=[50, 100])
     p.add_argument("--budgets", nargs="+", default=["1%", "2%"])
     p.add_argument("--random-seeds", nargs="+", type=int, default=[0, 1])
@@ -43,16 +41,16 @@ def main() -> None:
         "embed": {"engine": "local"},
         "cluster": {"k": args.k},
         "select": {"budgets": args.budgets, "random_seeds": args.random_seeds},
-        "finetune": {"eval_path": str(SHARED / "banking77" / "test.csv"), "eval_limit": args.eval_limit,
-                     "max_steps": args.max_steps, "eval_every": args.eval_every, "lr": args.lr,
-                     "max_length": 48, "patience": 100},
+        "finetune": {"heldout": {"eval_path": str(SHARED / "banking77" / "test.csv"), "eval_limit": args.eval_limit},
+                     "train": {"max_steps": args.max_steps, "eval_every": args.eval_every, "lr": args.lr,
+                               "max_length": 48, "patience": 100}},
     }
     tmp = Path(tempfile.mkdtemp(prefix="bench_tune_"))
     runs = {}
     try:
         for mode in ("asha", "fifo"):
             cfg = Config.from_dict({**base, "output_dir": str(tmp / mode),
-                                    "finetune": {**base["finetune"], "early_stopping": mode == "asha"}})
+                                    "finetune": {**base["finetune"], "sweep": {"early_stopping": mode == "asha"}}})
             if mode == "fifo":  # reuse the ASHA run's embeddings: same samples, same key
                 shutil.copytree(tmp / "asha" / "embeddings", tmp / mode / "embeddings")
             runs[mode] = run_tune(cfg, progress=False)

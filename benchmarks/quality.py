@@ -16,7 +16,7 @@ embeddings, scored on held-out data:
 - ``kcenter K=M, hierarchical`` / ``centroid K=M, hierarchical``: the same as ``kcenter K=M`` /
   ``centroid K=M`` with multi-level k-means (``cluster.algorithm: hierarchical``, branching 64);
 - ``boundary K=M`` / ``stratified boundary K=M``: the budget-aware candidate (module
-  ``ray_pipeline.boundary``): prototypes, then the samples a probe fit on them is least sure of,
+  ``ray_pipeline.select.boundary``): prototypes, then the samples a probe fit on them is least sure of,
   a share 2.5 M/N (at most half) of the budget;
 - ``pipeline, not stratified``: the same with ``select.stratify: none``; ``pipeline with
   boundary``: the same with the boundary candidates among those the proxy chooses from;
@@ -31,10 +31,10 @@ Every number in the tables is accuracy on the ``test`` half. Label coverage (sha
 labels in the subset) is reported beside. Writes ``benchmarks/results/quality-cpu.json`` and
 prints Markdown tables.
 
-    .venv/bin/python benchmarks/quality.py                      # all three datasets
-    .venv/bin/python benchmarks/quality.py --datasets banking77 --budgets 1 2 5
-    .venv/bin/python benchmarks/quality.py --methods "kcenter K=M" "kcenter K=M, hierarchical"
-    .venv/bin/python benchmarks/quality.py --methods "centroid K=M" "centroid K=M, hierarchical" --cluster-seeds 3
+    .venv/bin/python -m benchmarks.quality                      # all three datasets
+    .venv/bin/python -m benchmarks.quality --datasets banking77 --budgets 1 2 5
+    .venv/bin/python -m benchmarks.quality --methods "kcenter K=M" "kcenter K=M, hierarchical"
+    .venv/bin/python -m benchmarks.quality --methods "centroid K=M" "centroid K=M, hierarchical" --cluster-seeds 3
 
 ``--cluster-seeds N`` runs each method row with the run seeds 0..N-1 (k-means' sampling and
 initialisation; the probe and the held-out halves stay fixed) and reports mean ± std, so that a
@@ -42,26 +42,24 @@ difference between two clusterings can be read against the seed-to-seed spread o
 pipeline rows too: each run seed makes its own candidates and its own choice on the validation
 half, and the row reports the chosen candidates' mean ± std on test and the mean regret.
 
-    .venv/bin/python benchmarks/quality.py --methods "centroid K=M" "stratified centroid K=M" --cluster-seeds 3 --name quality-seeds
+    .venv/bin/python -m benchmarks.quality --methods "centroid K=M" "stratified centroid K=M" --cluster-seeds 3 --name quality-seeds
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, save  # noqa: E402
+from benchmarks._common import machine, save
 
-from ray_pipeline.config import Config, DataConfig, EmbedConfig  # noqa: E402
-from ray_pipeline.io.pool import read_pool  # noqa: E402
-from ray_pipeline.embed.stage import embed_pool, load_stage  # noqa: E402
-from ray_pipeline.select.engine import select_candidates  # noqa: E402
-from ray_pipeline.finetune.proxy import linear_probe  # noqa: E402
+from ray_pipeline.config import Config, DataConfig, EmbedConfig
+from ray_pipeline.io.pool import read_pool
+from ray_pipeline.embed.stage import embed_pool, load_stage
+from ray_pipeline.select.engine import select_candidates
+from ray_pipeline.finetune.proxy import linear_probe
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 CACHE = Path(__file__).resolve().parent / ".cache" / "quality"
@@ -238,7 +236,7 @@ def summary(name: str, r: dict, which: str) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__.split("\n\n")[0])
     p.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
     p.add_argument("--budgets", nargs="+", type=float, default=[1, 2, 5, 10, 20], help="percent of the pool")
     p.add_argument("--seeds", type=int, default=5, help="random subsets per budget")

@@ -7,44 +7,43 @@ pipeline splits it: the *validation* half chooses (the linear-probe proxy, ASHA 
 selection candidates, patience, the target), the *test* half only reports. Per budget the
 pipeline's default grid (``cluster.k: [M/2, M]``, ``select.method: [kcenter, centroid]``, budgets
 stratified by label) is ranked by the probe and its top candidate fine-tuned, beside ``--seeds``
-random subsets of the same size and the full pool, every one by ``tune.run_sweep`` (Ray Tune over
+random subsets of the same size and the full pool, every one by ``finetune.sweep.run_sweep`` (Ray Tune over
 Ray Train + DeepSpeed) under one rule: until its validation score stops improving (patience 3) or
 ``--max-epochs`` passes, at most ``--max-steps`` steps. The sweep scores each trial's best model on
-the test half and judges (``verdict.judge``). Writes ``benchmarks/results/quality-finetune-{cpu,gpu}.json``
+the test half and judges (``finetune.verdict.judge``). Writes ``benchmarks/results/quality-finetune-{cpu,gpu}.json``
 (``quality-finetune-<budgets>-{cpu,gpu}.json`` for budgets other than 2%) and prints a Markdown
 table with costs.
 
-    .venv/bin/python benchmarks/quality_finetune.py                  # about 45 minutes on 2 cores
-    .venv/bin/python benchmarks/quality_finetune.py --budgets 2 --seeds 2 --max-steps 100
+    .venv/bin/python -m benchmarks.quality_finetune                  # about 45 minutes on 2 cores
+    .venv/bin/python -m benchmarks.quality_finetune --budgets 2 --seeds 2 --max-steps 100
 """
 
 from __future__ import annotations
 
 import argparse
 import shutil
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, save  # noqa: E402
-from quality import DATASETS, vectors  # noqa: E402
+from benchmarks._common import machine, save
+from benchmarks.quality import DATASETS, vectors
 
-from ray_pipeline.config import Config  # noqa: E402
-from ray_pipeline.io.pool import read_pool  # noqa: E402
-from ray_pipeline.finetune.heldout import read_parts  # noqa: E402
-from ray_pipeline.finetune.proxy import linear_probe  # noqa: E402
-from ray_pipeline.select.engine import select_candidates  # noqa: E402
-from ray_pipeline.finetune.sweep import Candidate, run_sweep  # noqa: E402
-from ray_pipeline.finetune.verdict import judge  # noqa: E402
+from ray_pipeline.config import Config
+from ray_pipeline.io.pool import read_pool
+from ray_pipeline.finetune.heldout import read_parts
+from ray_pipeline.finetune.proxy import linear_probe
+from ray_pipeline.select.engine import select_candidates
+from ray_pipeline.finetune.sweep import Candidate, run_sweep
+from ray_pipeline.finetune.task import Classification
+from ray_pipeline.finetune.verdict import judge
 
 WORK = Path(__file__).resolve().parent / ".cache" / "quality-finetune"
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.quality_finetune", description=__doc__.split("\n\n")[0])
     p.add_argument("--budgets", nargs="+", type=float, default=[2, 10], help="percent of the pool")
     p.add_argument("--seeds", type=int, default=3, help="random subsets per budget")
     p.add_argument("--lr", type=float, default=2e-4)
@@ -62,12 +61,14 @@ def main() -> None:
     pool = read_pool(train_cfg)
     cfg = Config.from_dict({
         "data": {"path": train_cfg.path, "label_column": train_cfg.label_column},
-        "finetune": {"eval_path": test_cfg.path, "eval_limit": args.eval_limit, "model": "minilm", "lr": args.lr,
-                     "batch_size": 32, "max_epochs": args.max_epochs, "max_steps": args.max_steps,
-                     "eval_every": args.eval_every, "patience": 3, "max_length": 64, "eval_batch_size": 128,
-                     "threads_per_worker": 2, "max_concurrent_trials": 1},
+        "finetune": {"model": "minilm", "heldout": {"eval_path": test_cfg.path, "eval_limit": args.eval_limit},
+                     "train": {"lr": args.lr, "batch_size": 32, "max_epochs": args.max_epochs,
+                               "max_steps": args.max_steps, "eval_every": args.eval_every, "patience": 3,
+                               "max_length": 64, "eval_batch_size": 128},
+                     "resources": {"threads_per_worker": 2}, "sweep": {"max_concurrent_trials": 1}},
         "output_dir": str(WORK), "seed": 0})
-    val_pool, test_pool, split = read_parts(cfg)
+    parts = read_parts(cfg)
+    val_pool, test_pool, split = parts.validation, parts.test, parts.info
     classes = sorted(set(labels))
     index = {c: i for i, c in enumerate(classes)}
     y = np.array([index[c] for c in labels])
@@ -96,7 +97,7 @@ def main() -> None:
     WORK.mkdir(parents=True)
     print(f"fine-tuning {len(candidates)} trials (MiniLM, batch 32, patience 3, <= {args.max_epochs:g} epochs, "
           f"<= {args.max_steps} steps); validation {len(val_pool)}, test {len(test_pool)}", flush=True)
-    result = run_sweep(candidates, pool, val_pool, cfg, WORK, test_pool=test_pool, split=split)
+    result = run_sweep(candidates, pool, parts, cfg, WORK)
     trials = {t["name"]: {k: t.get(k) for k in ("m", "kind", "status", "steps", "epochs", "samples_seen",
                                                 "validation_score", "test_score", "wall_s", "cpu_seconds")}
               for t in result["trials"]}
@@ -110,7 +111,7 @@ def main() -> None:
         rnd = [v for v in trials.values() if v["kind"] == "random" and v["m"] == m]
         pick = chosen[f"{pct:g}%"]["name"]
         sub = [c for c in candidates if c.name == pick or (c.kind == "random" and c.m == m) or c.kind == "full"]
-        verdict = judge("classification", next(t for t in result["trials"] if t["name"] == pick),
+        verdict = judge(Classification(), next(t for t in result["trials"] if t["name"] == pick),
                         _values(WORK, cfg, test_pool, sub),
                         [t for t in result["trials"] if t["kind"] == "random" and t["m"] == m],
                         next(t for t in result["trials"] if t["kind"] == "full"), np.random.default_rng([0, 11]))
@@ -140,10 +141,8 @@ def main() -> None:
 
 def _values(work: Path, cfg, test_pool, cands) -> dict:
     """Per-sample test values of the trials in ``cands`` (the sweep's verdict covers its target only)."""
-    from ray_pipeline.finetune.train import per_sample_values
-    from ray_pipeline.finetune.heldout import task_arrays
-
-    data = task_arrays(test_pool, cfg, labels=sorted({str(v) for v in read_pool(cfg.data).labels}))
+    from ray_pipeline.finetune.infer import per_sample_values
+    data = Classification().arrays(test_pool, read_pool(cfg.data).label_codes()[0])
     return {c.name: per_sample_values(str(work / "trials" / c.name / "best_model"), cfg.finetune, data)
             for c in cands if (work / "trials" / c.name / "best_model").is_dir()}
 

@@ -13,7 +13,7 @@ Per budget (``--budgets``, percent of the pool) and per embedder (``--embedders`
 the pipeline's default; ``smollm2``: the mean-pooled hidden states of the causal LM being tuned,
 RDS+ of Ivison et al. 2025), the pipeline's default grid (``cluster.k: [M/2, M]``,
 ``select.method: [kcenter, centroid]``) gives the candidates; ``--seeds`` random subsets of the
-same size and the full pool are the baselines. Every trial is fine-tuned by ``tune.run_sweep``
+same size and the full pool are the baselines. Every trial is fine-tuned by ``finetune.sweep.run_sweep``
 (Ray Tune over Ray Train + DeepSpeed, LoRA) under one rule: until its validation loss has not
 improved for ``--patience`` evaluations, or ``--max-epochs`` passes, at most ``--max-steps``.
 No ASHA, so every candidate's final loss is known and the proxies can be ranked against it.
@@ -27,19 +27,20 @@ trials of a budget (selection candidates and random subsets):
 - ``base loss``: the base model's mean response loss on the subset (higher: more to learn).
 
 The pipeline's choice per budget and embedder: the selection candidate with the best
-*validation* loss (no oracle; the pipeline with ``finetune.top_candidates`` empty), and the
-pipeline as it ships (``finetune.proxy: auto``, coverage here; ``proxy.prune`` keeps 3 of the
-embedder's candidates over all budgets, each budget's best first, and validation chooses among
-those kept at a budget), and the same with the base model's loss keeping 3; reported on the test part
+*validation* loss (no oracle; the pipeline with ``finetune.proxy.top_candidates`` empty), and
+the pipeline as it ships (``finetune.proxy.kind: auto``, coverage here;
+``ray_pipeline.finetune.proxy.prune`` keeps 3 of the embedder's candidates over all budgets,
+each budget's best first, and validation chooses among those kept at a budget), and the same
+with the base model's loss keeping 3; reported on the test part
 against random's mean and spread and against the full pool, with each trial's cost (CPU-seconds
 or GPU-seconds, samples seen). Writes ``benchmarks/results/NAME-{cpu,gpu}.json`` (``--name``,
 default ``quality-instruction``) and prints Markdown tables; ``--retable FILE`` recomputes the
 tables of a stored run from its trials (no fine-tuning).
 
-    .venv/bin/python benchmarks/quality_instruction.py                       # the issue's settings (a GPU)
-    .venv/bin/python benchmarks/quality_instruction.py --pool-size 1600 --held-out-per-source 40 \
+    .venv/bin/python -m benchmarks.quality_instruction                       # the issue's settings (a GPU)
+    .venv/bin/python -m benchmarks.quality_instruction --pool-size 1600 --held-out-per-source 40 \
         --max-length 128 --max-epochs 2 --max-steps 100                       # a 2-core CPU: about 90 minutes
-    .venv/bin/python benchmarks/quality_instruction.py --pool-size 1600 --held-out-per-source 40 \
+    .venv/bin/python -m benchmarks.quality_instruction --pool-size 1600 --held-out-per-source 40 \
         --max-length 128 --max-epochs 2 --max-steps 100 --embedders minilm --no-full \
         --seed 1 --name quality-instruction-seed1                              # a repetition: another split
 """
@@ -51,25 +52,24 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import embed_texts, machine, save  # noqa: E402
+from benchmarks._common import embed_texts, machine, save
 
-from ray_pipeline.io.chat import embed_text  # noqa: E402
-from ray_pipeline.config import Config, DataConfig, EmbedConfig  # noqa: E402
-from ray_pipeline.finetune.train import per_sample_values  # noqa: E402
-from ray_pipeline.finetune.heldout import read_task_pool, stratified_sample, task_arrays  # noqa: E402
-from ray_pipeline.finetune.metrics import spearman  # noqa: E402
-from ray_pipeline.io.models import resolve  # noqa: E402
-from ray_pipeline.finetune.proxy import coverage, prune, score_base_loss, token_mean_loss  # noqa: E402
-from ray_pipeline.select.engine import select_candidates  # noqa: E402
-from ray_pipeline.finetune.sweep import Candidate, run_sweep  # noqa: E402
+from ray_pipeline.io.chat import embed_text
+from ray_pipeline.config import Config, DataConfig, EmbedConfig
+from ray_pipeline.finetune.infer import per_sample_values
+from ray_pipeline.finetune.heldout import Parts, read_task_pool, stratified_sample
+from ray_pipeline.finetune.metrics import spearman
+from ray_pipeline.io.models import resolve
+from ray_pipeline.finetune.proxy import coverage, prune, score_base_loss, token_mean_loss
+from ray_pipeline.select.engine import select_candidates
+from ray_pipeline.finetune.sweep import Candidate, run_sweep
+from ray_pipeline.finetune.task import CausalLM
 
 INSTRUCT = Path(__file__).resolve().parents[2] / "shared" / "data" / "instruct"
 CACHE = Path(__file__).resolve().parent / ".cache" / "quality-instruction"
@@ -135,7 +135,7 @@ def vectors(model: str, rows: list[dict], max_length: int) -> np.ndarray:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.quality_instruction", description=__doc__.split("\n\n")[0])
     p.add_argument("--budgets", nargs="+", type=float, default=[1, 5], help="percent of the pool")
     p.add_argument("--embedders", nargs="+", default=list(EMBEDDERS), choices=list(EMBEDDERS))
     p.add_argument("--seeds", type=int, default=3, help="random subsets per budget")
@@ -174,12 +174,14 @@ def main() -> None:
 
     cfg = Config.from_dict({
         "data": {"path": str(paths["pool"]), "id_column": "id"},
-        "finetune": {"task": "instruction", "model": "default", "eval_path": str(paths["validation"]),
-                     "test_path": str(paths["test"]), "eval_limit": None, "lr": args.lr,
-                     "batch_size": args.batch_size, "eval_batch_size": 16, "max_length": args.max_length,
-                     "max_epochs": args.max_epochs, "max_steps": args.max_steps, "eval_every": args.eval_every,
-                     "patience": args.patience, "early_stopping": False, "threads_per_worker": os.cpu_count(),
-                     "max_concurrent_trials": 1, "top_candidates": None},
+        "finetune": {"task": "instruction", "model": "default",
+                     "heldout": {"eval_path": str(paths["validation"]), "test_path": str(paths["test"]),
+                                 "eval_limit": None},
+                     "train": {"lr": args.lr, "batch_size": args.batch_size, "eval_batch_size": 16,
+                               "max_length": args.max_length, "max_epochs": args.max_epochs,
+                               "max_steps": args.max_steps, "eval_every": args.eval_every, "patience": args.patience},
+                     "sweep": {"early_stopping": False, "max_concurrent_trials": 1},
+                     "resources": {"threads_per_worker": os.cpu_count()}, "proxy": {"top_candidates": None}},
         "output_dir": str(work), "seed": args.seed})
     data_cfg = lambda path: DataConfig(path=str(path), id_column="id")  # noqa: E731
     pool = read_task_pool(data_cfg(paths["pool"]), cfg)
@@ -212,7 +214,7 @@ def main() -> None:
     coverage_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     subset_rows = np.unique(np.concatenate([c.rows for c in candidates if c.kind != "full"]))
-    base = per_sample_values(resolve("smollm2"), cfg.finetune, task_arrays(pool.take(subset_rows), cfg))
+    base = per_sample_values(resolve("smollm2"), cfg.finetune, CausalLM().arrays(pool.take(subset_rows)))
     for name, r in score_base_loss(base, subset_rows, {c.name: np.sort(c.rows) for c in candidates
                                                        if c.kind != "full"}).items():
         proxies[name]["base_loss"] = r["base_loss"]  # every row of the candidate, as proxy_rows empty
@@ -224,7 +226,7 @@ def main() -> None:
           f"{args.max_length} tokens, patience {args.patience} x {args.eval_every} steps, <= {args.max_epochs:g} "
           f"epochs, <= {args.max_steps} steps)", flush=True)
     sweep_dir = work / "sweep"
-    result = run_sweep(candidates, pool, val_pool, cfg, sweep_dir, test_pool=test_pool)
+    result = run_sweep(candidates, pool, Parts(val_pool, test_pool, {"how": "given"}), cfg, sweep_dir)
     sources = np.array([r["source"] for r in parts["test"]])
     trials = {}
     for t in result["trials"]:
@@ -298,8 +300,8 @@ def _budget_row(trials: dict, m: int, embedders: list[str]) -> dict:
         if full:
             row[e]["over_full_pct"] = 100 * (c["test_loss"] / full["test_loss"] - 1)
             row[e]["cost_share_of_full"] = c["cost_s"] / full["cost_s"]
-        # As the pipeline ships (finetune.proxy: auto -> coverage, top_candidates: 3), and with the
-        # base model's loss: proxy.prune keeps 3 of this embedder's candidates over all budgets,
+        # As the pipeline ships (finetune.proxy.kind: auto -> coverage, proxy.top_candidates: 3), and
+        # with the base model's loss: proxy.prune keeps 3 of this embedder's candidates over all budgets,
         # each budget's best first; the best validation loss among those kept here is chosen.
         everywhere = {k: v for k, v in trials.items() if v["kind"] == "selection" and v.get("embedder") == e}
         cands = [SimpleNamespace(name=k, kind="selection", m=v["m"]) for k, v in sorted(everywhere.items())]

@@ -73,14 +73,14 @@ def _parser() -> argparse.ArgumentParser:
                                    "full baselines) under Ray Tune with ASHA; write candidates.json and "
                                    "target/ (subset ids and model), and print the comparison.")
     _add_common(t)
-    t.add_argument("--eval", help="held-out set (same columns as the pool): finetune.eval_path")
+    t.add_argument("--eval", help="held-out set (same columns as the pool): finetune.heldout.eval_path")
     _add_run_flags(t)
     r = sub.add_parser("run", help="the whole job: embed, select, tune, report",
-                       description="Embed -> select -> fine-tune every candidate (when finetune.eval_path "
+                       description="Embed -> select -> fine-tune every candidate (when finetune.heldout.eval_path "
                                    "is set) -> report.html. Stages are cached by a hash of their inputs and "
                                    "config; --resume continues a run that was interrupted.")
     _add_common(r)
-    r.add_argument("--eval", help="held-out set (same columns as the pool): finetune.eval_path")
+    r.add_argument("--eval", help="held-out set (same columns as the pool): finetune.heldout.eval_path")
     _add_run_flags(r)
     x = sub.add_parser("export", help="write a candidate subset's samples, every original field, for a trainer",
                        description="Write the samples of a run's candidate (NAME from select.json, or target: the "
@@ -116,7 +116,7 @@ def _overrides(args: argparse.Namespace) -> dict:
              "data.id_column": get("id_column"), "embed.engine": get("engine"), "ray_address": get("address"),
              "cluster.k": [int(k) if k.isdigit() else k for k in args.k] if get("k") else None,
              "seed": get("seed"), "output_dir": get("out"),
-             "finetune.eval_path": get("eval"),
+             "finetune.heldout.eval_path": get("eval"),
              "select.budgets": [yaml.safe_load(b) for b in args.budgets] if get("budgets") else None}
     return {k: v for k, v in flags.items() if v is not None}
 
@@ -134,8 +134,11 @@ def build_config(args: argparse.Namespace) -> Config:
     return cfg
 
 
-def print_sweep(result: dict) -> None:
-    """Every trial's validation and test score, status and cost, then the verdict in words."""
+def print_sweep(result: dict, run_dir: Path) -> None:
+    """Every trial's validation and test score, status and cost, then the verdict in words, then
+    where the target's files are (candidates.json records them relative to the run directory)."""
+    from .io.run_dir import in_run
+
     s = result["summary"]
     cost = "gpu_seconds" if any("gpu_seconds" in t for t in result["trials"]) else "cpu_seconds"
     print(f"{'candidate':26s} {'size':>6s} {'status':>14s} {'steps':>6s} {'epochs':>6s} {'validation':>10s} "
@@ -157,7 +160,8 @@ def print_sweep(result: dict) -> None:
         print("\n".join(verdict["lines"]))
     else:  # no test part scored (no model saved): validation figures only, and said so
         print(f"target {tg['name']}: validation {tg['validation_score']:.4f}; not scored on a test part")
-    print(f"target model: {tg['model']}\ntarget subset: {tg.get('subset', tg['ids'])}")
+    print(f"target model: {in_run(run_dir, tg['model'])}\n"
+          f"target subset: {in_run(run_dir, tg.get('subset', tg['ids']))}")
 
 
 def _prompts(path: str, pool) -> list:
@@ -165,20 +169,19 @@ def _prompts(path: str, pool) -> list:
     with the chat template), else its text."""
     from .io.chat import chat_column
     from .io.pool import read_chats
-    from .io.formats import read_table
 
-    table = read_table(path, "auto")
-    chat = None if pool.texts is None else chat_column(table.column_names, None, has_text=False)
-    if chat is None or "text" in table.column_names:
+    columns = pool.records.column_names
+    chat = None if pool.texts is None else chat_column(columns, None, has_text=False)
+    if chat is None or "text" in columns:
         return pool.texts.tolist()
-    return read_chats(table, chat, path)
+    return read_chats(pool.records, chat, path)
 
 
 def _predict(args: argparse.Namespace) -> int:
     from .io.run_dir import atomic_path
     from .config import DataConfig
     from .io.pool import read_pool
-    from .finetune.train import predict
+    from .finetune.infer import predict
 
     pool = read_pool(DataConfig(path=args.input, text_column=args.text_column, text_template=args.text_template,
                                 id_column=args.id_column))
@@ -211,7 +214,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if getattr(args, "check", False):
             from .pipeline import check
 
-            tune = args.command == "tune" or (args.command == "run" and bool(cfg.finetune.eval_path))
+            tune = args.command == "tune" or (args.command == "run" and bool(cfg.finetune.heldout.eval_path))
             found = check(cfg, tune=tune, overwrite=args.overwrite, resume=args.resume)
             print("input checked, nothing written: " + "; ".join(f"{k} {v}" for k, v in found.items()))
             return 0
@@ -228,14 +231,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         elif args.command == "tune":
             from .pipeline import run_tune
 
-            print_sweep(run_tune(cfg, overwrite=args.overwrite, resume=args.resume, progress=not args.no_progress))
+            print_sweep(run_tune(cfg, overwrite=args.overwrite, resume=args.resume, progress=not args.no_progress),
+                        Path(cfg.output_dir))
         elif args.command == "run":
             from .pipeline import run_all
 
             out = run_all(cfg, overwrite=args.overwrite, resume=args.resume, progress=not args.no_progress)
             cand = out / "candidates.json"
             if cand.is_file():
-                print_sweep(json.loads(cand.read_text()))
+                print_sweep(json.loads(cand.read_text()), out)
             print(f"report: {out / 'report.html'}")
     except PipelineError as e:
         print(f"ray-pipeline: error: {e}", file=sys.stderr)

@@ -14,11 +14,9 @@ import logging
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 
 from . import faults
@@ -27,7 +25,8 @@ from .config import Config
 from .io.pool import Pool, read_pool
 from .runtime.devices import Devices, decide
 from .errors import ConfigError, InputError
-from .select.engine import InMemory, clusters_table, select_candidates, selection_table
+from .select.engine import InMemory, select_candidates
+from .select.tables import clusters_table, selection_table
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +40,7 @@ def embed_into(pool: Pool, cfg: Config, out: Path, *, progress: bool = True) -> 
     (rows whose image could not be read, under ``on_bad_rows: skip``, dropped)."""
     from .embed.stage import embed_pool, load_stage
 
-    manifest = embed_pool(pool, cfg.embed, out / "embeddings", progress=progress, ray_address=cfg.ray_address)
+    manifest = embed_pool(pool, cfg.embed, out / "embeddings", progress=progress)
     keep, x = load_stage(out / "embeddings" / manifest["key"], pool.ids)
     pool = pool.take(keep)
     pool.embeddings = x
@@ -57,7 +56,7 @@ def embed_stage(pool: Pool, cfg: Config, run: Run, *, progress: bool = True) -> 
         return pool
     pool, manifest = embed_into(pool, cfg, run.out, progress=progress)
     run.stage("embed", seconds=time.perf_counter() - t0, reused=manifest["shards_computed"] == 0,
-              key=manifest["key"], dir=str(run.out / "embeddings" / manifest["key"]), rows=manifest["rows"],
+              key=manifest["key"], dir=run.relative(run.out / "embeddings" / manifest["key"]), rows=manifest["rows"],
               dim=manifest["dim"], skipped_rows=manifest["skipped_rows"], samples_per_s=manifest["samples_per_s"],
               actor_plan=manifest["actor_plan"])
     return pool
@@ -90,122 +89,57 @@ def select_stage(pool: Pool, cfg: Config, run: Run, devices: Devices, *, progres
         reused = False
     publish(d / "selection.parquet", run.out / "selection.parquet")
     publish(d / "clusters.parquet", run.out / "clusters.parquet")
-    run.stage("select", seconds=time.perf_counter() - t0, reused=reused, key=key, dir=str(d), **meta)
+    run.stage("select", seconds=time.perf_counter() - t0, reused=reused, key=key, dir=run.relative(d), **meta)
     return d
 
 
 def _sharded_vectors(pool: Pool, cfg: Config, run: Run, devices: Devices):
     """``select.engine: ray``: the pool's vectors as the embedding stage's shards (this run's, or a
     stage directory given as ``data.embeddings``), their rows mapped to the pool's order."""
-    from .select.sharded import Sharded, shard_paths
+    from .select.sharded import Sharded
 
-    stage = run.info["stages"].get("embed", {}).get("dir")
+    stage = run.path_of("embed")
     if stage is None and cfg.data.embeddings and Path(cfg.data.embeddings).is_dir():
         stage = cfg.data.embeddings
     if stage is None:
         raise ConfigError("select.engine 'ray' reads the vectors from the embedding stage's shards; embed the "
                           "pool with this tool, or give data.embeddings as a directory the embedding stage wrote, "
                           "or use select.engine 'driver' for .npy / Parquet vectors")
-    paths = shard_paths(stage)
-    tables = [pq.read_table(f, columns=["id", "row"]) for f in paths]
-    size = 1 + max((int(pa.compute.max(t.column("row")).as_py() or 0) for t in tables if len(t)), default=0)
-    row_map = np.full(size, -1, dtype=np.int64)
-    for t in tables:
-        row_map[t.column("row").to_numpy()] = pool.positions(t.column("id").to_pylist())
-    return Sharded(paths, len(pool), cfg, devices, row_map=row_map, groups=cfg.select.groups)
+    return Sharded.from_stage(stage, pool, cfg, devices)
 
 
-def proxy_scores(pool: Pool, eval_pool: Pool, candidates: list, cfg: Config, run: Run, *,
-                 task_pool: Optional[Pool] = None) -> dict:
-    """Every candidate's proxy score (``finetune.proxy_kind``): a linear probe on the labels or the
-    held-out set's coverage, both on the held-out set's embeddings (embedded by the same stage, so
-    with the same encoder); or the base model's loss on the candidate's rows of ``task_pool`` (the
-    pool's prompts and responses or chats, in ``pool``'s row order)."""
-    from .finetune.proxy import score_candidates, score_coverage
-
-    t0 = time.perf_counter()
-    kind = cfg.finetune.proxy_kind
-    scored = [c for c in candidates if c.kind != "full" or kind == "probe"]  # the full pool covers all it can
-    if kind != "base_loss":  # the embedding proxies read the held-out set's vectors
-        eval_pool, _ = embed_into(eval_pool, cfg, run.out, progress=False)
-    if kind == "base_loss":
-        if task_pool is None:
-            raise ValueError("the base_loss proxy needs the task pool")
-        scores = _base_loss_scores(task_pool, scored, cfg)
-    elif kind == "coverage":
-        scores = score_coverage(pool.embeddings, {c.name: c.rows for c in scored}, eval_pool.embeddings)
-    else:
-        labels = sorted({str(v) for v in pool.labels})
-        index = {v: i for i, v in enumerate(labels)}
-        y = np.array([index[str(v)] for v in pool.labels])
-        known = np.array([str(v) in index for v in eval_pool.labels])
-        ye = np.array([index[str(v)] for v in eval_pool.labels[known]])
-        scores = score_candidates(pool.embeddings, y, {c.name: c.rows for c in scored},
-                                  eval_pool.embeddings[known], ye, len(labels))
-    log.info("proxy: %d candidates scored by %s in %.1fs", len(scores),
-             {"probe": "a linear probe", "coverage": "held-out coverage", "base_loss": "the base model's loss"}[kind],
-             time.perf_counter() - t0)
-    return scores
-
-
-def _base_loss_scores(task_pool: Pool, candidates: list, cfg: Config) -> dict:
-    """The base model's token-weighted response loss on a seeded sample of at most
-    ``finetune.proxy_rows`` rows of each candidate; every distinct row is read once, on the
-    driver (a GPU where ``finetune.device`` allows and the driver has one)."""
-    from .runtime.devices import torch_device
-    from .finetune.train import per_sample_values
-    from .finetune.heldout import task_arrays
-    from .io.models import resolve
-    from .finetune.proxy import sample_rows, score_base_loss
-
-    ft = cfg.finetune
-    sampled = sample_rows({c.name: c.rows for c in candidates}, ft.proxy_rows, np.random.default_rng(cfg.seed))
-    rows = np.unique(np.concatenate(list(sampled.values()) or [np.zeros(0, np.int64)]))
-    device = torch_device(ft.device).type
-    log.info("proxy: the base model's loss on %d rows (%d candidates, at most %s rows each) on %s", len(rows),
-             len(sampled), ft.proxy_rows or "all", device)
-    per_row = per_sample_values(resolve(ft.model, ft.task), ft, task_arrays(task_pool.take(rows), cfg), device=device)
-    return score_base_loss(per_row, rows, sampled)
-
-
-def tune_stage(pool: Pool, select_dir: Path, cfg: Config, run: Run, *, resume: bool = False) -> dict:
-    """The fine-tuning sweep over every candidate into ``tune/<key>/``; target/ linked at the top."""
-    from .finetune.heldout import read_parts, read_task_pool
-    from .finetune.proxy import prune
+def tune_stage(pool: Pool, parts, select_dir: Path, cfg: Config, run: Run, *, resume: bool = False) -> dict:
+    """The fine-tuning sweep over every candidate into ``tune/<key>/``; target/ linked at the top.
+    parts: the held-out parts (``heldout.Parts``), read and checked before the first stage."""
+    from .finetune.proxy import prune, score_proxy
     from .finetune.sweep import candidates_from_selection, run_sweep
+    from .finetune.task import task_for
 
     log.info("stage tune: start")
     t0 = time.perf_counter()
-    task_pool = read_task_pool(cfg.data, cfg)
-    val_pool, test_pool, split = read_parts(cfg)
+    ft = cfg.finetune
     selection = pq.read_table(select_dir / "selection.parquet")
-    meta = json.loads((select_dir / "select.json").read_text())
-    at = task_pool.positions(selection.column("id").to_pylist())
-    if (at < 0).any():
-        raise InputError(f"the pool in {cfg.data.path} no longer holds the selected sample "
-                         f"{selection.column('id')[int(np.argmax(at < 0))].as_py()!r}; rerun the selection "
-                         f"(--overwrite) after changing the pool")
-    task_pool = task_pool.take(at)  # in the selection's order
-    if cfg.data.id_column:
-        overlap = set(task_pool.ids) & (set(val_pool.ids) | set(test_pool.ids))
-        if overlap:
-            raise InputError(f"{len(overlap)} held-out id(s) are also in the pool, e.g. {sorted(overlap)[0]!r}; "
-                             f"the held-out set must be disjoint from the pool")
-    d = run.out / "tune" / digest(select_dir.name, cfg.to_dict()["finetune"], cfg.to_dict()["data"], cfg.seed)
+    task = task_for(ft.task)
+    task_pool = _in_selection_order(task.read(pool, cfg.data, ft), selection, cfg, parts)
+    # keyed by the config as run.json holds it (locations absolute): the same key from any directory
+    stored = run.info["config"]
+    d = run.out / "tune" / digest(select_dir.name, stored["finetune"], stored["data"], cfg.seed)
     marker = d / "candidates.json"
     if marker.is_file():
         result, reused = json.loads(marker.read_text()), True
     else:
-        candidates = candidates_from_selection(selection, meta["candidates"], include_full=cfg.finetune.include_full)
+        listed = json.loads((select_dir / "select.json").read_text())["candidates"]
+        candidates = candidates_from_selection(selection, listed, include_full=ft.sweep.include_full)
         proxy = None
-        if cfg.finetune.proxy_kind and pool.embeddings is not None:
-            proxy = proxy_scores(pool, val_pool, candidates, cfg, run, task_pool=task_pool)  # validation part only
+        kind = task.proxy_kind(ft)
+        if kind and pool.embeddings is not None:  # scored on the validation part only
+            validation = None if kind == "base_loss" else embed_into(parts.validation, cfg, run.out, progress=False)[0]
+            proxy = score_proxy(kind, pool, candidates, cfg, validation=validation, task_pool=task_pool)
             write_json(proxy, d / "proxy.json")
-            candidates = prune(candidates, proxy, cfg.finetune.top_candidates)
-        result = run_sweep(candidates, task_pool, val_pool, cfg, d, test_pool=test_pool, ray_address=cfg.ray_address,
-                           resume=resume, proxy=proxy, split=split)
+            candidates = prune(candidates, proxy, ft.proxy.top_candidates)
+        result = run_sweep(candidates, task_pool, parts, cfg, d, resume=resume, proxy=proxy)
         if result["summary"]["target"]:
-            _write_target_records(cfg, d / "target", result)
+            _write_target_records(cfg, d / "target", result, task_pool)
             write_json(result, marker)  # the summary now names the records file
         reused = False
     publish(marker, run.out / "candidates.json")
@@ -213,23 +147,41 @@ def tune_stage(pool: Pool, select_dir: Path, cfg: Config, run: Run, *, resume: b
         publish(d / "proxy.json", run.out / "proxy.json")
     if (d / "target").is_dir():
         link(d / "target", run.out / "target")
+    summary = result["summary"]
     run.stage("tune", seconds=time.perf_counter() - t0, reused=reused, key=d.name, dir=str(d),
-              target=result["summary"]["target"], split=result["summary"].get("split"),
-              verdict=result["summary"].get("verdict", {}).get("lines"), failed=result["summary"]["failed"],
-              stopped_early=result["summary"]["stopped_early"],
-              proxy_rank_correlation=result["summary"].get("proxy_rank_correlation"))
+              target=summary["target"], split=summary.get("split"), verdict=summary.get("verdict", {}).get("lines"),
+              failed=summary["failed"], stopped_early=summary["stopped_early"],
+              proxy_rank_correlation=summary.get("proxy_rank_correlation"))
     return result
 
 
-def _write_target_records(cfg: Config, target_dir: Path, result: dict) -> None:
-    """target/subset.<the pool's format>: the target's samples with every original field, for a trainer."""
+def _in_selection_order(task_pool: Pool, selection: pa.Table, cfg: Config, parts) -> Pool:
+    """The task pool's rows in selection.parquet's order, checked: every selected id still in the
+    pool, and (with ids of the user's) none of them in the held-out parts."""
+    at = task_pool.positions(selection.column("id").to_pylist())
+    if (at < 0).any():
+        raise InputError(f"the pool in {cfg.data.path} no longer holds the selected sample "
+                         f"{selection.column('id')[int(np.argmax(at < 0))].as_py()!r}; rerun the selection "
+                         f"(--overwrite) after changing the pool")
+    task_pool = task_pool.take(at)
+    if cfg.data.id_column:
+        overlap = set(task_pool.ids) & (set(parts.validation.ids) | set(parts.test.ids))
+        if overlap:
+            raise InputError(f"{len(overlap)} held-out id(s) are also in the pool, e.g. {sorted(overlap)[0]!r}; "
+                             f"the held-out set must be disjoint from the pool")
+    return task_pool
+
+
+def _write_target_records(cfg: Config, target_dir: Path, result: dict, pool: Pool) -> None:
+    """target/subset.<the pool's format>: the target's samples with every original field, for a
+    trainer, from the records of ``pool`` as this command read it."""
     from .io.export import export_records, pool_format
     from .io.formats import SUFFIX
 
     ids = pq.read_table(target_dir / "ids.parquet").column("id").to_pylist()
-    path = target_dir / f"subset{SUFFIX[pool_format(cfg)]}"
-    export_records(cfg, ids, path)
-    result["summary"]["target"]["subset"] = str(path)
+    path = target_dir / f"subset{SUFFIX[pool_format(cfg.data)]}"
+    export_records(cfg.data, ids, path, pool=pool)
+    result["summary"]["target"]["subset"] = str(path.relative_to(target_dir.parent))
 
 
 def report_stage(pool: Pool, run: Run) -> None:
@@ -239,49 +191,47 @@ def report_stage(pool: Pool, run: Run) -> None:
     log.info("stage report: start")
     faults.point("report")
     write_report(run.out, run.info, pool)
-    run.stage("report", seconds=time.perf_counter() - t0, path=str(run.out / "report.html"))
+    run.stage("report", seconds=time.perf_counter() - t0, path=run.relative(run.out / "report.html"))
 
 
 # ----------------------------------------------------------------------------------------------
 # commands
 
 
-def _read_and_embed(cfg: Config, run: Run, progress: bool, *, tune: bool = False) -> Pool:
+def _read_and_embed(cfg: Config, run: Run, progress: bool, *, tune: bool = False):
     """Read and check the pool, the config against it and (``tune``) the held-out set and the model,
-    then (and only then) start the run: bad input fails before anything is written."""
+    then (and only then) start the run: bad input fails before anything is written. Returns the
+    embedded pool and the held-out parts (None without ``tune``)."""
     t0 = time.perf_counter()
     log.info("stage read: start")
-    pool = read_pool(cfg.data, skip_bad_rows=cfg.embed.on_bad_rows == "skip")
+    pool = _read_pool(cfg)
     cfg.candidate_grid(len(pool))  # budgets or K above the pool: an error before any work
-    if tune:
-        _check_held_out(cfg, pool)
+    parts = _check_held_out(cfg, pool) if tune else None
     run.start()
     run.stage("read", seconds=time.perf_counter() - t0, source=pool.source, rows=len(pool), skipped_rows=pool.skipped)
-    return embed_stage(pool, cfg, run, progress=progress)
+    return embed_stage(pool, cfg, run, progress=progress), parts
 
 
-def _check_held_out(cfg: Config, pool: Pool) -> tuple[Pool, Pool]:
-    """The held-out parts read, their labels known to the pool, the model found: before any stage.
-    Returns the (validation, test) parts."""
+def _check_held_out(cfg: Config, pool: Pool):
+    """The held-out parts read and fit for the task, the model found: before any stage. Returns
+    the parts (``heldout.Parts``)."""
     from .finetune.heldout import read_parts
+    from .finetune.task import task_for
     from .io.models import resolve
 
-    resolve(cfg.finetune.model, cfg.finetune.task)
-    val, test, _ = read_parts(cfg)
-    if cfg.finetune.task != "classification":
-        return val, test
-    if pool.labels is None:
-        raise InputError("classification needs the pool's labels: set data.label_column (or data.labels_path), or "
-                         "finetune.task: instruction")
-    known = {str(v) for v in pool.labels}
-    for part, p in (("validation", val), ("test", test)):
-        unknown = sorted({str(v) for v in p.labels} - known)
-        if unknown:
-            where = cfg.finetune.test_path if part == "test" and cfg.finetune.test_path else cfg.finetune.eval_path
-            raise InputError(f"the held-out {part} part ({where}) has {len(unknown)} label(s) the pool does not have, "
-                             f"e.g. {unknown[:3]}{' (none of its labels is in the pool)' if not known & {str(v) for v in p.labels} else ''}; "
-                             f"a classifier cannot learn them: remove those rows, or check data.label_column")
-    return val, test
+    task = task_for(cfg.finetune.task)
+    resolve(cfg.finetune.model, task.default_model)
+    parts = read_parts(cfg)
+    ho = cfg.finetune.heldout
+    task.check_heldout(pool, {f"validation part ({ho.eval_path})": parts.validation,
+                              f"test part ({ho.test_path or ho.eval_path})": parts.test})
+    return parts
+
+
+def _read_pool(cfg: Config) -> Pool:
+    """The pool ``cfg.data`` describes, read once per command; ``embed.on_bad_rows: skip`` drops
+    (and counts) the rows with nothing to embed instead of refusing the pool."""
+    return read_pool(cfg.data, skip_bad_rows=cfg.embed.on_bad_rows == "skip")
 
 
 def _one_ray(cfg: Config, needed: bool):
@@ -305,13 +255,13 @@ def check(cfg: Config, *, tune: bool, overwrite: bool = False, resume: bool = Fa
         eval_data_config(cfg)
     decide(cfg)
     Run(cfg, resume=resume, overwrite=overwrite)  # a different or unfinished run in the way: an error
-    pool = read_pool(cfg.data, skip_bad_rows=cfg.embed.on_bad_rows == "skip")
+    pool = _read_pool(cfg)
     grid = cfg.candidate_grid(len(pool))
-    found = {"samples": len(pool), "labels": None if pool.labels is None else len({str(v) for v in pool.labels}),
+    found = {"samples": len(pool), "labels": None if pool.labels is None else len(pool.label_codes()[0]),
              "candidates (K, M)": grid, "output_dir": cfg.output_dir}
     if tune:
-        val, test = _check_held_out(cfg, pool)
-        found.update(validation=len(val), test=len(test))
+        parts = _check_held_out(cfg, pool)
+        found.update(validation=len(parts.validation), test=len(parts.test))
     return found
 
 
@@ -320,7 +270,7 @@ def run_select(cfg: Config, *, overwrite: bool = False, resume: bool = False, pr
     devices = decide(cfg)
     run = Run(cfg, resume=resume, overwrite=overwrite)
     with _one_ray(cfg, _embeds_with_ray(cfg) or cfg.select.engine == "ray"):
-        pool = _read_and_embed(cfg, run, progress)
+        pool, _ = _read_and_embed(cfg, run, progress)
         select_stage(pool, cfg, run, devices, progress=progress)
     run.finish()
     return run.out
@@ -330,12 +280,12 @@ def run_embed(cfg: Config, *, progress: bool = True) -> Path:
     """Only the embedding stage, into ``<output_dir>/embeddings/<key>/``; returns that directory."""
     from .embed.stage import embed_pool
 
-    pool = read_pool(cfg.data, skip_bad_rows=cfg.embed.on_bad_rows == "skip")
+    pool = _read_pool(cfg)
     if pool.embeddings is not None:
         raise InputError("the pool already has embeddings (data.embeddings or an embedding column); "
                          "there is nothing to embed")
-    manifest = embed_pool(pool, cfg.embed, Path(cfg.output_dir) / "embeddings", progress=progress,
-                          ray_address=cfg.ray_address)
+    with _one_ray(cfg, _embeds_with_ray(cfg)):
+        manifest = embed_pool(pool, cfg.embed, Path(cfg.output_dir) / "embeddings", progress=progress)
     return Path(cfg.output_dir) / "embeddings" / manifest["key"]
 
 
@@ -347,23 +297,25 @@ def run_tune(cfg: Config, *, overwrite: bool = False, resume: bool = False, prog
     devices = decide(cfg)
     run = Run(cfg, resume=resume, overwrite=overwrite)
     with _one_ray(cfg, True):
-        pool = _read_and_embed(cfg, run, progress, tune=True)
-        result = tune_stage(pool, select_stage(pool, cfg, run, devices, progress=progress), cfg, run, resume=resume)
+        pool, parts = _read_and_embed(cfg, run, progress, tune=True)
+        result = tune_stage(pool, parts, select_stage(pool, cfg, run, devices, progress=progress), cfg, run,
+                            resume=resume)
     run.finish()
     return result
 
 
 def run_all(cfg: Config, *, overwrite: bool = False, resume: bool = False, progress: bool = True) -> Path:
-    """The whole job: embed -> select -> tune (when ``finetune.eval_path`` is set) -> report."""
+    """The whole job: embed -> select -> tune (when ``finetune.heldout.eval_path`` is set) -> report."""
     devices = decide(cfg)
     run = Run(cfg, resume=resume, overwrite=overwrite)
-    with _one_ray(cfg, _embeds_with_ray(cfg) or cfg.select.engine == "ray" or bool(cfg.finetune.eval_path)):
-        pool = _read_and_embed(cfg, run, progress, tune=bool(cfg.finetune.eval_path))
+    tune = bool(cfg.finetune.heldout.eval_path)
+    with _one_ray(cfg, _embeds_with_ray(cfg) or cfg.select.engine == "ray" or tune):
+        pool, parts = _read_and_embed(cfg, run, progress, tune=tune)
         select_dir = select_stage(pool, cfg, run, devices, progress=progress)
-        if cfg.finetune.eval_path:
-            tune_stage(pool, select_dir, cfg, run, resume=resume)
+        if tune:
+            tune_stage(pool, parts, select_dir, cfg, run, resume=resume)
         else:
-            log.info("stage tune: skipped (no finetune.eval_path)")
+            log.info("stage tune: skipped (no finetune.heldout.eval_path)")
     report_stage(pool, run)
     run.finish()
     return run.out

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from .io.run_dir import atomic_path
+from .io.run_dir import atomic_path, select_listing
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +63,10 @@ def _plot_cluster_sizes(clusters) -> str:
     return _png(fig)
 
 
-def _plot_map(x: np.ndarray, selection, column: str, key_ids: set) -> str:
+def _plot_map(x: np.ndarray, selection, name: str, key_ids: set) -> str:
     rng = np.random.default_rng(0)
     n = len(x)
-    chosen = np.flatnonzero(selection[column].to_numpy())
+    chosen = np.flatnonzero(selection[f"in_{name}"].to_numpy())
     others = rng.choice(n, min(n, MAP_POINTS), replace=False)
     idx = np.unique(np.concatenate([others, chosen]))
     xy = pca_2d(x[idx])
@@ -74,7 +74,7 @@ def _plot_map(x: np.ndarray, selection, column: str, key_ids: set) -> str:
     fig, ax = _figure(7, 5)
     ax.scatter(xy[:, 0], xy[:, 1], s=3, c="#c8c8c8", label=f"pool (sample of {len(idx):,})")
     sel_xy = xy[[pos[i] for i in chosen]]
-    ax.scatter(sel_xy[:, 0], sel_xy[:, 1], s=14, c="#d62728", label=f"{column[3:]} ({len(chosen):,})")
+    ax.scatter(sel_xy[:, 0], sel_xy[:, 1], s=14, c="#d62728", label=f"{name} ({len(chosen):,})")
     ids = selection["id"].to_numpy()
     keys = [pos[i] for i in chosen if ids[i] in key_ids]
     if keys:
@@ -159,21 +159,22 @@ def _fmt(v) -> str:
 
 
 def write_report(out: Path, run_info: dict, pool) -> Path:
-    """Build ``out/report.html`` from the run directory's files and the pool (ids, texts, vectors)."""
+    """Build ``out/report.html`` from the run directory's files and the pool (ids, texts, vectors).
+    The candidates and their facts come from the select stage's ``select.json``, never from names."""
     selection = pq.read_table(out / "selection.parquet").to_pandas()
     clusters = pq.read_table(out / "clusters.parquet").to_pandas()
+    listing = select_listing(out, run_info)
     cand_path = out / "candidates.json"
     tuned = json.loads(cand_path.read_text()) if cand_path.is_file() else None
     stages = run_info.get("stages", {})
-    sel_cols = [c for c in selection.columns if c.startswith("in_") and not c.startswith("in_random")]
+    selected = [c["name"] for c in listing["candidates"] if c["kind"] == "selection"]
     target = (tuned or {}).get("summary", {}).get("target") if tuned else None
-    shown = f"in_{target['name']}" if target else (sel_cols[-1] if sel_cols else None)
+    shown = target["name"] if target else (selected[-1] if selected else None)  # the subset drawn and listed
 
     parts = [f"<h1>ray_pipeline run</h1><p class=muted>{html.escape(str(out.resolve()))}</p>"]
-    facts = {"samples": len(selection), "dimension": stages.get("select", {}).get("dim"),
+    facts = {"samples": len(selection), "dimension": listing["dim"],
              "K": ", ".join(str(k) for k in sorted(clusters["k"].unique())),
-             "budgets M": ", ".join(str(m) for m in stages.get("select", {}).get("budgets", [])),
-             "candidates": len(sel_cols)}
+             "budgets M": ", ".join(str(m) for m in listing["budgets"]), "candidates": len(selected)}
     summary = (tuned or {}).get("summary", {})
     if target:
         rnd = target.get("random_same_size") or {}
@@ -220,11 +221,11 @@ def write_report(out: Path, run_info: dict, pool) -> Path:
         parts.append("<h2>Trials</h2>" + _table(sorted(trials, key=lambda t: -(t.get("validation_score") or -1e9)), cols))
     parts.append(f"<h2>Cost</h2><img src='{_plot_costs(stages)}'>")
     if shown:
-        chosen = selection[selection[shown]]
+        chosen = selection[selection[f"in_{shown}"]]
         texts = {} if pool is None or pool.texts is None else dict(zip(pool.ids, pool.texts))
         rows = [{"id": r.id, "label": getattr(r, "label", None), "text": (texts.get(r.id) or "")[:160]}
                 for r in chosen.head(100).itertuples()]
-        parts.append(f"<h2>The subset {html.escape(shown[3:])} ({len(chosen):,} samples; first 100)</h2>"
+        parts.append(f"<h2>The subset {html.escape(shown)} ({len(chosen):,} samples; first 100)</h2>"
                      + _table(rows, ["id", "label", "text"]))
     page = ("<!doctype html><html><head><meta charset='utf-8'><title>ray_pipeline report</title><style>"
             "body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;color:#222}"

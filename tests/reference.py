@@ -1,7 +1,7 @@
 """Slow, obvious versions of the selection kernels: Python loops over clusters and rows, numpy only.
 
-The fast kernels in ``ray_pipeline.kcenter`` are tested against these (the third layer of the
-tests), and ``benchmarks/bench_selection.py`` times the greedy against
+The fast kernels in ``ray_pipeline.select.kernels`` are tested against these (the third layer of the
+tests), and ``python -m benchmarks.bench_selection`` times the greedy against
 :func:`k_center_greedy_reference`. Same contracts as the kernels they mirror, numpy in and out.
 """
 

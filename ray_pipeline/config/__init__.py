@@ -5,7 +5,17 @@ sections) and the parsers of its values (``typed``). Imports only ``errors``; ev
 subpackage may import this one.
 """
 
-from .finetune import FinetuneConfig, LoraSettings  # noqa: F401
+from .finetune import (  # noqa: F401
+    FinetuneConfig,
+    HeldoutSettings,
+    InstructionSettings,
+    LoraSettings,
+    ProxySettings,
+    ResourceSettings,
+    SweepSettings,
+    TrainSettings,
+)
 from .schema import ClusterConfig, Config, DataConfig, EmbedConfig, SelectConfig  # noqa: F401
 
-__all__ = ["Config", "DataConfig", "EmbedConfig", "ClusterConfig", "SelectConfig", "FinetuneConfig", "LoraSettings"]
+__all__ = ["Config", "DataConfig", "EmbedConfig", "ClusterConfig", "SelectConfig", "FinetuneConfig", "HeldoutSettings",
+           "InstructionSettings", "TrainSettings", "LoraSettings", "ProxySettings", "SweepSettings", "ResourceSettings"]

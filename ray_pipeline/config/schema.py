@@ -23,7 +23,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-from .finetune import FinetuneConfig, LoraSettings  # noqa: F401  (part of this module's API)
+from .finetune import FinetuneConfig, refuse_moved
 from ..errors import ConfigError
 from .typed import Budget, KValue, build, check_template, fail, no_credentials_in, parse_budget, parse_k, plain
 
@@ -134,7 +134,7 @@ class ClusterConfig:
     k-means on a 2-core CPU) and K >= ``HIERARCHICAL_MIN_K`` (1000; below it the tree lost up to
     2.7 points of probe accuracy to flat k-means in the quality benchmark, and flat k-means into
     fewer clusters is linear in N: it trains on at most 256 K rows) and K > ``branching``
-    (README, benchmarks/bench_clustering.py).
+    (benchmarks/README.md, benchmarks/bench_clustering.py).
     """
 
     k: tuple[KValue, ...] = ("M/2", "M")
@@ -177,7 +177,7 @@ class SelectConfig:
     ``centroid`` (the members nearest the centroid) and ``boundary`` (budget-aware: prototypes,
     then the samples near the boundaries between labels, a share growing with M/N; needs labels,
     left out with a warning without them; not in the default: the quality benchmark found it
-    within noise of the others, README); each gives its own candidates.
+    within noise of the others, benchmarks/README.md); each gives its own candidates.
     ``outlier_quantile``: robust k-center: in each cluster the members farthest from the centroid
     (this share of them) are never picked (0: off). ``engine``: ``driver`` (all vectors in the
     driver's memory) or ``ray`` (tasks over the embedding stage's shards; the same selection, index
@@ -186,7 +186,7 @@ class SelectConfig:
     before clustering, SemDeDup-style (a sample within this cosine similarity of another in its
     neighbourhood; empty: off). ``stratify``: ``label`` splits every budget and K over the labels
     by their share of the pool and selects inside each label (needs labels); ``auto`` (default):
-    ``label`` when the pool has labels, else ``none`` (the quality benchmark's evidence: README).
+    ``label`` when the pool has labels, else ``none`` (the quality benchmark's evidence: benchmarks/README.md).
     Both engines give the same selection, index for index, under every option but
     ``dedup_threshold``, which needs the driver.
     """
@@ -263,9 +263,8 @@ class Config:
         if not self.output_dir:
             fail("output_dir", self.output_dir, "a directory path")
         no_credentials_in("output_dir", self.output_dir)
-        no_credentials_in("finetune.eval_path", self.finetune.eval_path)
-        for name in ("eval_labels_path", "test_path", "test_labels_path"):
-            no_credentials_in(f"finetune.{name}", getattr(self.finetune, name))
+        for name in ("eval_path", "eval_labels_path", "test_path", "test_labels_path"):
+            no_credentials_in(f"finetune.heldout.{name}", getattr(self.finetune.heldout, name))
         no_credentials_in("ray_address", self.ray_address)
 
     def candidate_grid(self, n: int) -> list[tuple[int, int]]:
@@ -285,6 +284,8 @@ class Config:
     # -- construction ---------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "Config":
+        if isinstance(raw, dict):
+            refuse_moved(raw.get("finetune"))
         return build(cls, raw, "")
 
     @classmethod

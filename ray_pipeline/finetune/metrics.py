@@ -7,6 +7,18 @@ from typing import Optional
 import numpy as np
 
 
+def ratio_score(values: np.ndarray) -> float:
+    """sum(num) / sum(den) of an (n, 2) array of per-sample (numerator, denominator) rows: the one
+    score of a set of per-sample values (accuracy from (correct, 1); minus the token-weighted loss
+    from (-loss summed over a sample's tokens, tokens)).
+
+    Example:
+        >>> ratio_score(np.array([[1.0, 1], [0.0, 1], [1.0, 1]]))  # 2 of 3 right
+        0.6666666666666666
+    """
+    return float(values[:, 0].sum() / max(float(values[:, 1].sum()), 1e-12))
+
+
 def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> float:
     """Unweighted mean of per-class F1 over the classes present in y_true or y_pred.
 

@@ -8,9 +8,9 @@
   held-out set in embedding space, the mean over held-out samples of the highest cosine to any
   subset member; or :func:`score_base_loss`: the base model's mean response loss on (a seeded
   sample of) the subset, higher first. ``benchmarks/quality_instruction.py`` measured both, and
-  short fine-tuning runs, against the fine-tuned test loss (Spearman's rho; README): coverage
+  short fine-tuning runs, against the fine-tuned test loss (Spearman's rho; benchmarks/README.md): coverage
   ranked a budget's candidates best over two splits and costs nothing, so it is
-  ``finetune.proxy: auto`` for instruction; the base model's loss is an option.
+  ``finetune.proxy.kind: auto`` for instruction; the base model's loss is an option.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from typing import Optional
 
 import numpy as np
 
-from .metrics import macro_f1
+from ..select.boundary import fit_probe
+from .metrics import macro_f1, ratio_score
 
 log = logging.getLogger(__name__)
 
@@ -32,14 +33,8 @@ def linear_probe(x_train: np.ndarray, y_train: np.ndarray, x_eval: np.ndarray, y
     x_*: (n, d) float32 unit vectors; y_*: (n,) int labels in [0, n_classes). A subset with a
     single label predicts that label for everything (no model can do better from it).
     """
-    from sklearn.linear_model import LogisticRegression
-
-    classes = np.unique(y_train)
-    if len(classes) == 1:
-        pred = np.full(len(y_eval), classes[0])
-    else:
-        clf = LogisticRegression(C=c, max_iter=max_iter)
-        pred = clf.fit(x_train, y_train).predict(x_eval)
+    probe = fit_probe(x_train, y_train, c=c, max_iter=max_iter)
+    pred = np.full(len(y_eval), y_train[0]) if probe is None else probe.predict(x_eval)
     return {"accuracy": float((pred == y_eval).mean()), "macro_f1": macro_f1(y_eval, pred, n_classes)}
 
 
@@ -89,13 +84,13 @@ def sample_rows(candidates: dict[str, np.ndarray], cap: Optional[int],
 
 def token_mean_loss(values: np.ndarray) -> float:
     """The token-weighted mean loss of (n, 2) rows of (-loss summed over a sample's tokens, tokens),
-    as :func:`ray_pipeline.finetune.per_sample_values` gives them for a causal LM.
+    as :func:`ray_pipeline.finetune.infer.per_sample_values` gives them for a causal LM.
 
     Example:
         >>> token_mean_loss(np.array([[-6.0, 3], [-2.0, 1]]))  # 8 nats over 4 tokens
         2.0
     """
-    return float(-values[:, 0].sum() / max(values[:, 1].sum(), 1e-12))
+    return -ratio_score(values)
 
 
 def score_base_loss(per_row: np.ndarray, rows: np.ndarray, sampled: dict[str, np.ndarray]) -> dict[str, dict]:
@@ -140,3 +135,51 @@ def prune(candidates: list, scores: dict[str, dict], top: Optional[int]) -> list
     kept = {c.name for c in order[:top]}
     sizes = {c.m for c in order[:top]}
     return [c for c in candidates if c.name in kept or c.kind == "full" or (c.kind == "random" and c.m in sizes)]
+
+
+def score_proxy(kind: str, pool, candidates: list, cfg, *, validation=None, task_pool=None) -> dict[str, dict]:
+    """Every candidate's proxy score by ``kind`` (``Task.proxy_kind``): ``probe`` and
+    ``coverage`` on the pool's and the embedded ``validation`` part's vectors (embedded by the same
+    stage, so with the same encoder); ``base_loss`` on the candidates' rows of ``task_pool`` (the
+    pool's prompts and responses or chats, in ``pool``'s row order). candidates: objects with
+    ``name``, ``kind`` and ``rows`` (``sweep.Candidate``); the full pool is scored by the probe
+    only (it covers all it can)."""
+    import time
+
+    t0 = time.perf_counter()
+    scored = {c.name: c.rows for c in candidates if c.kind != "full" or kind == "probe"}
+    if kind == "base_loss":
+        scores = base_loss_scores(task_pool, scored, cfg)
+    elif kind == "coverage":
+        scores = score_coverage(pool.embeddings, scored, validation.embeddings)
+    else:
+        names, y = pool.label_codes()
+        _, ye = validation.label_codes(names)
+        known = ye >= 0  # a validation label the pool lacks: no probe can predict it
+        scores = score_candidates(pool.embeddings, y, scored, validation.embeddings[known], ye[known], len(names))
+    log.info("proxy: %d candidates scored by %s in %.1fs", len(scores),
+             {"probe": "a linear probe", "coverage": "held-out coverage", "base_loss": "the base model's loss"}[kind],
+             time.perf_counter() - t0)
+    return scores
+
+
+def base_loss_scores(task_pool, candidates: dict[str, np.ndarray], cfg) -> dict[str, dict]:
+    """The base model's token-weighted response loss on a seeded sample of at most
+    ``finetune.proxy.rows`` rows of each candidate (name -> rows of ``task_pool``); every
+    distinct row is read once, on the driver (a GPU where ``finetune.device`` allows and the
+    driver has one)."""
+    from ..io.models import resolve
+    from ..runtime.devices import torch_device
+    from .infer import per_sample_values
+    from .task import task_for
+
+    ft = cfg.finetune
+    task = task_for(ft.task)
+    sampled = sample_rows(candidates, ft.proxy.rows, np.random.default_rng(cfg.seed))
+    rows = np.unique(np.concatenate(list(sampled.values()) or [np.zeros(0, np.int64)]))
+    device = torch_device(ft.device).type
+    log.info("proxy: the base model's loss on %d rows (%d candidates, at most %s rows each) on %s", len(rows),
+             len(sampled), ft.proxy.rows or "all", device)
+    per_row = per_sample_values(resolve(ft.model, task.default_model), ft, task.arrays(task_pool.take(rows)),
+                                device=device)
+    return score_base_loss(per_row, rows, sampled)

@@ -26,7 +26,7 @@ import logging
 import math
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
@@ -38,7 +38,10 @@ from ..io.run_dir import write_json, write_parquet
 from ..config import Config
 from ..io.pool import Pool
 from ..errors import InputError
-from .heldout import task_arrays
+from .heldout import Parts
+from .metrics import ratio_score
+from .task import task_for
+from .train import TrialLoop
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +149,25 @@ def _release_callback(trials_dir: Path):
     return ReleasePlacementGroups()
 
 
-def _trial(config: dict, shared: dict) -> None:
+@dataclass(frozen=True)
+class SweepData:
+    """What every trial of a sweep shares, sent once through the object store
+    (``tune.with_parameters``); the param space holds only each candidate's description.
+
+    loop: the trial loop without its per-trial fields (train, steps, name, paths). train: the
+    task's arrays of the whole pool, in the selection's order. rows: candidate name -> its rows.
+    trials_dir / train_storage: the trials' model directories and Ray Train's storage. plan:
+    :func:`plan_resources`'s."""
+
+    loop: TrialLoop
+    train: dict
+    rows: dict
+    trials_dir: str
+    train_storage: str
+    plan: dict
+
+
+def _trial(config: dict, shared: SweepData) -> None:
     """One Tune trial: build and fit a TorchTrainer for one candidate; metrics flow to Tune through
     TuneReportCallback."""
     import ray.train
@@ -156,22 +177,22 @@ def _trial(config: dict, shared: dict) -> None:
     from .train import train_loop_per_worker
 
     cand = config["candidate"]
-    rows = shared["rows"][cand["name"]]
+    rows = shared.rows[cand["name"]]
     train = {k: (np.asarray(v)[rows] if k == "labels" else [v[i] for i in rows])
-             for k, v in shared["train"].items() if k != "label_names"}
-    loop = dict(shared["loop"], train=train, use_gpu=shared["use_gpu"], steps=cand["steps"], name=cand["name"],
-                inject_failure=cand.get("inject_failure", False),
-                best_model_dir=str(Path(shared["trials_dir"]) / cand["name"] / "best_model"),
-                placement_group_file=str(Path(shared["trials_dir"]) / cand["name"] / PLACEMENT_GROUPS))
-    use_gpu = shared["use_gpu"]
+             for k, v in shared.train.items() if k != "label_names"}
+    trial_dir = Path(shared.trials_dir) / cand["name"]
+    loop = replace(shared.loop, train=train, steps=cand["steps"], name=cand["name"],
+                   inject_failure=cand.get("inject_failure", False), best_model_dir=str(trial_dir / "best_model"),
+                   placement_group_file=str(trial_dir / PLACEMENT_GROUPS))
+    use_gpu = shared.plan["use_gpu"]
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop,
-        scaling_config=ray.train.ScalingConfig(num_workers=shared["num_workers"], use_gpu=use_gpu,
-                                               resources_per_worker=shared["resources_per_worker"]),
+        train_loop_config={"loop": loop},
+        scaling_config=ray.train.ScalingConfig(num_workers=loop.finetune.resources.num_workers, use_gpu=use_gpu,
+                                               resources_per_worker=shared.plan["resources_per_worker"]),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=ray.train.RunConfig(
-            name=cand["name"], storage_path=shared["train_storage"], callbacks=[TuneReportCallback()],
+            name=cand["name"], storage_path=shared.train_storage, callbacks=[TuneReportCallback()],
             # A trial whose workers cannot start (e.g. resources never freed) fails after a few
             # tries and is reported, instead of retrying forever (Ray's default).
             failure_config=ray.train.FailureConfig(max_failures=0, controller_failure_limit=3)),
@@ -181,53 +202,54 @@ def _trial(config: dict, shared: dict) -> None:
 
 def plan_resources(cpus: float, gpus: float, cfg: Config) -> dict:
     """Workers per trial and what each asks for; trials at once from the cluster's totals."""
-    ft = cfg.finetune
+    ft, res = cfg.finetune, cfg.finetune.resources
     use_gpu = gpus >= 1 and ft.device != "cpu"
-    per_worker = {"CPU": ft.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
-    need_cpu = ft.num_workers * ft.cpus_per_worker + 0.1  # + the trial driver's 0.1 CPU
-    fits = int(gpus // ft.num_workers) if use_gpu else int(cpus // need_cpu)
+    per_worker = {"CPU": res.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
+    need_cpu = res.num_workers * res.cpus_per_worker + 0.1  # + the trial driver's 0.1 CPU
+    fits = int(gpus // res.num_workers) if use_gpu else int(cpus // need_cpu)
     if fits < 1:
-        raise InputError(f"one trial needs {ft.num_workers} worker(s) x {ft.cpus_per_worker} CPU "
+        raise InputError(f"one trial needs {res.num_workers} worker(s) x {res.cpus_per_worker} CPU "
                          f"{'and 1 GPU ' if use_gpu else ''}but the cluster has {cpus:g} CPU / {gpus:g} GPU; "
-                         f"lower finetune.num_workers or finetune.cpus_per_worker")
+                         f"lower finetune.resources.num_workers or finetune.resources.cpus_per_worker")
     return {"use_gpu": use_gpu, "resources_per_worker": per_worker,
-            "max_concurrent_trials": min(ft.max_concurrent_trials or fits, fits)}
+            "max_concurrent_trials": min(ft.sweep.max_concurrent_trials or fits, fits)}
 
 
-def run_sweep(candidates: list[Candidate], pool: Pool, val_pool: Pool, cfg: Config, out: Path, *,
-              test_pool: Optional[Pool] = None, ray_address: Optional[str] = None, resume: bool = False,
-              proxy: Optional[dict] = None, split: Optional[dict] = None) -> dict:
-    """Fine-tune every candidate under Tune, choose the target on ``val_pool``, score every
-    finished trial on ``test_pool`` (when given) and judge; write candidates.json and target/.
+def run_sweep(candidates: list[Candidate], pool: Pool, parts: Parts, cfg: Config, out: Path, *,
+              resume: bool = False, proxy: Optional[dict] = None) -> dict:
+    """Fine-tune every candidate under Tune, choose the target on the validation part of
+    ``parts``, score every finished trial on its test part and judge; write candidates.json and
+    target/. pool: the task pool (``heldout.read_task_pool``) in the selection's row order.
+    proxy: candidate name -> its proxy scores, recorded beside its trial.
 
     With ``resume`` and an interrupted sweep in ``out/tune``, Tune restores it: finished trials
     are kept, unfinished ones run again from their start."""
     from ray import tune
     from ray.tune.schedulers import FIFOScheduler
 
-    from .train import step_cap
     from ..io.models import resolve
     from ..runtime.session import ray_session
+    from .train import step_cap
 
     ft = cfg.finetune
+    task = task_for(ft.task)
     out = Path(out).resolve()
-    train = task_arrays(pool, cfg)
-    ev = task_arrays(val_pool, cfg, labels=train.get("label_names"))
+    train = task.arrays(pool)
+    ev = task.arrays(parts.validation, train.get("label_names"))
     ev.pop("label_names", None)
-    loop = {"finetune": ft, "seed": cfg.seed, "model_path": resolve(ft.model, ft.task),
-            "labels": train.get("label_names"), "eval": ev}
     specs = [dict(c.describe(), steps=step_cap(ft, len(c.rows))) for c in candidates]
-    max_t = max(math.ceil(s["steps"] / ft.eval_every) for s in specs)  # evaluations of the longest trial
-    with ray_session(ray_address) as res:
+    max_t = max(math.ceil(s["steps"] / ft.train.eval_every) for s in specs)  # evaluations of the longest trial
+    with ray_session(cfg.ray_address) as res:
         plan = plan_resources(res.cpus, res.gpus, cfg)
-        # Rows and data travel once through the object store (tune.with_parameters); the param
-        # space holds only each candidate's description.
-        shared = {"train": train, "loop": loop, "trials_dir": str(out / "trials"), "num_workers": ft.num_workers,
-                  "train_storage": str(out / "train"), "rows": {c.name: c.rows for c in candidates}, **plan}
+        loop = TrialLoop(finetune=ft, seed=cfg.seed, model_path=resolve(ft.model, task.default_model),
+                         label_names=train.get("label_names"), train={}, eval=ev, use_gpu=plan["use_gpu"], steps=0,
+                         best_model_dir="")
+        shared = SweepData(loop=loop, train=train, rows={c.name: c.rows for c in candidates},
+                           trials_dir=str(out / "trials"), train_storage=str(out / "train"), plan=plan)
         log.info("Tune: %d candidates, %d at a time, %d worker(s) each (%s); every trial until patience or "
                  "%g epochs / %d steps; ASHA among the selection candidates only", len(candidates),
-                 plan["max_concurrent_trials"], ft.num_workers, "GPU" if plan["use_gpu"] else "CPU",
-                 ft.max_epochs, ft.max_steps)
+                 plan["max_concurrent_trials"], ft.resources.num_workers, "GPU" if plan["use_gpu"] else "CPU",
+                 ft.train.max_epochs, ft.train.max_steps)
         trainable = tune.with_resources(tune.with_parameters(_trial, shared=shared), {"cpu": 0.1})
         experiment = out / "tune"
         if resume and tune.Tuner.can_restore(str(experiment)):
@@ -237,15 +259,16 @@ def run_sweep(candidates: list[Candidate], pool: Pool, val_pool: Pool, cfg: Conf
         else:
             if experiment.exists():  # a sweep that did not finish, not resumed: start it again
                 shutil.rmtree(experiment)
+            sw = ft.sweep
             tuner = tune.Tuner(
                 trainable,
                 param_space={"candidate": tune.grid_search(specs)},
                 tune_config=tune.TuneConfig(
                     metric="score", mode="max",
                     scheduler=CandidateASHA(time_attr="training_iteration", max_t=max_t,
-                                            grace_period=min(ft.asha_grace_period, max_t),
-                                            reduction_factor=ft.asha_reduction_factor)
-                    if ft.early_stopping else FIFOScheduler(),
+                                            grace_period=min(sw.grace_period, max_t),
+                                            reduction_factor=sw.reduction_factor)
+                    if sw.early_stopping else FIFOScheduler(),
                     max_concurrent_trials=plan["max_concurrent_trials"],
                     trial_name_creator=lambda t: t.config["candidate"]["name"],
                     trial_dirname_creator=lambda t: t.config["candidate"]["name"],
@@ -265,8 +288,8 @@ def run_sweep(candidates: list[Candidate], pool: Pool, val_pool: Pool, cfg: Conf
                             ("coverage", "proxy_coverage"), ("base_loss", "proxy_base_loss")):
                 if k in proxy[t["name"]]:
                     t[name] = proxy[t["name"]][k]
-    values = _score_on_test(trials, out, cfg, test_pool, train.get("label_names")) if test_pool is not None else {}
-    return _choose_and_write(trials, values, candidates, pool, out, cfg, sweep_s, plan, split)
+    values = _score_on_test(trials, out, cfg, parts.test, train.get("label_names"))
+    return _choose_and_write(trials, values, candidates, pool, out, cfg, sweep_s, plan, parts.info)
 
 
 def _trial_record(result, ft, plan: dict) -> dict:
@@ -289,7 +312,7 @@ def _trial_record(result, ft, plan: dict) -> dict:
     else:
         rec["status"] = "capped"  # reached max_epochs / max_steps
     wall = float(last.get("time_total_s") or 0.0)
-    device_s = wall * ft.num_workers * (1 if plan["use_gpu"] else ft.cpus_per_worker)
+    device_s = wall * ft.resources.num_workers * (1 if plan["use_gpu"] else ft.resources.cpus_per_worker)
     rec.update(step_cap=rec.pop("steps"), steps=int(last.get("step", 0)), evaluations=len(history),
                samples_seen=int(last.get("samples_seen", 0)), epochs=float(last.get("epochs", 0.0)),
                validation_score=last.get("best_score"), final_validation_score=last.get("score"),
@@ -303,9 +326,10 @@ def _score_on_test(trials: list[dict], out: Path, cfg: Config, test_pool: Pool, 
     """Each finished trial's best model (best on validation) scored once on the test part: trial
     name -> (n, 2) values (``verdict``), also saved as ``trials/<name>/test_values.npy``. The test
     part is read here and nowhere before."""
-    from .train import per_sample_values
+    from .infer import per_sample_values
 
-    data = task_arrays(test_pool, cfg, labels=label_names)
+    task = task_for(cfg.finetune.task)
+    data = task.arrays(test_pool, label_names)
     values = {}
     t0 = time.perf_counter()
     for t in trials:
@@ -315,11 +339,8 @@ def _score_on_test(trials: list[dict], out: Path, cfg: Config, test_pool: Pool, 
         v = per_sample_values(str(model), cfg.finetune, data)
         values[t["name"]] = v
         np.save(out / "trials" / t["name"] / "test_values.npy", v)  # per test sample, for later analysis
-        t["test_score"] = float(v[:, 0].sum() / max(v[:, 1].sum(), 1e-12))
-        if cfg.finetune.task == "classification":
-            t["test_accuracy"] = t["test_score"]
-        else:
-            t["test_loss"] = -t["test_score"]
+        t["test_score"] = ratio_score(v)
+        t.update(task.test_fields(t["test_score"]))
     log.info("test part: %d trials scored on %d samples in %.1fs", len(values), len(test_pool),
              time.perf_counter() - t0)
     return values
@@ -361,12 +382,12 @@ def _choose_and_write(trials: list[dict], values: dict, candidates: list[Candida
         summary["target"] = {"name": target["name"], "k": target["k"], "m": target["m"], "size": target["size"],
                              "validation_score": target["validation_score"], "test_score": target.get("test_score"),
                              "random_same_size": baselines["random"].get(str(target["m"])),
-                             "full": baselines["full"], "model": str(dst),
-                             "ids": str(out / "target" / "ids.parquet")}
+                             "full": baselines["full"], "model": str(dst.relative_to(out)),
+                             "ids": str((out / "target" / "ids.parquet").relative_to(out))}
         if target["name"] in values:
             randoms = [t for t in ok if t["kind"] == "random" and t["m"] == target["m"] and t["name"] in values]
             full = next((t for t in ok if t["kind"] == "full" and t["name"] in values), None)
-            summary["verdict"] = judge(cfg.finetune.task, target, values, randoms, full,
+            summary["verdict"] = judge(task_for(cfg.finetune.task), target, values, randoms, full,
                                        np.random.default_rng([cfg.seed, 11]))
     write_json({"summary": summary, "trials": trials}, out / "candidates.json")
     return {"summary": summary, "trials": trials}

@@ -16,15 +16,13 @@ from typing import Optional
 
 import numpy as np
 
-
-def score(values: np.ndarray) -> float:
-    """sum(num) / sum(den) of an (n, 2) array."""
-    return float(values[:, 0].sum() / max(float(values[:, 1].sum()), 1e-12))
+from .metrics import ratio_score
+from .task import Task
 
 
 def compare(a: np.ndarray, others: list[np.ndarray], rng: np.random.Generator, *, n_boot: int = 2000,
             level: float = 0.95) -> dict:
-    """score(a) minus the mean score of ``others`` (one array or several seeds), and its interval.
+    """ratio_score(a) minus the mean score of ``others`` (one array or several seeds), and its interval.
 
     a, others: (n, 2) arrays over the same n test samples. Returns ``diff``, ``low``, ``high``.
 
@@ -48,7 +46,7 @@ def compare(a: np.ndarray, others: list[np.ndarray], rng: np.random.Generator, *
         diffs.append(scores[0] - other)
     diffs = np.concatenate(diffs)
     low, high = np.quantile(diffs, [(1 - level) / 2, (1 + level) / 2])
-    return {"diff": score(a) - float(np.mean([score(o) for o in others])), "low": float(low), "high": float(high),
+    return {"diff": ratio_score(a) - float(np.mean([ratio_score(o) for o in others])), "low": float(low), "high": float(high),
             "level": level}
 
 
@@ -56,13 +54,12 @@ def _word(c: dict, win: str, lose: str, tie: str) -> str:
     return win if c["low"] > 0 else lose if c["high"] < 0 else tie
 
 
-def judge(task: str, target: dict, values: dict[str, np.ndarray], randoms: list[dict], full: Optional[dict],
+def judge(task: Task, target: dict, values: dict[str, np.ndarray], randoms: list[dict], full: Optional[dict],
           rng: np.random.Generator) -> dict:
     """The verdict: the target (a trial record) against the random trials of its size and the full
     pool's trial, on the test part. values: trial name -> its (n, 2) test values. Returns the
     comparisons, the cost ratios and ``lines``, the verdict in words."""
-    loss = task == "instruction"
-    metric = "test loss" if loss else "test accuracy"
+    loss, metric = task.is_loss, task.metric
     show = (lambda s: f"{-s:.4f}") if loss else (lambda s: f"{s:.4f}")
     sign = -1.0 if loss else 1.0  # differences are shown in the metric's own direction
 
@@ -70,13 +67,13 @@ def judge(task: str, target: dict, values: dict[str, np.ndarray], randoms: list[
         lo, hi = sorted([sign * c["low"], sign * c["high"]])
         return (f"{sign * c['diff']:+.4f}{' in loss' if loss else ''} (95% interval {lo:+.4f} to {hi:+.4f})")
 
-    t_score = score(values[target["name"]])
+    t_score = ratio_score(values[target["name"]])
     out: dict = {"metric": metric, "target": target["name"], "target_test": t_score, "lines": []}
     lines = out["lines"]
     lines.append(f"target {target['name']} ({target['size']:,} samples, chosen on the validation part): "
                  f"{metric} {show(t_score)}")
     if randoms:
-        r_scores = [score(values[r["name"]]) for r in randoms]
+        r_scores = [ratio_score(values[r["name"]]) for r in randoms]
         c = compare(values[target["name"]], [values[r["name"]] for r in randoms], rng)
         word = _word(c, "BEAT", "LOST TO", "did not differ clearly from")
         out["vs_random"] = {**c, "word": word, "random_test_mean": float(np.mean(r_scores)),
@@ -86,7 +83,7 @@ def judge(task: str, target: dict, values: dict[str, np.ndarray], randoms: list[
     else:
         lines.append("No random subset of the same size finished, so the target is not compared with random.")
     if full is not None and full["name"] in values:
-        f_score = score(values[full["name"]])
+        f_score = ratio_score(values[full["name"]])
         c = compare(values[target["name"]], [values[full["name"]]], rng)
         word = _word(c, "BEAT", "fell short of", "matched")
         cost_key = "gpu_seconds" if "gpu_seconds" in target else "cpu_seconds"

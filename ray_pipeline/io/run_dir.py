@@ -10,6 +10,12 @@ so a rerun reuses a complete stage and a changed config computes anew beside it:
     <out>/tune/<key>/         candidates.json (marks it complete), target/, trials/, tune/, train/
     <out>/selection.parquet, clusters.parquet, candidates.json, target -> tune/<key>/target
     <out>/report.html, run.json (config, status of each stage, timings, versions)
+
+So that a run started from any working directory reads from any other, and still reads once moved
+or copied, ``run.json`` records the paths inside the run directory (each stage's ``dir``, the
+report's ``path``, the target's files) relative to the run directory, and the file locations of its
+config (``data.path``, ``data.embeddings``, the held-out set's ``*_path`` fields) absolute.
+:func:`in_run` reads a stored path back.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ import pyarrow.parquet as pq
 
 from .. import __version__
 from ..config import Config
-from ..errors import OutputError
+from ..errors import InputError, OutputError
 
 log = logging.getLogger(__name__)
 
@@ -97,11 +103,77 @@ def versions() -> dict[str, str]:
             "torch": torch.__version__, "faiss": faiss.__version__, "pyarrow": pa.__version__}
 
 
+def _is_location(field: str) -> bool:
+    """A config field that names a file or directory: ``path``, ``*_path``, ``embeddings``, ``output_dir``."""
+    return field in ("path", "embeddings", "output_dir") or field.endswith("_path")
+
+
+def located(config: dict) -> dict:
+    """A config's dict (``Config.to_dict()``) with every file location absolute: a relative one is
+    read against the working directory, which a reader of ``run.json`` elsewhere does not know. A
+    URL (``s3://...``) stays as it is."""
+    def walk(node: dict) -> dict:
+        return {k: walk(v) if isinstance(v, dict) else
+                os.path.abspath(v) if _is_location(k) and isinstance(v, str) and "://" not in v else v
+                for k, v in node.items()}
+
+    return walk(config)
+
+
+def same_run(stored: Optional[dict], config: dict) -> bool:
+    """Whether ``run.json``'s config (``stored``) and ``config`` are one run: the same fields, the
+    same files (both sides :func:`located`, so a relative path and its absolute spelling agree, as
+    does a ``run.json`` written before locations were recorded absolute, read from where it was
+    started). The run directory's own location does not count: a moved run is the same run."""
+    return stored is not None and _what_runs(stored) == _what_runs(config)
+
+
+def _what_runs(config: dict) -> dict:
+    return {k: v for k, v in located(config).items() if k != "output_dir"}
+
+
+def in_run(run_dir: str | Path, stored: str) -> Path:
+    """A path that ``run.json`` or ``candidates.json`` records, read back: relative to the run
+    directory ``run_dir`` (an absolute one stays itself). A run written before paths were recorded
+    so holds them as they were given, relative to the working directory it was started from: read
+    as such where the run directory does not hold the relative one."""
+    inside = Path(run_dir) / stored
+    return inside if inside.exists() or not Path(stored).exists() else Path(stored)
+
+
+def stage_path(run_dir: str | Path, info: dict, name: str) -> Optional[Path]:
+    """The directory the stage ``name`` of ``run.json`` (``info``) wrote (``embed``, ``select``,
+    ``tune``); None where it recorded none (vectors given, or the stage not run)."""
+    stored = info.get("stages", {}).get(name, {}).get("dir")
+    return None if stored is None else in_run(run_dir, stored)
+
+
+def read_run(run_dir: str | Path) -> dict:
+    """``run_dir``'s ``run.json``."""
+    path = Path(run_dir) / "run.json"
+    if not path.is_file():
+        raise InputError(f"{str(run_dir)!r} is not a run directory (no run.json)")
+    return json.loads(path.read_text())
+
+
+def select_listing(run_dir: str | Path, info: Optional[dict] = None) -> dict:
+    """The select stage's ``select.json`` of the run in ``run_dir`` (its ``run.json``: ``info``, read
+    when not given): every candidate with its ``kind``, ``method``, ``k``, ``m``, ``family``, the
+    budgets, the dimension. Readers take these facts from here, never from a candidate's name."""
+    d = stage_path(run_dir, read_run(run_dir) if info is None else info, "select")
+    if d is None or not (d / "select.json").is_file():
+        raise InputError(f"the run in {str(run_dir)!r} has no complete select stage; rerun it with --resume")
+    return json.loads((d / "select.json").read_text())
+
+
 class Run:
     """The run directory and its ``run.json``: the config, each stage's status and timings.
 
     ``run.json`` is written when the run starts (``status: running``) and after every stage; a
-    directory whose run did not finish is continued only with ``resume``.
+    directory whose run did not finish is continued only with ``resume``. It holds the config with
+    its file locations absolute (:func:`located`) and each stage's paths relative to the run
+    directory (:meth:`relative`; read back with :meth:`path_of`), so the directory can be moved and
+    continued from its new place (``--out NEW --resume``).
     """
 
     def __init__(self, cfg: Config, *, resume: bool = False, overwrite: bool = False):
@@ -110,10 +182,10 @@ class Run:
         self.path = self.out / "run.json"
         if self.out.exists() and not self.out.is_dir():
             raise OutputError(f"output directory {str(self.out)!r} is an existing file; choose a directory with --out")
-        config = cfg.to_dict()
+        config = located(cfg.to_dict())
         previous = self._read()
         if previous and not overwrite:
-            if previous.get("config") != config:
+            if not same_run(previous.get("config"), config):
                 raise OutputError(f"output directory {str(self.out)!r} holds a different run (its run.json has "
                                   f"another config); choose another --out, or pass --overwrite to replace it")
             if previous.get("status") != "complete" and not resume:
@@ -121,7 +193,7 @@ class Run:
                                   f"--resume to continue it, or --overwrite to start again")
         self.info = {"config": config, "status": "running", "stages": {},
                      "versions": versions(), "machine": {"platform": platform.platform(), "cpus": os.cpu_count()}}
-        if previous and resume and previous.get("config") == config:
+        if previous and resume and same_run(previous.get("config"), config):
             self.info["stages"] = previous.get("stages", {})
 
     def start(self) -> None:
@@ -136,6 +208,15 @@ class Run:
 
     def _write(self) -> None:
         write_json(self.info, self.path)
+
+    def relative(self, path: str | Path) -> str:
+        """``path``, a file or directory inside the run directory, as ``run.json`` records it:
+        relative to the run directory."""
+        return Path(os.path.abspath(path)).relative_to(os.path.abspath(self.out)).as_posix()
+
+    def path_of(self, name: str) -> Optional[Path]:
+        """The directory the stage ``name`` recorded (:func:`stage_path`)."""
+        return stage_path(self.out, self.info, name)
 
     def stage(self, name: str, **info) -> None:
         """Record a finished stage and log its time."""

@@ -13,7 +13,7 @@ al. 2022, "Beyond neural scaling laws"). The ``boundary`` candidate of size M ho
 
 The hard share h = :func:`boundary_share` grows with M/N (2.5 M/N, at most one half): 2.5% of
 the candidate at a 1% budget, 25% at 10%, 50% at 20% and above. Only the prototypes' labels are
-read, as an active learner would. The quality benchmark (README) measures it against the other
+read, as an active learner would. The quality benchmark (benchmarks/README.md) measures it against the other
 methods; it is an option, not the default.
 """
 

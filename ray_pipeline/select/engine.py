@@ -1,19 +1,19 @@
 """The selection (METHOD.md steps 3-7): candidate subsets for every (K, M) of the grid, and the
-random baselines, as arrays and as the stage's two tables.
+random baselines, as arrays (the stage's tables are in ``tables``).
 
 One routine, :func:`_select_k`, does a K: k-means, center and key samples, budgets, and one
-candidate order per method. It asks a *vectors strategy* for the three steps that touch the
-vectors, as faiss's ``contrib/clustering.py`` swaps ``DatasetAssign`` for ``DatasetAssignGPU``:
+candidate order per method. It asks a *vectors strategy* (the protocols
+:class:`~ray_pipeline.select.strategy.Vectors` and
+:class:`~ray_pipeline.select.strategy.Clustering`) for the steps that touch the vectors, as
+faiss's ``contrib/clustering.py`` swaps ``DatasetAssign`` for ``DatasetAssignGPU``:
 
-- :class:`InMemory` (``select.engine: driver``): every vector in this process, on the run's
-  device (:class:`~ray_pipeline.device.Devices`);
-- ``distributed.Sharded`` (``select.engine: ray``): Ray tasks over the embedding stage's
-  Parquet shards, for pools whose vectors do not fit the driver.
+- :class:`InMemory` (``select.engine: driver``), here: every vector in this process, on the
+  run's device (:class:`~ray_pipeline.runtime.devices.Devices`);
+- ``sharded.Sharded`` (``select.engine: ray``): Ray tasks over the embedding stage's Parquet
+  shards, for pools whose vectors do not fit the driver.
 
 Both give the same arrays, index for index, so the two engines cannot drift apart: every option
-(stratified budgets, the robust variant, several methods) runs through the same code. A strategy
-has ``n``, ``cluster(k) -> Clustering`` and ``subset(rows) -> strategy``; a clustering has
-``assign``, ``sim``, ``center_and_key()`` and ``greedy(run_to, key, eligible)``.
+(stratified budgets, the robust variant, several methods) runs through the same code.
 """
 
 from __future__ import annotations
@@ -21,27 +21,30 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field, replace
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
-import pyarrow as pa
 
 from .. import faults
 from .boundary import boundary_picks, boundary_share, fit_probe, probe_margins
 from .kmeans import hierarchical_kmeans, kmeans
 from ..config import Config
-from ..io.pool import Pool
 from ..runtime.devices import Devices, decide
 from ..errors import ConfigError, InputError
 from .kernels import (
     center_and_key_samples,
     centroid_ranks,
     k_center_greedy,
+    lift,
     outlier_mask,
     proportional_budgets,
     random_ranks,
     semantic_duplicates,
 )
+from .strategy import Vectors
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +104,9 @@ class Selection:
 
 
 class InMemory:
-    """Vectors in this process. x: (n, d) float32, L2-normalised rows; the kernels run on
-    ``devices.select`` and faiss on ``devices.faiss_gpus``."""
+    """Vectors in this process (a :class:`~ray_pipeline.select.strategy.Vectors`). x: (n, d)
+    float32, L2-normalised rows; the kernels run on ``devices.select`` and faiss on
+    ``devices.faiss_gpus``."""
 
     def __init__(self, x: np.ndarray, cfg: Config, devices: Devices):
         import torch
@@ -129,28 +133,24 @@ class InMemory:
     def near_duplicates(self) -> np.ndarray:
         """(n,) bool, SemDeDup: k-means into sqrt(n) clusters, then per cluster the members within
         ``select.dedup_threshold`` cosine of a member farther from the centroid."""
-        import torch
-
         k = max(1, int(round(np.sqrt(self.n))))
         c = self.cluster(k)  # sqrt(n) clusters, as SemDeDup
-        dev = self.x_t.device
-        dup = semantic_duplicates(self.x_t, torch.from_numpy(c.assign).to(dev), torch.from_numpy(c.sim).to(dev), k,
-                                  self.cfg.select.dedup_threshold)
-        return dup.cpu().numpy()
+        return semantic_duplicates(self.x_t, c.assign_t, c.sim_t, k, self.cfg.select.dedup_threshold).cpu().numpy()
 
 
 class _InMemoryClustering:
-    def __init__(self, x_t, assign: np.ndarray, sim: np.ndarray, k: int):
+    """One K in this process (a :class:`~ray_pipeline.select.strategy.Clustering`). x_t: (n, d)
+    float32 tensor on the selection's device; assign: (n,) int64; sim: (n,) float32."""
+
+    def __init__(self, x_t: torch.Tensor, assign: np.ndarray, sim: np.ndarray, k: int):
         import torch
 
         self.x_t, self.assign, self.sim, self.k = x_t, assign, sim, k
-        self.assign_t = torch.from_numpy(assign).to(x_t.device)
+        self.assign_t = torch.from_numpy(assign).to(x_t.device)  # copied to the device once, for every step
+        self.sim_t = torch.from_numpy(sim).to(x_t.device)
 
     def center_and_key(self) -> tuple[np.ndarray, np.ndarray]:
-        import torch
-
-        center, key = center_and_key_samples(self.x_t, self.assign_t, torch.from_numpy(self.sim).to(self.x_t.device),
-                                             self.k)
+        center, key = center_and_key_samples(self.x_t, self.assign_t, self.sim_t, self.k)
         return center.cpu().numpy(), key.cpu().numpy()
 
     def greedy(self, run_to: np.ndarray, key: np.ndarray, eligible: Optional[np.ndarray]) -> np.ndarray:
@@ -167,12 +167,13 @@ class _InMemoryClustering:
 # the selection
 
 
-def select_candidates(vectors, cfg: Config, *, rng: np.random.Generator, labels: Optional[np.ndarray] = None,
-                      devices: Optional[Devices] = None, progress: bool = False) -> Selection:
+def select_candidates(vectors: np.ndarray | Vectors, cfg: Config, *, rng: np.random.Generator,
+                      labels: Optional[np.ndarray] = None, devices: Optional[Devices] = None,
+                      progress: bool = False) -> Selection:
     """Candidate subsets for every (K, M) of ``cfg.candidate_grid`` plus seeded random baselines.
 
     vectors: (n, d) float32 L2-normalised rows (run in memory on ``devices``, decided from the
-    config when not given), or a vectors strategy (:class:`InMemory`, ``distributed.Sharded``).
+    config when not given), or a vectors strategy (:class:`InMemory`, ``sharded.Sharded``).
     rng: draws the random baselines (one child stream per seed in ``select.random_seeds``, so
     adding a seed does not change the others). labels: (n,) the pool's labels, used by
     ``select.stratify`` (``auto``: stratify when given). k-means runs once per distinct K (per
@@ -243,7 +244,7 @@ def select_candidates(vectors, cfg: Config, *, rng: np.random.Generator, labels:
     return Selection(n=n, budgets=budgets, per_k=per_k, random=random)
 
 
-def _select_k(vectors, k: int, ms: list[int], cfg: Config, methods: tuple[str, ...]) -> list[KSelection]:
+def _select_k(vectors: Vectors, k: int, ms: list[int], cfg: Config, methods: tuple[str, ...]) -> list[KSelection]:
     """One K over ``vectors``: k-means, key samples, budgets for each M in ``ms``, and one
     candidate order per method of ``methods`` (kcenter, centroid). The routine both engines run."""
     t0 = time.perf_counter()
@@ -269,7 +270,7 @@ def _select_k(vectors, k: int, ms: list[int], cfg: Config, methods: tuple[str, .
     return out
 
 
-def _boundary(vectors, centroid: KSelection, labels: np.ndarray, m: int, m_protos: int) -> KSelection:
+def _boundary(vectors: Vectors, centroid: KSelection, labels: np.ndarray, m: int, m_protos: int) -> KSelection:
     """The ``boundary`` candidate of size m (module ``boundary``): the nearest-to-centroid
     candidate of size ``m_protos`` (label-stratified when the others are), then m - m_protos rows
     a probe fit on those is least sure of, one per cluster first, from whichever labels they are
@@ -301,13 +302,12 @@ def _lift(s: KSelection, rows: np.ndarray, n: int) -> KSelection:
         return s
     assign, rank = np.full(n, -1, dtype=np.int64), np.full(n, -1, dtype=np.int64)
     assign[rows], rank[rows] = s.assign, s.rank
-    lift = lambda idx: np.where(idx >= 0, rows[np.maximum(idx, 0)], -1)  # noqa: E731
-    return KSelection(k=s.k, assign=assign, center=lift(s.center), key=lift(s.key), budgets=s.budgets, rank=rank,
-                      seconds=s.seconds, method=s.method)
+    return KSelection(k=s.k, assign=assign, center=lift(s.center, rows), key=lift(s.key, rows), budgets=s.budgets,
+                      rank=rank, seconds=s.seconds, method=s.method)
 
 
-def _select_stratified(vectors, labels: np.ndarray, k: int, ms: list[int], cfg: Config, methods: tuple[str, ...],
-                       progress: bool = False) -> list[KSelection]:
+def _select_stratified(vectors: Vectors, labels: np.ndarray, k: int, ms: list[int], cfg: Config,
+                       methods: tuple[str, ...], progress: bool = False) -> list[KSelection]:
     """Label-stratified budgets: each M split over the labels by their share of the pool (largest
     remainder), K likewise (at least one cluster a label), and :func:`_select_k` run inside each
     label. The clusters of all labels are numbered one after another."""
@@ -334,8 +334,8 @@ def _select_stratified(vectors, labels: np.ndarray, k: int, ms: list[int], cfg: 
         for sub, sels, local in parts:
             s = sels[j]
             assign[sub], rank[sub] = s.assign + offset, s.rank
-            center.append(np.where(s.center >= 0, sub[np.maximum(s.center, 0)], -1))
-            key.append(np.where(s.key >= 0, sub[np.maximum(s.key, 0)], -1))
+            center.append(lift(s.center, sub))
+            key.append(lift(s.key, sub))
             for m in ms:
                 per_m[m].append(s.budgets[local[m]])
             offset += len(s.center)
@@ -368,46 +368,3 @@ def _centroid_rank(assign: np.ndarray, sim: np.ndarray, k: int, eligible: np.nda
     rank = np.where(eligible, centroid_ranks(assign, sim, k), -1)
     return np.where(rank < run_to[assign], rank, -1)
 
-
-# ----------------------------------------------------------------------------------------------
-# the stage's tables
-
-
-def selection_table(pool: Pool, sel: Selection) -> pa.Table:
-    """One row per sample: id, label, per K its cluster and per family its rank, and a bool per
-    candidate (``in_<name>``; ``select.json`` lists the candidates)."""
-    cols: dict[str, pa.Array] = {"id": pa.array(pool.ids.tolist(), pa.string())}
-    if pool.labels is not None:
-        cols["label"] = pa.array([None if v is None else str(v) for v in pool.labels], pa.string())
-    for s in sel.per_k:
-        cols[f"cluster_k{s.k}"] = pa.array(s.assign.astype(np.int32))
-        cols[f"rank_{s.family}"] = pa.array(s.rank.astype(np.int32))
-        for m in s.budgets:
-            cols[f"in_{s.name(m)}"] = pa.array(s.members(m))
-    for seed, rank in sel.random.items():
-        for m in sel.budgets:
-            cols[f"in_random_m{m}_s{seed}"] = pa.array(rank < m)
-    return pa.table(cols)
-
-
-def clusters_table(pool: Pool, sel: Selection) -> pa.Table:
-    """One row per (K, cluster): size, center and key sample ids, budget per M."""
-    ids = pool.ids
-    rows: dict[str, list] = {"k": [], "cluster": [], "size": [], "center_id": [], "key_id": []}
-    for m in sel.budgets:
-        rows[f"budget_m{m}"] = []
-    per_k = {}
-    for s in sel.per_k:  # one row set per K, whatever the methods: the selection with the most budgets
-        if s.k not in per_k or len(s.budgets) > len(per_k[s.k].budgets):
-            per_k[s.k] = s
-    for s in per_k.values():
-        sizes = np.bincount(s.assign[s.assign >= 0], minlength=len(s.center))
-        for c in range(len(s.center)):
-            rows["k"].append(s.k)
-            rows["cluster"].append(c)
-            rows["size"].append(int(sizes[c]))
-            rows["center_id"].append(None if s.center[c] < 0 else str(ids[s.center[c]]))
-            rows["key_id"].append(None if s.key[c] < 0 else str(ids[s.key[c]]))
-            for m in sel.budgets:
-                rows[f"budget_m{m}"].append(int(s.budgets[m][c]) if m in s.budgets else None)
-    return pa.table(rows)

@@ -8,6 +8,8 @@
   largest budget yields every smaller budget as a prefix.
 - :func:`centroid_ranks`, :func:`outlier_mask`, :func:`semantic_duplicates`,
   :func:`random_ranks`: the variants and the random baseline.
+- :func:`lift`: row indices of a subset as rows of the whole, -1 kept (an empty cluster's center,
+  a row a map drops).
 
 The torch kernels run on whatever device their input tensors live on. The slow, obvious
 references they are tested against live in ``tests/reference.py``.
@@ -21,7 +23,27 @@ import torch
 from ..errors import InputError
 
 # ----------------------------------------------------------------------------------------------
-# segment primitives
+# segment and index primitives
+
+
+def lift(idx: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Positions into ``rows`` as the values they point at, -1 (none) kept as -1.
+
+    idx: any shape, int, each -1 or in [0, len(rows)). rows: (r,) int64, e.g. the pool rows of a
+    subset, or a row map. Returns int64 shaped like idx: ``rows[idx]`` where idx >= 0, else -1.
+    ``rows`` may be empty when idx holds only -1 (a group of empty clusters). O(idx.size).
+
+    Example:
+        >>> lift(np.array([2, -1, 0]), np.array([10, 20, 30]))
+        array([30, -1, 10])
+        >>> lift(np.array([-1]), np.array([], dtype=np.int64))
+        array([-1])
+    """
+    idx = np.asarray(idx)
+    out = np.full(idx.shape, -1, dtype=np.int64)
+    hit = idx >= 0
+    out[hit] = rows[idx[hit]]
+    return out
 
 
 def segment_argmax(values: torch.Tensor, seg: torch.Tensor, n_seg: int) -> torch.Tensor:
@@ -41,6 +63,16 @@ def segment_argmax(values: torch.Tensor, seg: torch.Tensor, n_seg: int) -> torch
     return torch.where(first == n, -1, first)
 
 
+def _rowwise_dot(a: torch.Tensor, table: torch.Tensor, index: torch.Tensor, chunk_rows: int) -> torch.Tensor:
+    """(p,) ``a[i] . table[index[i]]`` for the (p, d) rows of ``a``; index: (p,) int64 rows of
+    ``table``. Gathered ``chunk_rows`` at a time, so the temporary is (chunk_rows, d), never (p, d)."""
+    out = torch.empty(a.shape[0], dtype=a.dtype, device=a.device)
+    for lo in range(0, a.shape[0], chunk_rows):
+        hi = min(lo + chunk_rows, a.shape[0])
+        out[lo:hi] = (a[lo:hi] * table[index[lo:hi]]).sum(dim=1)
+    return out
+
+
 def _sq_dist_to_own_center(xb: torch.Tensor, nb: torch.Tensor, seg: torch.Tensor, centers: torch.Tensor,
                            nc: torch.Tensor, strategy: str, chunk_rows: int) -> torch.Tensor:
     """Squared distance of each row to the center of its own segment: |x|^2 + |c|^2 - 2 x.c.
@@ -54,10 +86,7 @@ def _sq_dist_to_own_center(xb: torch.Tensor, nb: torch.Tensor, seg: torch.Tensor
     if strategy == "gemm":
         dot = (xb @ centers.T).gather(1, seg[:, None])[:, 0]
     else:
-        dot = torch.empty_like(nb)
-        for lo in range(0, xb.shape[0], chunk_rows):
-            hi = min(lo + chunk_rows, xb.shape[0])
-            dot[lo:hi] = (xb[lo:hi] * centers[seg[lo:hi]]).sum(dim=1)
+        dot = _rowwise_dot(xb, centers, seg, chunk_rows)
     return (nb + nc[seg] - 2.0 * dot).clamp_(min=0.0)
 
 
@@ -106,11 +135,7 @@ def center_and_key_samples(x: torch.Tensor, assign: torch.Tensor, centroid_sim: 
     """
     center = segment_argmax(centroid_sim, assign, k)
     owner = center[assign]  # (n,) the center sample of each row's cluster
-    sim_to_center = torch.empty(x.shape[0], dtype=x.dtype, device=x.device)
-    step = 8192  # rows per piece: bounds the gathered (step, d) temporary
-    for lo in range(0, x.shape[0], step):
-        hi = min(lo + step, x.shape[0])
-        sim_to_center[lo:hi] = (x[lo:hi] * x[owner[lo:hi]]).sum(dim=1)
+    sim_to_center = _rowwise_dot(x, x, owner, chunk_rows=8192)
     rows = torch.arange(x.shape[0], device=x.device)
     sim_to_center[rows == owner] = float("-inf")  # the center itself is not a key candidate
     key = segment_argmax(sim_to_center, assign, k)

@@ -1,7 +1,8 @@
 """The selection's vectors as Ray tasks over shards, for pools whose vectors do not fit the driver.
 
-:class:`Sharded` is the ``select.engine: ray`` strategy of :mod:`ray_pipeline.select`: the
-selection routine is the driver's, only the three steps that touch vectors run here, so the
+:class:`Sharded` is the ``select.engine: ray`` vectors strategy (the protocols of
+:mod:`~ray_pipeline.select.strategy`): the selection routine is the driver's
+(:mod:`~ray_pipeline.select.engine`), only the steps that touch vectors run here, so the
 selection is the driver path's index for index under every config (stratified budgets included:
 :meth:`Sharded.subset` narrows the shards to a label's rows through their row map). Vectors are
 read from Parquet shards in the embedding stage's layout (``row``, ``embedding`` columns; any
@@ -11,7 +12,7 @@ through Ray's object store. Per K:
 
 1. ``read_shard`` tasks send the driver its seeded training sample; it trains the centroids (on
    the run's faiss GPUs where it has them).
-2. ``_assign_shard`` tasks: every row's cluster and similarity to it (:func:`cluster.assign`,
+2. ``_assign_shard`` tasks: every row's cluster and similarity to it (:func:`kmeans.assign`,
    whose results do not depend on how rows are batched).
 3. The driver cuts the clusters into groups of consecutive ids with about equal rows;
    ``_partition_shard`` tasks split each shard by group (the cluster-sorted shards).
@@ -20,14 +21,15 @@ through Ray's object store. Per K:
 5. ``_greedy_group`` tasks: the k-center greedy of the group's clusters.
 
 A group keeps its rows in pool order, so "lowest index" tie-breaks are the driver path's. The
-kernels are :mod:`ray_pipeline.kcenter`'s; these tasks only move data. They ask for CPUs only.
+kernels are :mod:`~ray_pipeline.select.kernels`'s; these tasks only move data. They ask for CPUs
+only.
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import numpy as np
 
@@ -35,11 +37,16 @@ from .boundary import fit_probe, probe_margins
 from .kmeans import assign as assign_rows
 from .kmeans import child_shares, node_branching, node_seed, subtree, train_centroids, training_rows
 from ..config import Config
-from ..io.pool import check_vectors
+from ..io.pool import Pool, check_vectors
 from ..runtime.devices import Devices
 from ..errors import ConfigError, InputError
 
+if TYPE_CHECKING:
+    from sklearn.linear_model import LogisticRegression
+
 log = logging.getLogger(__name__)
+
+Piece = tuple[np.ndarray, np.ndarray]  # (rows (r,) int64 pool rows, x (r, d) float32 their vectors)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -50,7 +57,7 @@ def read_shard(path: str, row_map: Optional[np.ndarray] = None,
                rows_wanted: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
     """(rows (r,) int64, x (r, d) float32) of one shard; ``row_map`` renumbers the file's ``row``
     column (-1 drops the row); ``rows_wanted`` (sorted) keeps only those rows. The vectors are
-    normalised as :func:`data.load_embeddings` normalises the whole stage for the driver engine
+    normalised as :func:`io.pool.load_embeddings` normalises the whole stage for the driver engine
     (row by row, so the same bits): without it a tie between two members that the driver's copy
     breaks one way can break the other way here."""
     import pyarrow.parquet as pq
@@ -76,7 +83,8 @@ def cluster_groups(sizes: np.ndarray, groups: int) -> np.ndarray:
     return np.minimum((cum * groups / total).astype(np.int64), groups - 1)
 
 
-def _group_arrays(pieces: list[tuple]) -> tuple[np.ndarray, np.ndarray]:
+def _group_arrays(pieces: list[Piece]) -> Piece:
+    """The pieces of one group (one from each shard) as one, its rows ascending (pool order)."""
     rows = np.concatenate([p[0] for p in pieces])
     x = np.concatenate([p[1] for p in pieces])
     order = np.argsort(rows, kind="stable")
@@ -84,46 +92,69 @@ def _group_arrays(pieces: list[tuple]) -> tuple[np.ndarray, np.ndarray]:
 
 
 # ----------------------------------------------------------------------------------------------
-# task bodies (plain functions; wrapped with ray.remote where they run)
+# task bodies (plain functions; wrapped with ray.remote where they run). row_map: as
+# :func:`read_shard`'s; assign, sim, eligible: (n,) over the pool's rows (int64, float32, bool);
+# pieces: one :data:`Piece` from each shard, what :func:`_partition_shard` cut for the group.
 
 
-def _assign_shard(path, row_map, centroids):
+def _assign_shard(path: str, row_map: Optional[np.ndarray],
+                  centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One shard's rows (r,) int64, their nearest of the (k, d) float32 ``centroids`` (r,) int64
+    and their similarity to it (r,) float32 (:func:`kmeans.assign`)."""
     rows, x = read_shard(path, row_map)
     a, s = assign_rows(x, centroids)
     return rows, a, s
 
 
-def _margin_shard(path, row_map, probe):
+def _margin_shard(path: str, row_map: Optional[np.ndarray],
+                  probe: Optional[LogisticRegression]) -> tuple[np.ndarray, np.ndarray]:
+    """One shard's rows (r,) int64 and the margins (r,) float32 of ``probe``
+    (:func:`boundary.fit_probe`'s; None: all 1) on them."""
     rows, x = read_shard(path, row_map)
     return rows, probe_margins(probe, x)
 
 
-def _partition_shard(path, row_map, assign, group_of_cluster, groups):
+def _partition_shard(path: str, row_map: Optional[np.ndarray], assign: np.ndarray, group_of_cluster: np.ndarray,
+                     groups: int) -> Piece | tuple[Piece, ...]:
+    """One shard cut by group: for each group g, the :data:`Piece` of the shard's rows whose
+    cluster (``assign``) is in g (``group_of_cluster``: (k,) int64 in [0, groups)). One return
+    value per group (the task runs with ``num_returns=groups``), so a group's task fetches only
+    its own pieces."""
     rows, x = read_shard(path, row_map)
     g = group_of_cluster[assign[rows]]
     out = tuple((rows[g == i], x[g == i]) for i in range(groups))
     return out if groups > 1 else out[0]  # one return value per group
 
 
-def _subtree_group(k, path, params, *pieces):
+def _subtree_group(k: int, path: tuple[int, ...], params: dict[str, int],
+                   *pieces: Piece) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """One child of the root: the leaves :func:`kmeans.subtree` makes of its rows at ``path``,
+    asked for ``k`` (``params``: its niter, max_points_per_centroid, branching, gpus). Returns
+    rows (r,) int64 ascending, their leaf (r,) int64 in [0, leaves), similarity (r,) float32 to
+    it, and the number of leaves."""
     rows, x = _group_arrays(list(pieces))
     r = subtree(x, k, path=path, **params)
     return rows, r.assign, r.sim, len(r.centroids)
 
 
-def _keys_group(c0, c1, assign, sim, *pieces):
+def _keys_group(c0: int, c1: int, assign: np.ndarray, sim: np.ndarray, *pieces: Piece) -> tuple[np.ndarray, np.ndarray]:
+    """Center and key samples of the clusters [c0, c1) (:func:`kernels.center_and_key_samples`)
+    over the group's rows: (center, key), each (c1 - c0,) int64 pool rows, -1 for an empty cluster."""
     import torch
 
-    from .kernels import center_and_key_samples
+    from .kernels import center_and_key_samples, lift
 
     rows, x = _group_arrays(list(pieces))
     local = torch.from_numpy(assign[rows] - c0)
     center, key = center_and_key_samples(torch.from_numpy(x), local, torch.from_numpy(sim[rows]), c1 - c0)
-    center, key = center.numpy(), key.numpy()
-    return np.where(center >= 0, rows[center], -1), np.where(key >= 0, rows[key], -1)
+    return lift(center.numpy(), rows), lift(key.numpy(), rows)
 
 
-def _greedy_group(c0, c1, assign, eligible, run_to, key, *pieces):
+def _greedy_group(c0: int, c1: int, assign: np.ndarray, eligible: Optional[np.ndarray], run_to: np.ndarray,
+                  key: np.ndarray, *pieces: Piece) -> tuple[np.ndarray, np.ndarray]:
+    """k-center greedy of the clusters [c0, c1) (:func:`kernels.k_center_greedy`) over the
+    group's rows. run_to, key: (k,) int64 over every cluster (picks, and start pool rows).
+    eligible: None for every row. Returns rows (r,) int64 ascending and their rank (r,) int64."""
     import torch
 
     from .kernels import k_center_greedy
@@ -151,7 +182,8 @@ def shard_paths(stage_dir: str | Path) -> list[str]:
 
 
 class Sharded:
-    """Vectors in Parquet shards, read by Ray tasks (joins the running Ray).
+    """Vectors in Parquet shards, read by Ray tasks (joins the running Ray); a
+    :class:`~ray_pipeline.select.strategy.Vectors`.
 
     shards: files with ``row`` (the sample's position once renumbered by ``row_map``: 0 <= row
     < n, -1 drops it) and ``embedding`` (L2-normalised, fixed-size lists). groups: how many groups
@@ -166,6 +198,22 @@ class Sharded:
         self.groups = groups or max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
         self._row_map_ref = None
 
+    @classmethod
+    def from_stage(cls, stage_dir: str | Path, pool: Pool, cfg: Config, devices: Devices) -> "Sharded":
+        """The vectors of an embedding stage directory as this strategy, their rows renumbered to
+        ``pool``'s order by id (a shard row whose id the pool lacks, e.g. skipped, is dropped).
+        Reads only the shards' ``id`` and ``row`` columns."""
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+
+        paths = shard_paths(stage_dir)
+        tables = [pq.read_table(f, columns=["id", "row"]) for f in paths]
+        size = 1 + max((int(pc.max(t.column("row")).as_py() or 0) for t in tables if len(t)), default=0)
+        row_map = np.full(size, -1, dtype=np.int64)
+        for t in tables:
+            row_map[t.column("row").to_numpy()] = pool.positions(t.column("id").to_pylist())
+        return cls(paths, len(pool), cfg, devices, row_map=row_map, groups=cfg.select.groups)
+
     def row_map_ref(self):
         import ray
 
@@ -173,11 +221,30 @@ class Sharded:
             self._row_map_ref = ray.put(self.row_map)
         return self._row_map_ref
 
+    def _per_shard(self, fn: Callable, *args) -> list:
+        """``fn(path, row_map, *args)`` in one Ray task per shard, waited for: the results, in
+        shard order."""
+        import ray
+
+        task = ray.remote(fn)
+        return ray.get([task.remote(p, self.row_map_ref(), *args) for p in self.shards])
+
+    def _cut_by_group(self, assign_ref, group_of_cluster: np.ndarray, groups: int) -> list[list]:
+        """Every shard cut by group (:func:`_partition_shard`), not waited for: per shard, its
+        ``groups`` piece refs, so that a group's task is given piece g of every shard."""
+        import ray
+
+        part = ray.remote(num_returns=groups)(_partition_shard) if groups > 1 else ray.remote(_partition_shard)
+        refs = [part.remote(p, self.row_map_ref(), assign_ref, group_of_cluster, groups) for p in self.shards]
+        return refs if groups > 1 else [[ref] for ref in refs]
+
     def subset(self, rows: np.ndarray) -> "Sharded":
         """The rows ``rows`` (sorted) as rows 0..len(rows)-1: the shards stay, the row map narrows."""
+        from .kernels import lift
+
         local = np.full(self.n, -1, dtype=np.int64)
         local[rows] = np.arange(len(rows))
-        row_map = local if self.row_map is None else np.where(self.row_map >= 0, local[np.maximum(self.row_map, 0)], -1)
+        row_map = local if self.row_map is None else lift(self.row_map, local)
         return Sharded(self.shards, len(rows), self.cfg, self.devices, row_map=row_map, groups=self.groups)
 
     def probe_margins(self, labels: np.ndarray, train: np.ndarray) -> np.ndarray:
@@ -185,12 +252,10 @@ class Sharded:
         row scored by a task per shard."""
         import ray
 
-        wanted = ray.put(np.sort(train))
-        rows_t, x_t = _group_arrays(ray.get([ray.remote(read_shard).remote(p, self.row_map_ref(), wanted)
-                                             for p in self.shards]))
+        rows_t, x_t = _group_arrays(self._per_shard(read_shard, ray.put(np.sort(train))))
         probe = ray.put(fit_probe(x_t, np.asarray(labels)[rows_t]))
         margin = np.ones(self.n, np.float32)
-        for rows, mg in ray.get([ray.remote(_margin_shard).remote(p, self.row_map_ref(), probe) for p in self.shards]):
+        for rows, mg in self._per_shard(_margin_shard, probe):
             margin[rows] = mg
         return margin
 
@@ -213,17 +278,15 @@ class Sharded:
 
         n, c = self.n, self.cfg.cluster
         wanted = training_rows(n, k, seed=seed, max_points_per_centroid=c.max_points_per_centroid)
-        wanted_ref = ray.put(np.arange(n) if wanted is None else wanted)
-        got = ray.get([ray.remote(read_shard).remote(p, self.row_map_ref(), wanted_ref) for p in self.shards])
-        rows_s, x_s = _group_arrays(got)
-        if len(rows_s) != (n if wanted is None else len(wanted)):
-            raise InputError(f"the shards hold {len(rows_s)} of the {n if wanted is None else len(wanted)} rows "
-                             f"k-means needs; the shards do not cover rows 0..{n - 1} once each")
+        wanted = np.arange(n) if wanted is None else wanted  # None: k-means trains on every row
+        rows_s, x_s = _group_arrays(self._per_shard(read_shard, ray.put(wanted)))
+        if len(rows_s) != len(wanted):
+            raise InputError(f"the shards hold {len(rows_s)} of the {len(wanted)} rows k-means needs; the shards "
+                             f"do not cover rows 0..{n - 1} once each")
         centroids = train_centroids(x_s, k, seed=seed, niter=c.niter, gpus=self.devices.faiss_gpus)
         del x_s
         assign, sim = np.full(n, -1, dtype=np.int64), np.zeros(n, dtype=np.float32)
-        task = ray.remote(_assign_shard)
-        for rows, a, s in ray.get([task.remote(p, self.row_map_ref(), centroids) for p in self.shards]):
+        for rows, a, s in self._per_shard(_assign_shard, centroids):
             assign[rows], sim[rows] = a, s
         if (assign < 0).any():
             raise InputError(f"the shards do not cover every row: row {int(np.flatnonzero(assign < 0)[0])} "
@@ -231,7 +294,7 @@ class Sharded:
         return assign, sim
 
     def _tree(self, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Multi-level k-means (``cluster.hierarchical_kmeans``) over the shards: the root's split
+        """Multi-level k-means (``kmeans.hierarchical_kmeans``) over the shards: the root's split
         as :meth:`_flat`, the shards cut by its clusters, then each child's whole subtree in one
         Ray task on that child's rows; the driver's leaves, numbered depth-first the same way."""
         import ray
@@ -245,9 +308,7 @@ class Sharded:
         if int((sizes > 0).sum()) == 1:  # the root would not split: one flat k-means, as the driver does
             return self._flat(min(k, self.n), node_seed(root))
         share = child_shares(sizes, k)
-        part = ray.remote(num_returns=fan)(_partition_shard)
-        top_ref = ray.put(top)
-        pieces = [part.remote(p, self.row_map_ref(), top_ref, np.arange(fan), fan) for p in self.shards]
+        pieces = self._cut_by_group(ray.put(top), np.arange(fan), fan)
         params = {"niter": c.niter, "max_points_per_centroid": c.max_points_per_centroid, "branching": c.branching,
                   "gpus": 0}  # tasks ask for CPUs only
         task = ray.remote(_subtree_group)
@@ -262,8 +323,8 @@ class Sharded:
 
 
 class _ShardedClustering:
-    """One K over the shards; the cluster-sorted pieces are cut once and serve the key samples and
-    every greedy pass."""
+    """One K over the shards (a :class:`~ray_pipeline.select.strategy.Clustering`); the
+    cluster-sorted pieces are cut once and serve the key samples and every greedy pass."""
 
     def __init__(self, vectors: Sharded, k: int, assign: np.ndarray, sim: np.ndarray):
         import ray
@@ -273,9 +334,7 @@ class _ShardedClustering:
         g_of_c = cluster_groups(np.bincount(assign, minlength=k), groups)
         self.bounds = np.searchsorted(g_of_c, np.arange(groups + 1))  # group i: clusters [bounds[i], bounds[i+1])
         self.assign_ref, self.sim_ref = ray.put(assign), ray.put(sim)
-        part = ray.remote(num_returns=groups)(_partition_shard) if groups > 1 else ray.remote(_partition_shard)
-        pieces = [part.remote(p, vectors.row_map_ref(), self.assign_ref, g_of_c, groups) for p in vectors.shards]
-        self.pieces = [[ref] for ref in pieces] if groups == 1 else pieces
+        self.pieces = vectors._cut_by_group(self.assign_ref, g_of_c, groups)  # per shard, per group
         self.live = [g for g in range(groups) if self.bounds[g + 1] > self.bounds[g]]
 
     def _span(self, g: int) -> tuple[int, int]:

@@ -92,9 +92,10 @@ def inputs(tmp_path_factory):
     np.save(d / "x.npy", np.random.default_rng(0).normal(size=(60, 8)))
     assert main(["select", "--data", str(d / "pool.csv"), "--embeddings", str(d / "x.npy"), "--label-column",
                  "label", "--k", "4", "--budgets", "8", "--out", str(d / "run"), "--no-progress"]) == 0
-    from ray_pipeline.io.models import load_for_task, resolve
+    from ray_pipeline.finetune.task import Classification
+    from ray_pipeline.io.models import resolve
 
-    model, tok = load_for_task(resolve("minilm"), "classification", ["l0", "l1", "l2"])
+    model, tok = Classification().load(resolve("minilm"), ["l0", "l1", "l2"])
     model.save_pretrained(d / "model")
     tok.save_pretrained(d / "model")
     return d
@@ -119,7 +120,7 @@ def test_run_and_tune_inputs_exit_0_or_2_and_write_nothing(inputs, cmd, data, he
     args += ["--text-template", template] if template else []
     args += ["--label-column", label] if label else []
     args += [] if cmd == "select" else ["--eval", str(inputs / held)]
-    args += ["--set", f"finetune.{key}={json.dumps(value)}"]
+    args += ["--set", f"finetune.train.{key}={json.dumps(value)}"]
     rc = main(args)
     assert rc in (0, 2)
     assert _listing(inputs) == before  # --check writes nothing, and neither does a refusal

@@ -107,7 +107,7 @@ def test_real_pool_embedded_with_minilm(tmp_path, shared_data):
     assert rc == 0
     sel = pq.read_table(out / "selection.parquet").to_pandas()
     meta = json.loads((out / "run.json").read_text())["stages"]
-    stage = Path(meta["embed"]["dir"])
+    stage = out / meta["embed"]["dir"]  # relative to the run directory
     assert meta["embed"]["rows"] == 400 and meta["embed"]["dim"] == 384
     assert sel["in_k8_m40"].sum() == 40 and sel["label"].notna().all()
     # the stage's shards feed a second run without the encoder, with the same selection

@@ -11,15 +11,8 @@ import pytest
 
 from ray_pipeline.config import DataConfig, EmbedConfig
 from ray_pipeline.io.pool import read_pool
-from ray_pipeline.embed.stage import (
-    ShardEmbedder,
-    TextEmbedder,
-    embed_pool,
-    fuse,
-    load_stage,
-    plan_shards,
-    shard_name,
-)
+from ray_pipeline.embed.encoders import TextEmbedder, fuse
+from ray_pipeline.embed.stage import ShardEmbedder, embed_pool, load_stage, plan_shards, shard_name
 from ray_pipeline.errors import InputError
 
 pytestmark = pytest.mark.slow  # Ray Data actor pools: not in the fast lane

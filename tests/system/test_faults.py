@@ -110,9 +110,10 @@ def test_driver_killed_during_tune_resumes_to_the_same_sweep(tmp_path, shared_da
     cfg.write_text(f"data:\n  path: {tmp_path / 'train.csv'}\n  label_column: category\n"
                    f"embed:\n  engine: local\n  threads_per_actor: 1\ncluster:\n  k: [4]\n"
                    f"select:\n  budgets: [16]\n  random_seeds: [0]\n  method: [kcenter]\n"
-                   f"finetune:\n  eval_path: {tmp_path / 'test.csv'}\n  max_steps: 8\n  eval_every: 2\n"
-                   f"  batch_size: 8\n  max_length: 32\n  lr: 0.0003\n  threads_per_worker: 1\n"
-                   f"  max_concurrent_trials: 1\n  include_full: false\n  early_stopping: false\n")
+                   f"finetune:\n  heldout:\n    eval_path: {tmp_path / 'test.csv'}\n"
+                   f"  train:\n    max_steps: 8\n    eval_every: 2\n    batch_size: 8\n    max_length: 32\n"
+                   f"    lr: 0.0003\n  resources:\n    threads_per_worker: 1\n"
+                   f"  sweep:\n    max_concurrent_trials: 1\n    include_full: false\n    early_stopping: false\n")
     assert main(["run", str(cfg), "--out", str(tmp_path / "clean"), "--no-progress"]) == 0
 
     killed = tmp_path / "killed"

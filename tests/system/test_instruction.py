@@ -4,8 +4,9 @@ worker training under Ray Train + DeepSpeed, and generation with the saved model
 import numpy as np
 import pytest
 
-from ray_pipeline.finetune.train import instruction_batch, predict
-from ray_pipeline.io.models import load_for_task, smollm2_path
+from ray_pipeline.finetune.infer import predict
+from ray_pipeline.finetune.task import CausalLM, instruction_batch
+from ray_pipeline.io.models import smollm2_path
 
 pytestmark = pytest.mark.slow  # SmolLM2 conversion and training: not in the fast lane
 
@@ -16,7 +17,7 @@ def smollm2():
 
 
 def test_loss_only_on_response_tokens(smollm2):
-    _, tok = load_for_task(smollm2, "instruction")
+    _, tok = CausalLM().load(smollm2)
     b = instruction_batch(tok, ["Add 2 and 3.\n", "Say hi.\n"], ["5", "hi there"], max_length=64)
     for i, (p, r) in enumerate([("Add 2 and 3.\n", "5"), ("Say hi.\n", "hi there")]):
         n_prompt = len(tok(p, add_special_tokens=False)["input_ids"])
@@ -34,14 +35,15 @@ def fit_worker(smollm2, data: dict, max_length: int, out, lr: float = 1e-4):
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from ray_pipeline.config import FinetuneConfig
-    from ray_pipeline.finetune.train import train_loop_per_worker
+    from ray_pipeline.config import FinetuneConfig, ResourceSettings, TrainSettings
+    from ray_pipeline.finetune.train import TrialLoop, train_loop_per_worker
 
-    ft = FinetuneConfig(task="instruction", lr=lr, batch_size=2, eval_batch_size=2, max_steps=4, eval_every=2,
-                        patience=5, max_length=max_length, zero_stage=0, precision="fp32", threads_per_worker=2)
-    loop = {"finetune": ft, "seed": 0, "use_gpu": False, "steps": 4, "model_path": smollm2, "train": data, "eval": data,
-            "best_model_dir": str(out / "best")}
-    result = TorchTrainer(train_loop_per_worker, train_loop_config=loop,
+    ft = FinetuneConfig(task="instruction", resources=ResourceSettings(threads_per_worker=2),
+                        train=TrainSettings(lr=lr, batch_size=2, eval_batch_size=2, max_steps=4, eval_every=2, patience=5,
+                                            max_length=max_length, zero_stage=0, precision="fp32"))
+    loop = TrialLoop(finetune=ft, seed=0, use_gpu=False, steps=4, model_path=smollm2, label_names=None, train=data,
+                     eval=data, best_model_dir=str(out / "best"))
+    result = TorchTrainer(train_loop_per_worker, train_loop_config={"loop": loop},
                           scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
                           torch_config=TorchConfig(backend="gloo"),
                           run_config=ray.train.RunConfig(name="instr", storage_path=str(out / "s"))).fit()
@@ -60,13 +62,13 @@ def test_instruction_worker_learns_and_the_model_generates(smollm2, tmp_path, lo
 
 def test_chat_data_trains_through_the_worker(smollm2, tmp_path, local_ray):
     """Conversations (loss on the assistant turns) through the same Ray Train + DeepSpeed worker."""
-    from ray_pipeline.finetune.train import per_sample_values
+    from ray_pipeline.finetune.infer import per_sample_values
 
     chats = [[{"role": "user", "content": "What is the capital of France?"}, {"role": "assistant", "content": "Paris."}],
              [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "Sky colour?"},
               {"role": "assistant", "content": "Blue."}]]
     h, ft = fit_worker(smollm2, {"chats": chats}, 64, tmp_path)
-    assert ft.uses_lora  # the default for a causal LM
+    assert CausalLM().uses_lora(ft)  # the default for a causal LM
     assert h["eval_loss"].iloc[-1] < h["eval_loss"].iloc[0]
     values = per_sample_values(str(tmp_path / "best"), ft, {"chats": chats})  # the test part's per-sample losses
     assert values.shape == (2, 2) and (values[:, 1] > 0).all() and (values[:, 0] < 0).all()
@@ -123,17 +125,19 @@ def test_a_sharegpt_pool_runs_through_the_chat_config_with_lora(smollm2, tmp_pat
     for name, rows in (("pool.jsonl", conv[:40]), ("held.jsonl", conv[900:920])):
         (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
     config = Path(__file__).resolve().parents[2] / "configs" / "chat.yaml"
-    sets = [f"data.path={tmp_path / 'pool.jsonl'}", "data.id_column=id", f"finetune.eval_path={tmp_path / 'held.jsonl'}",
-            "select.budgets=[8]", "select.random_seeds=[0]", "finetune.include_full=false", "finetune.max_steps=4",
-            "finetune.eval_every=2", "finetune.max_length=64", "finetune.eval_limit=20", "embed.engine=local"]
+    sets = [f"data.path={tmp_path / 'pool.jsonl'}", "data.id_column=id",
+            f"finetune.heldout.eval_path={tmp_path / 'held.jsonl'}", "finetune.heldout.eval_limit=20",
+            "select.budgets=[8]", "select.random_seeds=[0]", "finetune.sweep.include_full=false",
+            "finetune.train.max_steps=4", "finetune.train.eval_every=2", "finetune.train.max_length=64",
+            "embed.engine=local"]
     args = ["run", str(config), "--out", str(tmp_path / "run"), "--no-progress"]
     for s in sets:
         args += ["--set", s]
     assert main(args) == 0
     summary = json.loads((tmp_path / "run" / "candidates.json").read_text())["summary"]
-    target = Path(summary["target"]["model"])
+    target = tmp_path / "run" / summary["target"]["model"]  # relative to the run directory
     assert (target / "adapter" / "adapter_config.json").is_file() and (target / "config.json").is_file()
-    subset = [json.loads(line) for line in Path(summary["target"]["subset"]).read_text().splitlines()]
+    subset = [json.loads(line) for line in (tmp_path / "run" / summary["target"]["subset"]).read_text().splitlines()]
     assert len(subset) == 8 and all(r["conversations"][1]["from"] == "gpt" for r in subset)
     proxy = json.loads((tmp_path / "run" / "proxy.json").read_text())  # no labels: held-out coverage
     assert set(proxy) == {"centroid_k8_m8", "random_m8_s0"} and all(0 < v["coverage"] <= 1 for v in proxy.values())

@@ -14,7 +14,7 @@ import pytest
 
 from ray_pipeline.config import Config
 from ray_pipeline.io.pool import read_pool
-from ray_pipeline.finetune.train import predict
+from ray_pipeline.finetune.infer import predict
 from ray_pipeline.finetune.metrics import macro_f1
 from ray_pipeline.finetune.heldout import read_parts, read_task_pool
 from ray_pipeline.finetune.sweep import Candidate, run_sweep
@@ -38,9 +38,10 @@ def files(shared_data, tmp_path_factory):
 def cfg(files, tmp_path_factory):
     return Config.from_dict({
         "data": {"path": str(files / "train.csv"), "label_column": "category"},
-        "finetune": {"eval_path": str(files / "test.csv"), "lr": 3e-4, "batch_size": 16, "max_steps": 12,
-                     "eval_every": 3, "asha_grace_period": 2, "max_length": 32, "threads_per_worker": 1,
-                     "max_concurrent_trials": 1},
+        "finetune": {"heldout": {"eval_path": str(files / "test.csv")},
+                     "train": {"lr": 3e-4, "batch_size": 16, "max_steps": 12, "eval_every": 3, "max_length": 32},
+                     "sweep": {"grace_period": 2, "max_concurrent_trials": 1},
+                     "resources": {"threads_per_worker": 1}},
         "output_dir": str(tmp_path_factory.mktemp("run")),
     })
 
@@ -55,8 +56,8 @@ def test_training_function_alone_loss_goes_down(cfg, files, local_ray, tmp_path)
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from ray_pipeline.config import FinetuneConfig
-    from ray_pipeline.finetune.train import train_loop_per_worker
+    from ray_pipeline.config import FinetuneConfig, ResourceSettings, TrainSettings
+    from ray_pipeline.finetune.train import TrialLoop, train_loop_per_worker
     from ray_pipeline.io.models import resolve
 
     pool = read_pool(cfg.data)
@@ -64,11 +65,12 @@ def test_training_function_alone_loss_goes_down(cfg, files, local_ray, tmp_path)
     y = np.array([labels.index(v) for v in pool.labels])
     fixed = np.arange(0, 160, 10)  # 16 samples, 4 per intent
     batch = {"texts": pool.texts[fixed].tolist(), "labels": y[fixed]}
-    ft = FinetuneConfig(lr=3e-4, batch_size=16, eval_batch_size=16, max_steps=9, eval_every=3, patience=5,
-                        max_length=32, zero_stage=1, precision="fp32", threads_per_worker=1)
-    loop = {"finetune": ft, "seed": 0, "use_gpu": False, "steps": 9, "model_path": resolve("minilm"), "labels": labels,
-            "train": batch, "eval": batch, "best_model_dir": str(tmp_path / "best")}
-    result = TorchTrainer(train_loop_per_worker, train_loop_config=loop,
+    ft = FinetuneConfig(train=TrainSettings(lr=3e-4, batch_size=16, eval_batch_size=16, max_steps=9, eval_every=3,
+                                            patience=5, max_length=32, zero_stage=1, precision="fp32"),
+                        resources=ResourceSettings(threads_per_worker=1))
+    loop = TrialLoop(finetune=ft, seed=0, use_gpu=False, steps=9, model_path=resolve("minilm"), label_names=labels,
+                     train=batch, eval=batch, best_model_dir=str(tmp_path / "best"))
+    result = TorchTrainer(train_loop_per_worker, train_loop_config={"loop": loop},
                           scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
                           torch_config=TorchConfig(backend="gloo"),
                           run_config=ray.train.RunConfig(name="alone", storage_path=str(tmp_path / "store"))).fit()
@@ -81,7 +83,6 @@ def test_training_function_alone_loss_goes_down(cfg, files, local_ray, tmp_path)
 def test_sweep_stops_the_worse_never_a_baseline_survives_a_failure_and_judges_on_test(cfg, files, local_ray,
                                                                                        tmp_path):
     pool = read_task_pool(cfg.data, cfg)
-    val_pool, test_pool, split = read_parts(cfg)
     labels = pool.labels.astype(str)
     balanced = np.concatenate([np.flatnonzero(labels == c)[:10] for c in INTENTS])
     one_intent = np.flatnonzero(labels == INTENTS[0])[:40]
@@ -94,7 +95,7 @@ def test_sweep_stops_the_worse_never_a_baseline_survives_a_failure_and_judges_on
         Candidate("random_m40_s1", "random", one_intent, m=40, seed=1),
     ]
     out = cfg.output_dir
-    result = run_sweep(candidates, pool, val_pool, cfg, out, test_pool=test_pool, split=split)
+    result = run_sweep(candidates, pool, read_parts(cfg), cfg, out)
     trials = {t["name"]: t for t in result["trials"]}
     assert trials["k4_m40"]["status"] in ("capped", "converged") and trials["k4_m40"]["steps"] == 12
     assert trials["k2_m40"]["status"] == "stopped_early"  # ASHA cut it at its first rung
@@ -116,14 +117,15 @@ def test_sweep_stops_the_worse_never_a_baseline_survives_a_failure_and_judges_on
     on_disk = json.loads((Path(out) / "candidates.json").read_text())
     assert on_disk["summary"]["target"]["name"] == "k4_m40"
     # the target model loads and classifies new samples into the pool's intents
-    preds = predict(s["target"]["model"], ["I still have not received my new card", "what's the euro rate?"])
+    model = str(Path(out) / s["target"]["model"])  # relative to the run directory
+    preds = predict(model, ["I still have not received my new card", "what's the euro rate?"])
     assert {p["label"] for p in preds} <= set(INTENTS)
     assert all(0 < p["probability"] <= 1 for p in preds)
     assert pq.read_table(Path(out) / "target" / "ids.parquet").num_rows == 40
     # and through the CLI: one JSON line per sample with its id and the predicted intent
     from ray_pipeline.cli import main
 
-    rc = main(["predict", "--model", s["target"]["model"], "--input", str(files / "test.csv"),
+    rc = main(["predict", "--model", model, "--input", str(files / "test.csv"),
                "--output", str(tmp_path / "pred.jsonl")])
     lines = [json.loads(v) for v in (tmp_path / "pred.jsonl").read_text().splitlines()]
     assert rc == 0 and len(lines) == 60 and lines[0]["id"] == "row-0" and lines[0]["label"] in INTENTS
@@ -145,10 +147,10 @@ def test_the_test_part_cannot_change_the_choice(cfg, files, local_ray, tmp_path)
                   Candidate("k2_m40", "selection", np.flatnonzero(labels == INTENTS[1])[:40], k=2, m=40)]
     runs = []
     for name in ("a", "b"):
-        c = cfg.with_fields({"finetune.test_path": str(tmp_path / f"test_{name}.csv"), "finetune.max_steps": 6,
-                             "finetune.early_stopping": False, "output_dir": str(tmp_path / name)})
-        val_pool, test_pool, split = read_parts(c)
-        runs.append(run_sweep(candidates, pool, val_pool, c, c.output_dir, test_pool=test_pool, split=split))
+        c = cfg.with_fields({"finetune.heldout.test_path": str(tmp_path / f"test_{name}.csv"),
+                             "finetune.train.max_steps": 6, "finetune.sweep.early_stopping": False,
+                             "output_dir": str(tmp_path / name)})
+        runs.append(run_sweep(candidates, pool, read_parts(c), c, c.output_dir))
     a, b = ({t["name"]: t for t in r["trials"]} for r in runs)
     assert runs[0]["summary"]["target"]["name"] == runs[1]["summary"]["target"]["name"]
     assert {n: t["validation_score"] for n, t in a.items()} == {n: t["validation_score"] for n, t in b.items()}
@@ -157,14 +159,14 @@ def test_the_test_part_cannot_change_the_choice(cfg, files, local_ray, tmp_path)
 
 
 def test_deepspeed_defaults_zero2_bf16_on_gpu_zero0_fp32_on_cpu():
-    from ray_pipeline.config import FinetuneConfig
+    from ray_pipeline.config import FinetuneConfig, TrainSettings
     from ray_pipeline.finetune.train import deepspeed_config
 
-    auto = FinetuneConfig(batch_size=8)
+    auto = FinetuneConfig(train=TrainSettings(batch_size=8))
     gpu, cpu = deepspeed_config(auto, on_gpu=True), deepspeed_config(auto, on_gpu=False)
     assert gpu["bf16"]["enabled"] and gpu["zero_optimization"]["stage"] == 2
     assert not cpu["bf16"]["enabled"] and not cpu["fp16"]["enabled"] and cpu["zero_optimization"]["stage"] == 0
-    assert deepspeed_config(FinetuneConfig(zero_stage=1), on_gpu=True)["zero_optimization"]["stage"] == 1
+    assert deepspeed_config(FinetuneConfig(train=TrainSettings(zero_stage=1)), on_gpu=True)["zero_optimization"]["stage"] == 1
     assert cpu["train_micro_batch_size_per_gpu"] == 8
 
 

@@ -12,7 +12,8 @@ from ray_pipeline.select.boundary import boundary_picks, boundary_share, fit_pro
 from ray_pipeline.config import Config
 from ray_pipeline.io.pool import Pool
 from ray_pipeline.errors import ConfigError
-from ray_pipeline.select.engine import clusters_table, select_candidates
+from ray_pipeline.select.engine import select_candidates
+from ray_pipeline.select.tables import clusters_table
 from reference import boundary_picks_reference
 
 # ---------------------------------------------------------------------------------------------

@@ -10,8 +10,8 @@ from ray_pipeline.io.chat import chat_tokens, check_trainable, embed_text, turns
 from ray_pipeline.config import Config, DataConfig
 from ray_pipeline.io.pool import read_pool
 from ray_pipeline.errors import ConfigError, InputError
-from ray_pipeline.finetune.train import causal_batch, size
-from ray_pipeline.finetune.heldout import read_task_pool, task_arrays
+from ray_pipeline.finetune.heldout import read_task_pool
+from ray_pipeline.finetune.task import CausalLM, size
 
 TWO_TURNS = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
              {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
@@ -70,7 +70,7 @@ def test_a_sharegpt_pool_is_found_by_its_column_and_trains_on_its_turns(tmp_path
     cfg = Config.from_dict({"data": {"path": path, "id_column": "id"}, "finetune": {"task": "instruction"}})
     pool = read_task_pool(cfg.data, cfg)
     assert pool.texts.tolist() == ["system: Be brief.\nuser: Hi\nassistant: Hello!"]
-    arrays = task_arrays(pool.take(np.array([0])), cfg)
+    arrays = CausalLM().arrays(pool.take(np.array([0])))
     assert arrays == {"chats": [turns(SHAREGPT, "r")]} and size(arrays) == 1
 
 
@@ -107,7 +107,7 @@ def test_loss_covers_the_assistant_turns_only_by_hand(smollm2_tokenizer):
     assert tok.decode(trained) == "Hello!<|im_end|>\n4<|im_end|>\n"  # both answers and their end of turn
     assert all(lab in (-100, i) for i, lab in zip(ids, labels))
     # the batch: right-padded, labels -100 on the padding, cut at max_length
-    batch = causal_batch(tok, {"chats": [TWO_TURNS, TWO_TURNS[:2]]}, [0, 1], max_length=512)
+    batch = CausalLM().batch(tok, {"chats": [TWO_TURNS, TWO_TURNS[:2]]}, [0, 1], max_length=512)
     short = chat_tokens(tok, TWO_TURNS[:2], 512)[0]
     assert batch["input_ids"].shape == (2, len(ids)) and int(batch["attention_mask"][1].sum()) == len(short)
     assert (batch["labels"][1, len(short):] == -100).all()
@@ -129,7 +129,7 @@ def test_a_tokenizer_without_a_chat_template_is_refused(smollm2_tokenizer):
 def test_a_conversation_is_answered_from_its_last_user_turn(smollm2_tokenizer):
     """predict's prompt for a conversation: the chat template through the last user turn, the
     assistant's header opened, the reply after it left out (by hand, SmolLM2's ChatML)."""
-    from ray_pipeline.finetune.train import chat_prompt
+    from ray_pipeline.finetune.task import chat_prompt
 
     prompt = chat_prompt(smollm2_tokenizer, TWO_TURNS)
     assert prompt.endswith("<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n")

@@ -87,13 +87,31 @@ def test_k_relative_to_the_budget():
 
 
 def test_lora_is_on_by_default_for_causal_lms_only_and_checked():
-    assert Config.from_dict({"finetune": {"task": "instruction"}}).finetune.uses_lora
-    assert not Config.from_dict({"finetune": {"task": "classification"}}).finetune.uses_lora
-    assert Config.from_dict({"finetune": {"lora": {"enabled": True}}}).finetune.uses_lora
+    from ray_pipeline.finetune.task import task_for
+
+    def uses_lora(ft):
+        return task_for(ft.task).uses_lora(ft)
+
+    assert uses_lora(Config.from_dict({"finetune": {"task": "instruction"}}).finetune)
+    assert not uses_lora(Config.from_dict({"finetune": {"task": "classification"}}).finetune)
+    assert uses_lora(Config.from_dict({"finetune": {"lora": {"enabled": True}}}).finetune)
     cfg = Config.from_dict({"finetune": {"task": "instruction", "lora": {"enabled": False, "rank": 4,
                                                                         "target_modules": ["q_proj", "v_proj"]}}})
-    assert not cfg.finetune.uses_lora and cfg.finetune.lora.target_modules == ("q_proj", "v_proj")
+    assert not uses_lora(cfg.finetune) and cfg.finetune.lora.target_modules == ("q_proj", "v_proj")
     for bad, match in (({"rank": 0}, "finetune.lora.rank"), ({"dropout": 1.0}, "finetune.lora.dropout"),
                        ({"target_modules": []}, "finetune.lora.target_modules"), ({"r": 8}, "allowed in")):
         with pytest.raises(ConfigError, match=match):
             Config.from_dict({"finetune": {"lora": bad}})
+
+
+def test_flat_finetune_keys_are_refused_with_their_new_place():
+    for raw, new in (({"eval_path": "h.csv"}, "finetune.heldout.eval_path"), ({"lr": 0.1}, "finetune.train.lr"),
+                     ({"asha_grace_period": 2}, "finetune.sweep.grace_period"),
+                     ({"num_workers": 2}, "finetune.resources.num_workers"),
+                     ({"proxy": "coverage"}, "finetune.proxy.kind")):
+        with pytest.raises(ConfigError, match=new.replace(".", r"\.")):
+            Config.from_dict({"finetune": raw})
+    with pytest.raises(ConfigError, match=r"finetune\.train\.max_steps"):
+        Config().override(["finetune.max_steps=3"])
+    cfg = Config().override(["finetune.train.max_steps=30", "finetune.sweep.grace_period=2"])
+    assert cfg.finetune.train.max_steps == 30 and cfg.finetune.sweep.grace_period == 2

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from ray_pipeline.config import EmbedConfig
-from ray_pipeline.embed.stage import TextEmbedder, plan_shards, pool_hidden
+from ray_pipeline.embed.encoders import TextEmbedder, pool_hidden
+from ray_pipeline.embed.stage import plan_shards
 from ray_pipeline.errors import InputError
 
 TEXTS = np.array(["How do I activate my new card?", "My card arrived, how do I turn it on?",

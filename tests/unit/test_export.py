@@ -130,3 +130,52 @@ def test_a_save_to_disk_directory_and_a_parquet_snapshot_are_pools(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputError, match="holds no .parquet or .arrow"):
         read_pool(DataConfig(path=str(tmp_path / "empty")))
+
+
+def _copy(run_dir, to):
+    """A copy of the run directory (run.json records its stages relative to it, so a copy reads)."""
+    import shutil
+
+    shutil.copytree(run_dir, to)
+    return to, json.loads((to / "run.json").read_text())
+
+
+def _edit_listing(run_dir, info, edit) -> None:
+    marker = run_dir / info["stages"]["select"]["dir"] / "select.json"
+    meta = json.loads(marker.read_text())
+    meta["candidates"] = [edit(c) for c in meta["candidates"]]
+    marker.write_text(json.dumps(meta))
+
+
+def test_greedy_order_takes_the_family_from_select_json_not_from_the_name(chat_run, tmp_path):
+    """Renamed in select.json and in selection.parquet's columns, a candidate exports as before:
+    no fact is parsed out of ``k6_m12`` or ``rank_k6``."""
+    run, info = _copy(chat_run / "run", tmp_path / "copy")
+    _edit_listing(run, info, lambda c: {**c, "name": "picked", "family": "fam"} if c["name"] == "k6_m12" else c)
+    table = pq.read_table(run / "selection.parquet")
+    pq.write_table(table.rename_columns([{"in_k6_m12": "in_picked", "rank_k6": "rank_fam"}.get(c, c)
+                                         for c in table.column_names]), run / "selection.parquet")
+    for name, where in (("k6_m12", chat_run / "run"), ("picked", run)):
+        assert main(["export", str(where), "--candidate", name, "--order", "greedy", "--output",
+                     str(tmp_path / f"{name}.jsonl")]) == 0
+    assert (tmp_path / "picked.jsonl").read_text() == (tmp_path / "k6_m12.jsonl").read_text()
+
+
+def test_a_select_json_without_families_refuses_greedy_order_and_says_what_to_do(chat_run, tmp_path, capsys):
+    run, info = _copy(chat_run / "run", tmp_path / "copy")
+    _edit_listing(run, info, lambda c: {k: v for k, v in c.items() if k != "family"})  # an older version's
+    out = tmp_path / "g.jsonl"
+    assert main(["export", str(run), "--candidate", "k6_m12", "--order", "greedy", "--output", str(out)]) == 2
+    assert "names no candidate's family" in capsys.readouterr().err and not out.exists()
+    assert main(["export", str(run), "--candidate", "k6_m12", "--output", str(out)]) == 0
+
+
+def test_a_run_json_with_paths_as_given_reads_from_where_it_was_started(chat_run, tmp_path, monkeypatch):
+    """run.json written before stage paths were recorded relative to the run directory held them as
+    given: relative to the working directory the run started from. Read from there, it exports."""
+    run, info = _copy(chat_run / "run", tmp_path / "copy")
+    info["stages"]["select"]["dir"] = f"copy/{info['stages']['select']['dir']}"  # as `--out copy` wrote it
+    (run / "run.json").write_text(json.dumps(info))
+    monkeypatch.chdir(tmp_path)
+    assert main(["export", "copy", "--candidate", "k6_m12", "--output", "k6.jsonl"]) == 0
+    assert len((tmp_path / "k6.jsonl").read_text().splitlines()) == 12

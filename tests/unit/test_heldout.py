@@ -44,12 +44,13 @@ def test_a_limited_held_out_set_covers_every_label_not_the_first_rows(shared_dat
     """banking77's test.csv is sorted by label: its first 400 rows hold 10 of the 77 intents. A
     limit of 400 must draw all 77, about in proportion, in both parts."""
     cfg = Config.from_dict({"data": {"path": str(shared_data / "banking77" / "train.csv"), "label_column": "category"},
-                            "finetune": {"eval_path": str(shared_data / "banking77" / "test.csv"), "eval_limit": 400}})
-    val, test, info = read_parts(cfg)
+                            "finetune": {"heldout": {"eval_path": str(shared_data / "banking77" / "test.csv"),
+                                                     "eval_limit": 400}}})
+    val, test, info = (p := read_parts(cfg)).validation, p.test, p.info
     assert len(val) == 200 and len(test) == 200
     assert len(set(val.labels)) == 77 and len(set(test.labels)) == 77
     assert max(info["validation"]["labels"].values()) <= 4 and not set(val.ids) & set(test.ids)
-    again, _, _ = read_parts(cfg)
+    again = read_parts(cfg).validation
     assert (again.ids == val.ids).all()  # seeded
 
 
@@ -57,6 +58,6 @@ def test_a_held_out_set_of_one_row_cannot_be_split(tmp_path):
     (tmp_path / "pool.csv").write_text("text,label\na,x\nb,y\n")
     (tmp_path / "held.csv").write_text("text,label\nc,x\n")
     cfg = Config.from_dict({"data": {"path": str(tmp_path / "pool.csv"), "label_column": "label"},
-                            "finetune": {"eval_path": str(tmp_path / "held.csv")}})
+                            "finetune": {"heldout": {"eval_path": str(tmp_path / "held.csv")}}})
     with pytest.raises(InputError, match="at least 2"):
         read_parts(cfg)

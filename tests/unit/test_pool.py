@@ -116,13 +116,13 @@ def test_texts_beside_precomputed_embeddings_feed_fine_tuning(tmp_path):
     """Regression: with data.embeddings the texts were dropped, and the Tune stage then refused the
     pool ("give data.path, not only embeddings") although data.path was given."""
     from ray_pipeline.config import Config
-    from ray_pipeline.finetune.heldout import task_arrays
+    from ray_pipeline.finetune.task import Classification
 
     np.save(tmp_path / "e.npy", np.eye(3, 2) + 0.5)
     with_text = write(tmp_path, "jsonl", [{"text": f"t{i}", "label": "ab"[i % 2]} for i in range(3)])
     cfg = Config.from_dict({"data": {"path": str(with_text), "label_column": "label",
                                      "embeddings": str(tmp_path / "e.npy")}})
-    arrays = task_arrays(read_pool(cfg.data), cfg)
+    arrays = Classification().arrays(read_pool(cfg.data))
     assert arrays["texts"] == ["t0", "t1", "t2"] and arrays["labels"].tolist() == [0, 1, 0]
     # No text in the file and none asked for: vectors only. A named text column that is missing: an error.
     (tmp_path / "q").mkdir()

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 
 from ray_pipeline.io.run_dir import Run
-from ray_pipeline.config import Config, FinetuneConfig
+from ray_pipeline.config import Config, FinetuneConfig, ProxySettings
 from ray_pipeline.io.pool import read_pool
 from ray_pipeline.errors import ConfigError
-from ray_pipeline.pipeline import embed_into, proxy_scores
+from ray_pipeline.pipeline import embed_into
 from ray_pipeline.finetune.proxy import (coverage, linear_probe, prune, sample_rows, score_base_loss, score_coverage,
-                                token_mean_loss)
+                                        score_proxy, token_mean_loss)
 from ray_pipeline.finetune.sweep import Candidate
 
 
@@ -86,16 +86,21 @@ def test_linear_probe_by_hand_and_a_single_label_subset():
 
 
 def test_proxy_kind_follows_the_task_and_probe_needs_labels():
-    assert FinetuneConfig(task="classification").proxy_kind == "probe"
-    assert FinetuneConfig(task="instruction").proxy_kind == "coverage"  # measured to rank best (README)
-    assert FinetuneConfig(task="instruction", proxy="base_loss").proxy_kind == "base_loss"
-    assert FinetuneConfig(task="instruction", proxy="none").proxy_kind is None
+    from ray_pipeline.finetune.task import task_for
+
+    def kind(task, **proxy):
+        return task_for(task).proxy_kind(FinetuneConfig(task=task, proxy=ProxySettings(**proxy)))
+
+    assert kind("classification") == "probe"
+    assert kind("instruction") == "coverage"  # measured to rank best (benchmarks/README.md)
+    assert kind("instruction", kind="base_loss") == "base_loss"
+    assert kind("instruction", kind="none") is None
     with pytest.raises(ConfigError, match="coverage"):
-        FinetuneConfig(task="instruction", proxy="probe")
+        FinetuneConfig(task="instruction", proxy=ProxySettings(kind="probe"))
     with pytest.raises(ConfigError, match="causal LM"):
-        FinetuneConfig(task="classification", proxy="base_loss")
-    with pytest.raises(ConfigError, match="proxy_rows"):
-        FinetuneConfig(task="instruction", proxy_rows=0)
+        FinetuneConfig(task="classification", proxy=ProxySettings(kind="base_loss"))
+    with pytest.raises(ConfigError, match=r"finetune\.proxy\.rows"):
+        ProxySettings(rows=0)
 
 
 def test_base_loss_scores_by_hand():
@@ -137,13 +142,14 @@ def test_a_chat_pools_candidates_are_scored_by_coverage_of_the_validation_part(t
         (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in data))
     cfg = Config.from_dict({"data": {"path": str(tmp_path / "pool.jsonl"), "id_column": "id"},
                             "embed": {"engine": "local", "device": "cpu"}, "output_dir": str(tmp_path / "run"),
-                            "finetune": {"task": "instruction", "eval_path": str(tmp_path / "held.jsonl")}})
+                            "finetune": {"task": "instruction", "heldout": {"eval_path": str(tmp_path / "held.jsonl")}}})
     run = Run(cfg)
     pool, _ = embed_into(read_pool(cfg.data), cfg, run.out, progress=False)
     held_pool = read_pool(cfg.data.__class__(path=str(tmp_path / "held.jsonl"), id_column="id"))
     cands = [Candidate("bank", "selection", np.arange(3), k=3, m=3), Candidate("cook", "selection", np.arange(3, 6), k=3, m=3),
              Candidate("full", "full", np.arange(6))]
-    scores = proxy_scores(pool, held_pool, cands, cfg, run)
+    held_pool, _ = embed_into(held_pool, cfg, run.out, progress=False)
+    scores = score_proxy("coverage", pool, cands, cfg, validation=held_pool)
     assert set(scores) == {"bank", "cook"}
     assert scores["bank"]["coverage"] > scores["cook"]["coverage"]
 
@@ -153,8 +159,9 @@ def test_base_loss_through_the_pipeline_against_each_candidate_alone(tmp_path):
     """The pipeline's call with the packaged SmolLM2 on a chat pool: each candidate's score equals
     the base model's loss on that candidate's sampled rows scored alone (no union, no lookup), and
     replies the model finds natural score lower than random letters (more left to learn there)."""
-    from ray_pipeline.finetune.train import per_sample_values
-    from ray_pipeline.finetune.heldout import read_task_pool, task_arrays
+    from ray_pipeline.finetune.heldout import read_task_pool
+    from ray_pipeline.finetune.infer import per_sample_values
+    from ray_pipeline.finetune.task import CausalLM
     from ray_pipeline.io.models import resolve
 
     natural = [("What is 2 + 2?", "2 + 2 is 4."), ("What colour is the sky?", "The sky is blue."),
@@ -166,18 +173,18 @@ def test_base_loss_through_the_pipeline_against_each_candidate_alone(tmp_path):
     (tmp_path / "pool.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = Config.from_dict({"data": {"path": str(tmp_path / "pool.jsonl"), "id_column": "id"},
                             "output_dir": str(tmp_path / "run"), "seed": 3,
-                            "finetune": {"task": "instruction", "eval_path": str(tmp_path / "pool.jsonl"),
-                                         "proxy": "base_loss", "proxy_rows": 3, "eval_batch_size": 3,
-                                         "max_length": 64}})
+                            "finetune": {"task": "instruction", "heldout": {"eval_path": str(tmp_path / "pool.jsonl")},
+                                         "proxy": {"kind": "base_loss", "rows": 3},
+                                         "train": {"eval_batch_size": 3, "max_length": 64}}})
     task_pool = read_task_pool(cfg.data, cfg)
     cands = [Candidate("natural", "selection", np.arange(4), k=4, m=4),
              Candidate("noise", "selection", np.arange(4, 8), k=4, m=4),
              Candidate("random_m4_s0", "random", np.array([0, 5, 6, 3]), m=4), Candidate("full", "full", np.arange(8))]
-    scores = proxy_scores(None, None, cands, cfg, Run(cfg), task_pool=task_pool)
+    scores = score_proxy("base_loss", None, cands, cfg, task_pool=task_pool)
     assert set(scores) == {"natural", "noise", "random_m4_s0"}  # the full pool is not scored
     assert scores["noise"]["score"] > scores["natural"]["score"] > 0
     sampled = sample_rows({c.name: c.rows for c in cands[:3]}, 3, np.random.default_rng(3))
     for name, r in sampled.items():
-        alone = per_sample_values(resolve("smollm2"), cfg.finetune, task_arrays(task_pool.take(r), cfg))
+        alone = per_sample_values(resolve("smollm2"), cfg.finetune, CausalLM().arrays(task_pool.take(r)))
         assert scores[name]["rows_scored"] == 3
         assert scores[name]["base_loss"] == pytest.approx(token_mean_loss(alone), rel=1e-4)

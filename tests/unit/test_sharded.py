@@ -15,7 +15,8 @@ from ray_pipeline.runtime.devices import Devices
 from ray_pipeline.select.sharded import Sharded, cluster_groups, read_shard
 from ray_pipeline.embed.stage import shard_table
 from ray_pipeline.errors import InputError
-from ray_pipeline.select.engine import select_candidates
+from ray_pipeline.select.engine import InMemory, select_candidates
+from ray_pipeline.select.strategy import Clustering, Vectors
 
 CPU = Devices()
 
@@ -49,6 +50,18 @@ def test_cluster_groups_by_hand():
     assert cluster_groups(np.array([5, 0, 5]), 1).tolist() == [0, 0, 0]
     g = cluster_groups(np.random.default_rng(0).integers(0, 50, 200), 7)
     assert (np.diff(g) >= 0).all() and g.min() == 0 and g.max() == 6  # consecutive ids, every group used
+
+
+def test_keys_group_of_only_empty_clusters_regression_index_error():
+    """A group can hold only empty clusters (sizes 10, 0, 10 in 4 groups: cluster 1 alone in group
+    2) and then no rows; its center and key lifted to pool rows indexed ``rows[-1]`` of an empty
+    array and raised IndexError. They are -1, as the driver path has them."""
+    from ray_pipeline.select.sharded import _keys_group
+
+    assert cluster_groups(np.array([10, 0, 10]), 4).tolist() == [1, 2, 3]
+    empty = (np.zeros(0, np.int64), np.zeros((0, 4), np.float32))
+    center, key = _keys_group(1, 2, np.array([0, 0, 2]), np.zeros(3, np.float32), empty)
+    assert center.tolist() == [-1] and key.tolist() == [-1]
 
 
 def test_training_sample_is_seeded_sorted_and_only_when_needed():
@@ -97,6 +110,16 @@ def test_read_shard_renumbers_drops_and_filters(tmp_path):
     assert all((got[j] == x[back[int(r)]]).all() for j, r in enumerate(rows))
     rows, _ = read_shard(path, None, np.array([2, 5, 9]))
     assert sorted(rows.tolist()) == [2, 5, 9]
+
+
+def test_both_engines_are_vectors_strategies(tmp_path, local_ray):
+    """Both strategies have what ``strategy.Vectors`` and ``strategy.Clustering`` declare (the
+    members, not their signatures: runtime protocols check names)."""
+    x = unit_blobs(200, 8, 4, 0)
+    cfg = Config.from_dict({"cluster": {"k": [4]}, "select": {"budgets": [20]}})
+    for vectors in (InMemory(x, cfg, CPU), Sharded(write_shards(x, tmp_path, 80, seed=0), 200, cfg, CPU, groups=2)):
+        assert isinstance(vectors, Vectors) and isinstance(vectors.subset(np.arange(50)), Vectors)
+        assert isinstance(vectors.cluster(4), Clustering)
 
 
 @pytest.mark.parametrize("groups,quantile", [(1, 0.0), (3, 0.1), (8, 0.0)])

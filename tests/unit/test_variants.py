@@ -9,7 +9,8 @@ from ray_pipeline.config import Config
 from ray_pipeline.errors import ConfigError, InputError
 from ray_pipeline.io.pool import Pool
 from ray_pipeline.select.kernels import proportional_budgets, semantic_duplicates
-from ray_pipeline.select.engine import clusters_table, select_candidates, selection_table
+from ray_pipeline.select.engine import select_candidates
+from ray_pipeline.select.tables import clusters_table, selection_table
 from reference import semantic_duplicates_reference
 
 

@@ -3,7 +3,9 @@
 import numpy as np
 import pytest
 
-from ray_pipeline.finetune.verdict import compare, judge, score
+from ray_pipeline.finetune.metrics import ratio_score as score
+from ray_pipeline.finetune.task import task_for
+from ray_pipeline.finetune.verdict import compare, judge
 
 
 def hits(correct: int, n: int = 200, seed: int = 0) -> np.ndarray:
@@ -33,7 +35,7 @@ def test_the_verdict_says_lost_when_random_wins():
               "full": hits(170, seed=3)}
     target = trial("k10_m40", "selection", 40)
     randoms = [trial("random_m40_s0", "random", 40), trial("random_m40_s1", "random", 40)]
-    v = judge("classification", target, values, randoms, trial("full", "full", 1000, cpu_seconds=100.0),
+    v = judge(task_for("classification"), target, values, randoms, trial("full", "full", 1000, cpu_seconds=100.0),
               np.random.default_rng(0))
     assert v["lost"] and not v["won"] and v["vs_random"]["word"] == "LOST TO"
     assert "LOST TO random" in v["lines"][1] and v["vs_random"]["high"] < 0
@@ -43,18 +45,18 @@ def test_the_verdict_says_lost_when_random_wins():
 
 def test_the_verdict_says_beat_and_no_clear_difference():
     values = {"t": hits(160), "r0": hits(100, seed=1), "r1": hits(104, seed=2), "f": hits(161, seed=3)}
-    v = judge("classification", trial("t", "selection", 40), values,
+    v = judge(task_for("classification"), trial("t", "selection", 40), values,
               [trial("r0", "random", 40), trial("r1", "random", 40)], trial("f", "full", 1000), np.random.default_rng(0))
     assert v["won"] and "BEAT random" in v["lines"][1]
     assert v["vs_full"]["word"] == "matched"  # 0.800 against 0.805 on 200 samples: no clear difference
     close = {"t": hits(101), "r0": hits(100, seed=1)}
-    v = judge("classification", trial("t", "selection", 40), close, [trial("r0", "random", 40)], None,
+    v = judge(task_for("classification"), trial("t", "selection", 40), close, [trial("r0", "random", 40)], None,
               np.random.default_rng(0))
     assert not v["won"] and not v["lost"] and "did not differ clearly" in v["lines"][1]
 
 
 def test_instruction_differences_are_told_in_loss():
     lossy = lambda per_token, n=100: np.stack([np.full(n, -per_token * 5.0), np.full(n, 5.0)], axis=1)  # noqa: E731
-    v = judge("instruction", trial("t", "selection", 40), {"t": lossy(1.0), "r": lossy(1.5)},
+    v = judge(task_for("instruction"), trial("t", "selection", 40), {"t": lossy(1.0), "r": lossy(1.5)},
               [trial("r", "random", 40)], None, np.random.default_rng(0))
     assert v["won"] and "test loss 1.0000" in v["lines"][0] and "-0.5000 in loss" in v["lines"][1]

@@ -1,0 +1,363 @@
+"""The task strategy: what differs between fine-tuning a classifier and a causal LM, decided once.
+
+:func:`task_for` turns ``finetune.task`` into a :class:`Task` (``classification``: a sequence
+classifier, score = accuracy; ``instruction``: a causal LM, loss on the response tokens, score =
+minus the loss), as faiss's ``contrib/clustering.py`` picks ``DatasetAssign`` or
+``DatasetAssignGPU`` once; :func:`saved_task` reads it back from a model a run saved. Everything
+that branches on the task lives here: the arrays a trial trains on, batches, loading the model
+and its LoRA adapters, the sums an evaluation all-reduces, the per-sample test values of
+:mod:`~ray_pipeline.finetune.verdict`, and prediction. Nothing else in the package asks which
+task it is.
+
+The arrays (:meth:`Task.arrays`) are plain dicts of lists, so they travel to Ray Train workers
+as they are: ``texts`` + ``labels`` (int indices into ``label_names``) for a classifier;
+``prompts`` + ``responses``, or ``chats`` (lists of turns), for a causal LM.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import numpy as np
+
+from ..errors import InputError
+from ..io.chat import chat_tokens
+from .metrics import macro_f1
+
+
+def size(data: dict) -> int:
+    """How many samples a task's arrays hold (texts, prompts or chats)."""
+    return len(next(data[k] for k in ("texts", "prompts", "chats") if k in data))
+
+
+def _tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _load_kwargs() -> dict:
+    import torch
+
+    return dict(dtype=torch.float32, trust_remote_code=False, use_safetensors=True)
+
+
+class Task:
+    """The interface; :class:`Classification` and :class:`CausalLM` fill it in.
+
+    ``name``: the config's ``finetune.task``. ``default_model``: the packaged model of
+    ``finetune.model: default``. ``default_proxy``: what ``finetune.proxy.kind: auto`` means.
+    ``lora_by_default``: LoRA when ``finetune.lora.enabled`` is empty. ``metric``: the test
+    score's name in the verdict; ``is_loss``: the score is minus a loss (shown as the loss)."""
+
+    name: str
+    default_model: str
+    default_proxy: str
+    lora_by_default: bool
+    lora_task_type: str
+    metric: str
+    is_loss: bool
+
+    def proxy_kind(self, ft) -> Optional[str]:
+        """The proxy that scores the candidates (``finetune.proxy.kind``, ``auto`` decided here):
+        ``probe``, ``coverage``, ``base_loss`` or None."""
+        kind = self.default_proxy if ft.proxy.kind == "auto" else ft.proxy.kind
+        return None if kind == "none" else kind
+
+    def uses_lora(self, ft) -> bool:
+        """LoRA as ``finetune.lora.enabled`` says, or the task's default when it is empty."""
+        return self.lora_by_default if ft.lora.enabled is None else ft.lora.enabled
+
+    def read(self, pool, data, ft):
+        """``pool`` (read by ``io.pool.read_pool`` from ``data``, a ``DataConfig``) with what this
+        task trains on in ``pool.extra``; ``ft``: the run's ``FinetuneConfig``."""
+        return pool
+
+    def arrays(self, pool, label_names: Optional[list] = None) -> dict:
+        """What a trial needs of a task pool (:meth:`read`)."""
+        raise NotImplementedError
+
+    def batch(self, tok, data: dict, idx, max_length: int, *, labels: bool = True) -> dict:
+        """The samples ``idx`` of ``data`` as tensors (``labels``: with the training targets)."""
+        raise NotImplementedError
+
+    def load(self, path: str, label_names: Optional[list] = None):
+        """(model, tokenizer) to fine-tune from ``path``: float32, safetensors, no remote code."""
+        raise NotImplementedError
+
+    def with_lora(self, model, lora):
+        """``model`` wrapped in PEFT LoRA adapters as ``lora`` (``config.LoraSettings``) sets them."""
+        from peft import LoraConfig, get_peft_model
+
+        targets = "all-linear" if tuple(lora.target_modules) == ("all-linear",) else list(lora.target_modules)
+        return get_peft_model(model, LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                                target_modules=targets, task_type=self.lora_task_type))
+
+    def check_heldout(self, pool, parts: dict) -> None:
+        """Before any stage: what this task needs of the pool and the held-out parts (``parts``:
+        a name such as ``validation part (file)`` -> its task pool)."""
+
+    def eval_sums(self, out, batch: dict) -> tuple[float, float, Optional[np.ndarray]]:
+        """One evaluation batch's (loss summed, count it is over, predictions or None)."""
+        raise NotImplementedError
+
+    def eval_metrics(self, loss: float, preds: Optional[np.ndarray], trues: Optional[np.ndarray],
+                     n_labels: int) -> dict:
+        """The validation metrics from the all-reduced mean loss (and gathered predictions);
+        ``score``: higher is better."""
+        raise NotImplementedError
+
+    def sample_values(self, model, tok, data: dict, lo: int, hi: int, max_length: int, device) -> np.ndarray:
+        """(hi - lo, 2) test values of samples lo..hi for :mod:`~ray_pipeline.finetune.verdict`:
+        a numerator and a denominator per sample, the score is their sums' ratio."""
+        raise NotImplementedError
+
+    def predict(self, model, tok, chunk: list, max_length: int, max_new_tokens: int) -> list[dict]:
+        """What the tuned model says of each item of ``chunk``."""
+        raise NotImplementedError
+
+    def test_fields(self, score: float) -> dict:
+        """The trial record's fields for its test score (``test_accuracy`` or ``test_loss``)."""
+        raise NotImplementedError
+
+
+class Classification(Task):
+    """A sequence classifier (``AutoModelForSequenceClassification``, a new head for the pool's
+    labels); score = accuracy, also macro-F1 and loss. Test values: (correct, 1) per sample."""
+
+    name = "classification"
+    default_model = "minilm"
+    default_proxy = "probe"
+    lora_by_default = False
+    lora_task_type = "SEQ_CLS"  # PEFT keeps the new head trainable
+    metric = "test accuracy"
+    is_loss = False
+
+    def arrays(self, pool, label_names: Optional[list] = None) -> dict:
+        if pool.labels is None:
+            raise InputError("classification needs labels: set data.label_column (or data.labels_path)")
+        if pool.texts is None:
+            raise InputError("fine-tuning needs the samples' texts; give data.path, not only embeddings")
+        names, codes = pool.label_codes(label_names)
+        if (codes < 0).any():
+            missing = sorted({str(v) for v in pool.labels[codes < 0]})
+            raise InputError(f"the held-out set has label(s) {missing[:5]} that the pool does not have; "
+                             f"a classifier cannot learn them")
+        return {"texts": pool.texts.tolist(), "labels": codes, "label_names": names}
+
+    def check_heldout(self, pool, parts: dict) -> None:
+        if pool.labels is None:
+            raise InputError("classification needs the pool's labels: set data.label_column (or "
+                             "data.labels_path), or finetune.task: instruction")
+        known = {str(v) for v in pool.labels}
+        for where, p in parts.items():
+            theirs = {str(v) for v in p.labels}
+            unknown = sorted(theirs - known)
+            if unknown:
+                none = " (none of its labels is in the pool)" if not known & theirs else ""
+                raise InputError(f"the held-out {where} has {len(unknown)} label(s) the pool does not have, e.g. "
+                                 f"{unknown[:3]}{none}; a classifier cannot learn them: remove those rows, or check "
+                                 f"data.label_column")
+
+    def batch(self, tok, data: dict, idx, max_length: int, *, labels: bool = True) -> dict:
+        import torch
+
+        enc = tok([data["texts"][i] for i in idx], padding=True, truncation=True, max_length=max_length,
+                  return_tensors="pt")
+        if labels:
+            enc["labels"] = torch.as_tensor(np.asarray(data["labels"], dtype=np.int64)[np.asarray(idx, dtype=np.int64)])
+        return enc
+
+    def load(self, path: str, label_names: Optional[list] = None):
+        from transformers import AutoModelForSequenceClassification
+
+        tok = _tokenizer(path)
+        if label_names is None:  # a tuned classifier, with its own labels
+            return AutoModelForSequenceClassification.from_pretrained(path, **_load_kwargs()), tok
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=len(label_names), id2label=dict(enumerate(label_names)),
+            label2id={v: i for i, v in enumerate(label_names)}, ignore_mismatched_sizes=True, **_load_kwargs())
+        model.config.pad_token_id = tok.pad_token_id
+        return model, tok
+
+    def eval_sums(self, out, batch: dict):
+        n = len(batch["labels"])
+        return float(out.loss) * n, n, out.logits.argmax(-1).cpu().numpy()
+
+    def eval_metrics(self, loss, preds, trues, n_labels):
+        acc = float((preds == trues).mean()) if len(trues) else 0.0
+        return {"eval_loss": loss, "accuracy": acc, "macro_f1": macro_f1(trues, preds, n_labels), "score": acc}
+
+    def sample_values(self, model, tok, data, lo, hi, max_length, device):
+        batch = self.batch(tok, data, range(lo, hi), max_length, labels=False)
+        pred = model(**{k: v.to(device) for k, v in batch.items()}).logits.argmax(-1).cpu().numpy()
+        return np.stack([pred == np.asarray(data["labels"])[lo:hi], np.ones(len(pred))], axis=1)
+
+    def predict(self, model, tok, chunk, max_length, max_new_tokens):
+        enc = tok(list(chunk), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        p, i = model(**enc).logits.softmax(-1).max(-1)
+        return [{"label": model.config.id2label[int(j)], "probability": float(q)} for q, j in zip(p, i)]
+
+    def test_fields(self, score):
+        return {"test_accuracy": score}
+
+
+class CausalLM(Task):
+    """A causal LM (``AutoModelForCausalLM``) tuned on responses: prompt + response pairs, or
+    conversations rendered with the chat template (loss on the assistant turns). Score = minus
+    the token-weighted response loss, also perplexity. Test values: (-loss summed over a sample's
+    response tokens, tokens)."""
+
+    name = "instruction"
+    default_model = "smollm2"
+    default_proxy = "coverage"
+    lora_by_default = True
+    lora_task_type = "CAUSAL_LM"
+    metric = "test loss"
+    is_loss = True
+
+    def read(self, pool, data, ft):
+        """Each sample's turns (a chat column: ``data.chat_column``, or ``messages`` /
+        ``conversations``: trained on whatever is embedded), else its prompt
+        (``finetune.instruction.prompt_template`` over the record's fields) and response
+        (``finetune.instruction.response_field``)."""
+        from dataclasses import replace
+
+        from ..io.chat import chat_column, check_trainable
+        from ..io.pool import read_chats
+
+        table = pool.records
+        if table is None:
+            raise InputError("instruction tuning needs the samples' records; give data.path, not only embeddings")
+        chat = chat_column(table.column_names, data.chat_column, has_text=False)
+        if chat is not None:
+            chats = read_chats(table, chat, str(data.path))
+            for i, conv in enumerate(chats):
+                check_trainable(conv, f"{data.path}, row {i} ({chat})")
+            return replace(pool, extra={"chats": np.array(chats + [None], dtype=object)[:-1]})  # lists, not 2-d
+        ins = ft.instruction
+        if ins.response_field not in table.column_names:
+            raise InputError(f"{data.path} has no response column {ins.response_field!r}; set "
+                             f"finetune.instruction.response_field")
+        cols = {c: table.column(c).to_pylist() for c in table.column_names}
+        prompts = [ins.prompt_template.format(**{c: ("" if v[i] is None else v[i]) for c, v in cols.items()})
+                   for i in range(table.num_rows)]
+        responses = ["" if v is None else str(v) for v in cols[ins.response_field]]
+        return replace(pool, extra={"prompts": np.array(prompts, dtype=object),
+                                    "responses": np.array(responses, dtype=object)})
+
+    def arrays(self, pool, label_names: Optional[list] = None) -> dict:
+        if "chats" in pool.extra:
+            return {"chats": list(pool.extra["chats"])}
+        return {"prompts": list(pool.extra["prompts"]), "responses": list(pool.extra["responses"])}
+
+    def batch(self, tok, data: dict, idx, max_length: int, *, labels: bool = True) -> dict:
+        if "chats" in data:
+            return padded(tok, [chat_tokens(tok, data["chats"][i], max_length) for i in idx])
+        return instruction_batch(tok, [data["prompts"][i] for i in idx], [data["responses"][i] for i in idx],
+                                 max_length)
+
+    def load(self, path: str, label_names: Optional[list] = None):
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(path, **_load_kwargs()), _tokenizer(path)
+
+    def eval_sums(self, out, batch: dict):
+        tokens = int((batch["labels"][:, 1:] != -100).sum())
+        return float(out.loss) * tokens, tokens, None
+
+    def eval_metrics(self, loss, preds, trues, n_labels):
+        return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0)), "score": -loss}
+
+    def sample_values(self, model, tok, data, lo, hi, max_length, device):
+        import torch
+
+        batch = self.batch(tok, data, range(lo, hi), max_length)
+        logits = model(input_ids=batch["input_ids"].to(device),
+                       attention_mask=batch["attention_mask"].to(device)).logits[:, :-1].float()
+        labels = batch["labels"][:, 1:].to(device)
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100,
+                                                reduction="none")  # (b, t-1), 0 where ignored
+        tokens = (labels != -100).sum(dim=1)
+        return np.stack([-nll.sum(dim=1).cpu().numpy(), tokens.cpu().numpy()], axis=1)
+
+    def predict(self, model, tok, chunk, max_length, max_new_tokens):
+        out = []
+        for prompt in chunk:
+            enc = tok(chat_prompt(tok, prompt), return_tensors="pt", add_special_tokens=False) \
+                if isinstance(prompt, list) else tok(prompt, return_tensors="pt")
+            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+            out.append({"generation": tok.decode(gen[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)})
+        return out
+
+    def test_fields(self, score):
+        return {"test_loss": -score}
+
+
+TASKS = {t.name: t for t in (Classification(), CausalLM())}
+
+
+def task_for(name: str) -> Task:
+    """The strategy of ``finetune.task``.
+
+    Example:
+        >>> task_for("instruction").metric, task_for("classification").default_proxy
+        ('test loss', 'probe')
+    """
+    return TASKS[name]
+
+
+def saved_task(model_dir: str) -> Task:
+    """The task of a model a run saved (``target/model``), read from its saved architecture."""
+    from pathlib import Path
+
+    from transformers import AutoConfig
+
+    if not (Path(model_dir) / "config.json").is_file():
+        raise InputError(f"model {model_dir!r} is not a model directory (no config.json); pass the "
+                         f"target/model directory a tune run wrote")
+    arch = " ".join(AutoConfig.from_pretrained(model_dir).architectures or [])
+    return TASKS["classification" if "SequenceClassification" in arch else "instruction"]
+
+
+# ----------------------------------------------------------------------------------------------
+# causal-LM batches
+
+
+def instruction_batch(tok, prompts: list, responses: list, max_length: int) -> dict:
+    """Prompt + response + EOS, right-padded; labels -100 on prompt and padding, so the loss
+    covers the response tokens only."""
+    pairs = []
+    for p, r in zip(prompts, responses):
+        pi = tok(p, add_special_tokens=False)["input_ids"]
+        ri = tok(r, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        pairs.append(((pi + ri)[:max_length], ([-100] * len(pi) + ri)[:max_length]))
+    return padded(tok, pairs)
+
+
+def padded(tok, pairs: list[tuple[list[int], list[int]]]) -> dict:
+    """(ids, labels) per sample as right-padded tensors (labels -100 on the padding)."""
+    import torch
+
+    ids, labels = [p[0] for p in pairs], [p[1] for p in pairs]
+    width = max(len(s) for s in ids)
+    input_ids = torch.full((len(ids), width), tok.pad_token_id, dtype=torch.long)
+    label_t = torch.full((len(ids), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for i, (s, lab) in enumerate(zip(ids, labels)):
+        input_ids[i, :len(s)] = torch.as_tensor(s)
+        label_t[i, :len(lab)] = torch.as_tensor(lab)
+        mask[i, :len(s)] = 1
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": label_t}
+
+
+def chat_prompt(tok, conv: list[dict]) -> str:
+    """The conversation through its last user turn, rendered for the model to answer."""
+    last = max((i for i, t in enumerate(conv) if t["role"] == "user"), default=None)
+    if last is None:
+        raise InputError("a conversation to answer needs a user turn")
+    return tok.apply_chat_template(conv[:last + 1], tokenize=False, add_generation_prompt=True)
