@@ -44,7 +44,7 @@ def one_mode(mode: str, batch_size: int, max_length: int, steps: int, warmup: in
     task = CausalLM()
     model, tok = task.load(smollm2_path())
     if mode == "lora":
-        model = task.with_lora(model, LoraSettings(dropout=dropout))
+        model = task.with_lora(model, LoraSettings(lora_dropout=dropout))
     model.to(device).train()
     loaded = (torch.cuda.memory_allocated() / 2 ** 30 if device == "cuda"
               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20)
@@ -81,7 +81,7 @@ def main() -> None:
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--dropout", type=float, default=LORA_DROPOUT, help="finetune.lora.dropout")
+    p.add_argument("--dropout", type=float, default=LORA_DROPOUT, help="finetune.lora.lora_dropout")
     p.add_argument("--mode", choices=["full", "lora"], help=argparse.SUPPRESS)  # one mode, in a child process
     args = p.parse_args()
     if args.mode:

@@ -219,13 +219,36 @@ def _check_held_out(cfg: Config, pool: Pool):
     from .finetune.task import task_for
     from .io.models import resolve
 
-    task = task_for(cfg.finetune.task)
-    resolve(cfg.finetune.model, task.default_model)
+    ft = cfg.finetune
+    task = task_for(ft.task)
+    model_path = resolve(ft.model, task.default_model)
     parts = read_parts(cfg)
-    ho = cfg.finetune.heldout
+    ho = ft.heldout
     task.check_heldout(pool, {f"validation part ({ho.eval_path})": parts.validation,
                               f"test part ({ho.test_path or ho.eval_path})": parts.test})
+    _check_trial_device(cfg, pool, model_path)
     return parts
+
+
+def _check_trial_device(cfg: Config, pool: Pool, model_path: str) -> None:
+    """The trials' device needs and GPU memory plan, where they can be known before Ray starts:
+    on this machine (no cluster to join: its GPUs are the trials'), with ``finetune.device: cpu``,
+    or against ``finetune.resources.gpu_memory_gb``. The sweep checks again on the cluster."""
+    import os
+
+    from .finetune.sizing import check_memory
+    from .finetune.task import task_for
+    from .finetune.train import check_device
+    from .runtime.devices import torch_device
+
+    ft = cfg.finetune
+    local = not (cfg.ray_address or os.environ.get("RAY_ADDRESS"))
+    on_gpu = ft.device != "cpu" and torch_device("auto").type == "cuda"
+    if local or ft.device == "cpu":
+        check_device(ft, on_gpu)
+    if ft.resources.gpu_memory_gb or (local and on_gpu):
+        names = task_for(ft.task).label_names(pool)
+        check_memory(cfg, model_path, None if names is None else len(names), on_gpu=True)
 
 
 def _read_pool(cfg: Config) -> Pool:

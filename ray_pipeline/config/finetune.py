@@ -59,23 +59,42 @@ class InstructionSettings:
 @dataclass(frozen=True)
 class TrainSettings:
     """One trial. Every trial, the random and full baselines too, trains until ``patience``
-    evaluations (one every ``eval_every`` steps) in a row did not improve its validation score,
-    or its cap: ``max_epochs`` passes over its subset, at most ``max_steps`` steps.
-    ``zero_stage``/``precision`` empty/``auto``: ZeRO-2 + bf16 on GPU, ZeRO-0 + fp32 on CPU."""
+    evaluations (one every ``eval_every`` optimizer steps) in a row did not improve its validation
+    score, or its cap: ``max_epochs`` passes over its subset, at most ``max_steps`` steps.
+
+    The fields a Hugging Face ``TrainingArguments`` user knows keep its names: a step takes
+    ``gradient_accumulation_steps`` micro-batches of ``batch_size`` samples per worker (the
+    effective batch is their product times the workers); ``lr`` follows ``lr_scheduler_type``
+    (``transformers.get_scheduler``: linear, cosine, constant, constant_with_warmup, ...) after
+    ``warmup_ratio`` of the trial's steps of linear warm-up; AdamW with ``weight_decay``;
+    ``gradient_checkpointing`` recomputes activations in the backward pass (less memory, about a
+    third more compute). ``zero_stage``/``precision`` empty/``auto``: ZeRO-2 + bf16 on GPU, ZeRO-0 +
+    fp32 on CPU; the weights are loaded in the training precision (bf16/fp16 halve their memory);
+    fp16 needs a GPU. ZeRO-3 shards the weights over the workers from the moment they load.
+    ``quantization: 4bit``: QLoRA, the frozen base in 4-bit NF4 through bitsandbytes (CUDA only,
+    LoRA only)."""
 
     lr: float = 1e-4
     batch_size: int = 16
+    gradient_accumulation_steps: int = 1
     eval_batch_size: int = 64
     max_epochs: float = 10.0
     max_steps: int = 1000
     eval_every: int = 25
     patience: int = 3
     max_length: int = 64
+    lr_scheduler_type: Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
+                               "polynomial", "inverse_sqrt"] = "constant_with_warmup"
+    warmup_ratio: float = 0.0
+    weight_decay: float = 0.01
+    gradient_checkpointing: bool = False
     zero_stage: Optional[int] = None
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    quantization: Literal["none", "4bit"] = "none"
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "eval_batch_size", "max_steps", "eval_every", "patience"):
+        for name in ("batch_size", "gradient_accumulation_steps", "eval_batch_size", "max_steps", "eval_every",
+                     "patience"):
             if getattr(self, name) < 1:
                 fail(f"finetune.train.{name}", getattr(self, name), "an int >= 1")
         if self.eval_every > self.max_steps:
@@ -88,30 +107,38 @@ class TrainSettings:
             fail("finetune.train.max_length", self.max_length, "an int >= 8 (tokens)")
         if self.zero_stage is not None and self.zero_stage not in (0, 1, 2, 3):
             fail("finetune.train.zero_stage", self.zero_stage, "empty (auto), 0, 1, 2 or 3")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            fail("finetune.train.warmup_ratio", self.warmup_ratio, "a share of the trial's steps in [0, 1), e.g. 0.05")
+        if self.weight_decay < 0:
+            fail("finetune.train.weight_decay", self.weight_decay, "a number >= 0, e.g. 0.01")
+        if self.quantization == "4bit" and self.zero_stage == 3:
+            fail("finetune.train.quantization", self.quantization, "'none' with ZeRO-3 (a 4-bit base cannot be "
+                 "sharded by DeepSpeed); use ZeRO-2 or less with QLoRA")
 
 
 @dataclass(frozen=True)
 class LoraSettings:
     """LoRA adapters through PEFT (Hu et al. 2021): only low-rank updates of the ``target_modules``
-    are trained. ``enabled`` empty: on for causal LMs (``finetune.task: instruction``), off for
-    classification. ``rank`` r, ``alpha`` (the update is scaled by alpha / r), ``dropout`` on the
-    adapters' input, ``target_modules``: module names, or ``all-linear`` (every linear layer but
-    the output). The tuned model is saved merged (loads with ``from_pretrained``) and its adapter
-    beside it in ``adapter/``."""
+    are trained. The fields keep PEFT's ``LoraConfig`` names. ``enabled`` empty: on for causal LMs
+    (``finetune.task: instruction``), off for classification. ``r`` the rank, ``lora_alpha`` (the
+    update is scaled by lora_alpha / r), ``lora_dropout`` on the adapters' input,
+    ``target_modules``: module names, or ``all-linear`` (every linear layer but the output). The
+    tuned model is saved merged (loads with ``from_pretrained``) and its adapter beside it in
+    ``adapter/``."""
 
     enabled: Optional[bool] = None
-    rank: int = 16
-    alpha: float = 32.0
-    dropout: float = 0.0
+    r: int = 16
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.0
     target_modules: tuple[str, ...] = ("all-linear",)
 
     def __post_init__(self) -> None:
-        if self.rank < 1:
-            fail("finetune.lora.rank", self.rank, "an int >= 1, e.g. 16")
-        if not self.alpha > 0:
-            fail("finetune.lora.alpha", self.alpha, "a number > 0, e.g. twice the rank")
-        if not 0.0 <= self.dropout < 1.0:
-            fail("finetune.lora.dropout", self.dropout, "a probability in [0, 1)")
+        if self.r < 1:
+            fail("finetune.lora.r", self.r, "an int >= 1, e.g. 16")
+        if not self.lora_alpha > 0:
+            fail("finetune.lora.lora_alpha", self.lora_alpha, "a number > 0, e.g. twice r")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            fail("finetune.lora.lora_dropout", self.lora_dropout, "a probability in [0, 1)")
         if not self.target_modules:
             fail("finetune.lora.target_modules", list(self.target_modules),
                  "module names such as [q_proj, v_proj], or [all-linear]")
@@ -168,11 +195,15 @@ class SweepSettings:
 class ResourceSettings:
     """What one trial asks of the cluster: ``num_workers`` Ray Train workers of
     ``cpus_per_worker`` CPUs (and a GPU each where the cluster has them and ``finetune.device``
-    allows); ``threads_per_worker``: torch's threads in a worker (empty: torch's default)."""
+    allows); ``threads_per_worker``: torch's threads in a worker (empty: torch's default).
+    ``gpu_memory_gb``: the memory of one worker's GPU, against which the sweep's memory plan
+    (``finetune.sizing``) is checked before any trial, in ``--check`` too (empty: the driver's
+    GPU where it has one, else the plan is printed and not checked)."""
 
     num_workers: int = 1
     cpus_per_worker: float = 1.0
     threads_per_worker: Optional[int] = None
+    gpu_memory_gb: Optional[float] = None
 
     def __post_init__(self) -> None:
         if self.num_workers < 1:
@@ -181,6 +212,8 @@ class ResourceSettings:
             fail("finetune.resources.cpus_per_worker", self.cpus_per_worker, "a number > 0")
         if self.threads_per_worker is not None and self.threads_per_worker < 1:
             fail("finetune.resources.threads_per_worker", self.threads_per_worker, "empty or an int >= 1")
+        if self.gpu_memory_gb is not None and not self.gpu_memory_gb > 0:
+            fail("finetune.resources.gpu_memory_gb", self.gpu_memory_gb, "empty or the GB of one GPU, e.g. 48")
 
 
 @dataclass(frozen=True)
@@ -236,6 +269,9 @@ MOVED = {
 }
 
 
+LORA_RENAMED = {"rank": "r", "alpha": "lora_alpha", "dropout": "lora_dropout"}  # to PEFT's names
+
+
 def refuse_moved(raw: Any) -> None:
     """A ``finetune:`` mapping in the flat layout: a :class:`ConfigError` naming the new place of
     its first moved key (``proxy: coverage`` as a string is ``proxy.kind`` now)."""
@@ -247,3 +283,8 @@ def refuse_moved(raw: Any) -> None:
     for key in raw:
         if key in MOVED:
             raise ConfigError(f"config field 'finetune.{key}' moved to 'finetune.{MOVED[key]}'; write it there")
+    lora = raw.get("lora")
+    for key in lora if isinstance(lora, dict) else ():
+        if key in LORA_RENAMED:
+            raise ConfigError(f"config field 'finetune.lora.{key}' is 'finetune.lora.{LORA_RENAMED[key]}' now "
+                              f"(PEFT's LoraConfig name); write it there")

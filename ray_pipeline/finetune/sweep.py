@@ -41,7 +41,8 @@ from ..errors import InputError
 from .heldout import Parts
 from .metrics import ratio_score
 from .task import task_for
-from .train import TrialLoop
+from .sizing import check_memory
+from .train import TrialLoop, check_device
 
 log = logging.getLogger(__name__)
 
@@ -211,6 +212,7 @@ def plan_resources(cpus: float, gpus: float, cfg: Config) -> dict:
         raise InputError(f"one trial needs {res.num_workers} worker(s) x {res.cpus_per_worker} CPU "
                          f"{'and 1 GPU ' if use_gpu else ''}but the cluster has {cpus:g} CPU / {gpus:g} GPU; "
                          f"lower finetune.resources.num_workers or finetune.resources.cpus_per_worker")
+    check_device(ft, use_gpu)
     return {"use_gpu": use_gpu, "resources_per_worker": per_worker,
             "max_concurrent_trials": min(ft.sweep.max_concurrent_trials or fits, fits)}
 
@@ -241,7 +243,10 @@ def run_sweep(candidates: list[Candidate], pool: Pool, parts: Parts, cfg: Config
     max_t = max(math.ceil(s["steps"] / ft.train.eval_every) for s in specs)  # evaluations of the longest trial
     with ray_session(cfg.ray_address) as res:
         plan = plan_resources(res.cpus, res.gpus, cfg)
-        loop = TrialLoop(finetune=ft, seed=cfg.seed, model_path=resolve(ft.model, task.default_model),
+        model_path = resolve(ft.model, task.default_model)
+        plan["memory_gb_per_gpu"] = check_memory(cfg, model_path, len(train.get("label_names") or []) or None,
+                                                 on_gpu=plan["use_gpu"])
+        loop = TrialLoop(finetune=ft, seed=cfg.seed, model_path=model_path,
                          label_names=train.get("label_names"), train={}, eval=ev, use_gpu=plan["use_gpu"], steps=0,
                          best_model_dir="")
         shared = SweepData(loop=loop, train=train, rows={c.name: c.rows for c in candidates},

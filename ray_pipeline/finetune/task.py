@@ -40,10 +40,26 @@ def _tokenizer(path: str):
     return tok
 
 
-def _load_kwargs() -> dict:
+def _load_kwargs(precision: str = "fp32", quantization: str = "none") -> dict:
+    """``from_pretrained`` arguments: the weights in ``precision`` (fp32, bf16, fp16), or the base
+    in 4-bit NF4 (``quantization: 4bit``, bitsandbytes, CUDA only) with bf16 compute."""
     import torch
 
-    return dict(dtype=torch.float32, trust_remote_code=False, use_safetensors=True)
+    kw = dict(dtype=torch_dtype(precision), trust_remote_code=False, use_safetensors=True)
+    if quantization == "4bit":
+        from transformers import BitsAndBytesConfig
+
+        kw.update(dtype=torch.bfloat16, quantization_config=BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
+            bnb_4bit_use_double_quant=True))
+    return kw
+
+
+def torch_dtype(precision: str):
+    """The torch dtype of a precision name (``fp32``, ``bf16``, ``fp16``)."""
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 class Task:
@@ -61,6 +77,10 @@ class Task:
     lora_task_type: str
     metric: str
     is_loss: bool
+
+    def label_names(self, pool) -> Optional[list]:
+        """The labels a classifier head is made for (None: the task has no head)."""
+        return None
 
     def proxy_kind(self, ft) -> Optional[str]:
         """The proxy that scores the candidates (``finetune.proxy.kind``, ``auto`` decided here):
@@ -85,8 +105,10 @@ class Task:
         """The samples ``idx`` of ``data`` as tensors (``labels``: with the training targets)."""
         raise NotImplementedError
 
-    def load(self, path: str, label_names: Optional[list] = None):
-        """(model, tokenizer) to fine-tune from ``path``: float32, safetensors, no remote code."""
+    def load(self, path: str, label_names: Optional[list] = None, *, precision: str = "fp32",
+             quantization: str = "none"):
+        """(model, tokenizer) to fine-tune from ``path``: weights in ``precision`` (or a 4-bit
+        base), safetensors, no remote code."""
         raise NotImplementedError
 
     def with_lora(self, model, lora):
@@ -94,7 +116,7 @@ class Task:
         from peft import LoraConfig, get_peft_model
 
         targets = "all-linear" if tuple(lora.target_modules) == ("all-linear",) else list(lora.target_modules)
-        return get_peft_model(model, LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+        return get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
                                                 target_modules=targets, task_type=self.lora_task_type))
 
     def check_heldout(self, pool, parts: dict) -> None:
@@ -149,6 +171,9 @@ class Classification(Task):
                              f"a classifier cannot learn them")
         return {"texts": pool.texts.tolist(), "labels": codes, "label_names": names}
 
+    def label_names(self, pool) -> Optional[list]:
+        return None if pool.labels is None else pool.label_codes()[0]
+
     def check_heldout(self, pool, parts: dict) -> None:
         if pool.labels is None:
             raise InputError("classification needs the pool's labels: set data.label_column (or "
@@ -172,15 +197,17 @@ class Classification(Task):
             enc["labels"] = torch.as_tensor(np.asarray(data["labels"], dtype=np.int64)[np.asarray(idx, dtype=np.int64)])
         return enc
 
-    def load(self, path: str, label_names: Optional[list] = None):
+    def load(self, path: str, label_names: Optional[list] = None, *, precision: str = "fp32",
+             quantization: str = "none"):
         from transformers import AutoModelForSequenceClassification
 
         tok = _tokenizer(path)
+        kw = _load_kwargs(precision, quantization)
         if label_names is None:  # a tuned classifier, with its own labels
-            return AutoModelForSequenceClassification.from_pretrained(path, **_load_kwargs()), tok
+            return AutoModelForSequenceClassification.from_pretrained(path, **kw), tok
         model = AutoModelForSequenceClassification.from_pretrained(
             path, num_labels=len(label_names), id2label=dict(enumerate(label_names)),
-            label2id={v: i for i, v in enumerate(label_names)}, ignore_mismatched_sizes=True, **_load_kwargs())
+            label2id={v: i for i, v in enumerate(label_names)}, ignore_mismatched_sizes=True, **kw)
         model.config.pad_token_id = tok.pad_token_id
         return model, tok
 
@@ -261,10 +288,11 @@ class CausalLM(Task):
         return instruction_batch(tok, [data["prompts"][i] for i in idx], [data["responses"][i] for i in idx],
                                  max_length)
 
-    def load(self, path: str, label_names: Optional[list] = None):
+    def load(self, path: str, label_names: Optional[list] = None, *, precision: str = "fp32",
+             quantization: str = "none"):
         from transformers import AutoModelForCausalLM
 
-        return AutoModelForCausalLM.from_pretrained(path, **_load_kwargs()), _tokenizer(path)
+        return AutoModelForCausalLM.from_pretrained(path, **_load_kwargs(precision, quantization)), _tokenizer(path)
 
     def eval_sums(self, out, batch: dict):
         tokens = int((batch["labels"][:, 1:] != -100).sum())

@@ -27,6 +27,7 @@ from typing import Optional
 import numpy as np
 
 from ..config import FinetuneConfig
+from ..errors import InputError
 from .task import size, task_for
 
 log = logging.getLogger(__name__)
@@ -58,18 +59,39 @@ class TrialLoop:
     inject_failure: bool = False
 
 
+def precision_of(ft: FinetuneConfig, on_gpu: bool) -> str:
+    """``fp32``, ``bf16`` or ``fp16``: ``finetune.train.precision``, ``auto`` = bf16 on a GPU, fp32 on a CPU."""
+    return ft.train.precision if ft.train.precision != "auto" else ("bf16" if on_gpu else "fp32")
+
+
+def zero_stage_of(ft: FinetuneConfig, on_gpu: bool) -> int:
+    """``finetune.train.zero_stage``; empty: 2 on GPUs, 0 on CPUs."""
+    return ft.train.zero_stage if ft.train.zero_stage is not None else (2 if on_gpu else 0)
+
+
+def check_device(ft: FinetuneConfig, on_gpu: bool) -> None:
+    """What the training settings need of the device, before any trial: fp16 and a 4-bit base
+    need a CUDA GPU (no silent fallback on a CPU)."""
+    if on_gpu:
+        return
+    if precision_of(ft, on_gpu) == "fp16":
+        raise InputError("finetune.train.precision 'fp16' needs a CUDA GPU and these trials run on CPUs; use "
+                         "'bf16' or 'fp32' (or 'auto'), or a cluster with GPUs")
+    if ft.train.quantization == "4bit":
+        raise InputError("finetune.train.quantization '4bit' (QLoRA through bitsandbytes) needs a CUDA GPU and these "
+                         "trials run on CPUs; use 'none', or a cluster with GPUs")
+
+
 def deepspeed_config(ft: FinetuneConfig, on_gpu: bool) -> dict:
-    """ZeRO-2 + bf16 on a GPU, ZeRO-0 + fp32 on a CPU, unless the config names them."""
+    """ZeRO-2 + bf16 on a GPU, ZeRO-0 + fp32 on a CPU, unless the config names them; the
+    micro-batch and gradient accumulation of ``finetune.train``."""
     tr = ft.train
-    precision = tr.precision
-    if precision == "auto":
-        precision = "bf16" if on_gpu else "fp32"
-    zero = tr.zero_stage if tr.zero_stage is not None else (2 if on_gpu else 0)
+    precision = precision_of(ft, on_gpu)
     return {
         "train_micro_batch_size_per_gpu": tr.batch_size,
-        "gradient_accumulation_steps": 1,
+        "gradient_accumulation_steps": tr.gradient_accumulation_steps,
         "gradient_clipping": 1.0,
-        "zero_optimization": {"stage": zero},
+        "zero_optimization": {"stage": zero_stage_of(ft, on_gpu)},
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": precision == "fp16"},
         "steps_per_print": 10 ** 9,
@@ -124,7 +146,7 @@ def step_cap(ft: FinetuneConfig, subset_size: int) -> int:
         >>> step_cap(ft, 200), step_cap(ft, 10_000)
         (125, 400)
     """
-    per_step = ft.train.batch_size * ft.resources.num_workers
+    per_step = ft.train.batch_size * ft.train.gradient_accumulation_steps * ft.resources.num_workers
     return max(1, min(ft.train.max_steps, math.ceil(ft.train.max_epochs * subset_size / per_step)))
 
 
@@ -149,7 +171,6 @@ def train_loop_per_worker(config: dict) -> None:
     metrics and ``score`` (higher is better), ``stopped_by_patience``; rank 0 writes the model of
     the best validation score to ``loop.best_model_dir``.
     """
-    import deepspeed
     import ray.train
     import torch
 
@@ -167,33 +188,34 @@ def train_loop_per_worker(config: dict) -> None:
         raise RuntimeError(f"injected failure in trial {loop.name}")
 
     torch.manual_seed(loop.seed)
-    model, tok = task.load(loop.model_path, loop.label_names)
-    if task.uses_lora(ft):
-        model = task.with_lora(model, ft.lora)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=tr.lr, weight_decay=0.01)
-    # A torch optimizer, not DeepSpeed's: its fused/CPU Adam ops would compile for minutes.
-    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                                   config=deepspeed_config(ft, loop.use_gpu))
+    engine, tok = build_engine(loop, task, device)
     n = size(loop.train)
     mine = np.arange(rank, n, world)  # this worker's share of the candidate subset
     rng = np.random.default_rng(loop.seed + rank)
     order, pos = rng.permutation(mine), 0
-    best, since_best, losses = -math.inf, 0, []
+    best, since_best = -math.inf, 0
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # summed on the device: no sync a step
     t0 = time.perf_counter()
     tokens_seen = 0
+    micro = tr.batch_size
     for step in range(1, loop.steps + 1):
-        if pos + tr.batch_size > len(order):
-            order, pos = rng.permutation(mine), 0
-        idx = order[pos:pos + tr.batch_size]
-        pos += tr.batch_size
-        batch = task.batch(tok, loop.train, idx, tr.max_length)
-        tokens_seen += int(batch["attention_mask"].sum())
-        out = engine(**{k: v.to(device) for k, v in batch.items()})
-        engine.backward(out.loss)
-        engine.step()
-        losses.append(float(out.loss.detach()))
+        for _ in range(tr.gradient_accumulation_steps):  # DeepSpeed steps the optimizer on the last one
+            if pos + micro > len(order):
+                order, pos = rng.permutation(mine), 0
+            idx = order[pos:pos + micro]
+            pos += micro
+            batch = task.batch(tok, loop.train, idx, tr.max_length)
+            tokens_seen += int(batch["attention_mask"].sum())
+            out = engine(**{k: v.to(device) for k, v in batch.items()})
+            engine.backward(out.loss)  # scaled by 1 / gradient_accumulation_steps
+            engine.step()
+            loss_sum += out.loss.detach().double()
         if step % tr.eval_every and step != loop.steps:
             continue
+        # a sync point: the window's mean training loss comes to the host once per evaluation
+        window = (step - 1) % tr.eval_every + 1
+        train_loss = float(loss_sum) / (window * tr.gradient_accumulation_steps)
+        loss_sum.zero_()
         metrics = _evaluate(engine, tok, loop, rank, world, device)
         improved = metrics["score"] > best
         if improved:
@@ -202,9 +224,9 @@ def train_loop_per_worker(config: dict) -> None:
             since_best += 1
         stop = since_best >= tr.patience
         elapsed = time.perf_counter() - t0
-        samples_seen = step * tr.batch_size * world
+        samples_seen = step * micro * tr.gradient_accumulation_steps * world
         metrics.update(step=step, samples_seen=samples_seen, epochs=samples_seen / max(n, 1),
-                       train_loss=float(np.mean(losses[-tr.eval_every:])), best_score=best,
+                       train_loss=train_loss, best_score=best,
                        tokens_per_s=tokens_seen * world / max(elapsed, 1e-9), train_seconds=elapsed,
                        stopped_by_patience=stop)
         if rank == 0 and improved:
@@ -215,6 +237,37 @@ def train_loop_per_worker(config: dict) -> None:
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None)
         if stop:
             break
+
+
+def build_engine(loop: TrialLoop, task, device):
+    """(DeepSpeed engine, tokenizer) of one trial: the base model loaded in the training precision
+    (or 4-bit for QLoRA), LoRA adapters where the task's or the config's choice says so, gradient
+    checkpointing, AdamW with weight decay and the learning-rate schedule over the trial's steps."""
+    import deepspeed
+    import torch
+    from transformers import get_scheduler
+
+    ft, tr = loop.finetune, loop.finetune.train
+    precision = precision_of(ft, loop.use_gpu)
+    model, tok = task.load(loop.model_path, loop.label_names, precision=precision, quantization=tr.quantization)
+    if tr.quantization == "4bit":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=tr.gradient_checkpointing)
+    elif tr.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if tr.gradient_checkpointing:
+        model.config.use_cache = False  # a cache is of no use in training and clashes with checkpointing
+    if task.uses_lora(ft):
+        model = task.with_lora(model, ft.lora)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=tr.lr,
+                                  weight_decay=tr.weight_decay)
+    # A torch optimizer, not DeepSpeed's: its fused/CPU Adam ops would compile for minutes.
+    schedule = get_scheduler(tr.lr_scheduler_type, optimizer, num_warmup_steps=math.ceil(tr.warmup_ratio * loop.steps),
+                             num_training_steps=loop.steps)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
+                                           config=deepspeed_config(ft, loop.use_gpu))
+    return engine, tok
 
 
 def _save_model(model, tok, out: Path, metrics: dict) -> None:

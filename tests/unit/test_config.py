@@ -95,11 +95,12 @@ def test_lora_is_on_by_default_for_causal_lms_only_and_checked():
     assert uses_lora(Config.from_dict({"finetune": {"task": "instruction"}}).finetune)
     assert not uses_lora(Config.from_dict({"finetune": {"task": "classification"}}).finetune)
     assert uses_lora(Config.from_dict({"finetune": {"lora": {"enabled": True}}}).finetune)
-    cfg = Config.from_dict({"finetune": {"task": "instruction", "lora": {"enabled": False, "rank": 4,
+    cfg = Config.from_dict({"finetune": {"task": "instruction", "lora": {"enabled": False, "r": 4,
                                                                         "target_modules": ["q_proj", "v_proj"]}}})
     assert not uses_lora(cfg.finetune) and cfg.finetune.lora.target_modules == ("q_proj", "v_proj")
-    for bad, match in (({"rank": 0}, "finetune.lora.rank"), ({"dropout": 1.0}, "finetune.lora.dropout"),
-                       ({"target_modules": []}, "finetune.lora.target_modules"), ({"r": 8}, "allowed in")):
+    for bad, match in (({"r": 0}, "finetune.lora.r"), ({"lora_dropout": 1.0}, "finetune.lora.lora_dropout"),
+                       ({"rank": 8}, "finetune.lora.r"),
+                       ({"target_modules": []}, "finetune.lora.target_modules"), ({"bogus": 8}, "allowed in")):
         with pytest.raises(ConfigError, match=match):
             Config.from_dict({"finetune": {"lora": bad}})
 

@@ -1,0 +1,137 @@
+"""The training options LLM users expect, through the real Ray Train + DeepSpeed worker:
+gradient accumulation equals the larger batch, bf16 weights with LoRA on a CPU, what a CPU
+cannot do refused up front, and the GPU memory plan refusing what cannot fit."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ray_pipeline.config import Config, FinetuneConfig, ResourceSettings, TrainSettings
+from ray_pipeline.errors import ConfigError, InputError
+from ray_pipeline.finetune.train import check_device, step_cap
+
+
+def fit(model_path, data, labels, ft, out: Path):
+    """One trial's worker on ``data`` (train and validation alike), one worker on the CPU."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from ray_pipeline.finetune.train import TrialLoop, train_loop_per_worker
+
+    loop = TrialLoop(finetune=ft, seed=0, use_gpu=False, steps=ft.train.max_steps, model_path=str(model_path),
+                     label_names=labels, train=data, eval=data, best_model_dir=str(out / "best"))
+    result = TorchTrainer(train_loop_per_worker, train_loop_config={"loop": loop},
+                          scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
+                          torch_config=TorchConfig(backend="gloo"),
+                          run_config=ray.train.RunConfig(name=out.name, storage_path=str(out / "store"))).fit()
+    return result.metrics_dataframe
+
+
+def weights(model_dir: Path) -> dict:
+    from safetensors.numpy import load_file
+
+    return load_file(str(model_dir / "model.safetensors"))
+
+
+@pytest.mark.slow
+def test_gradient_accumulation_4_x_4_is_the_update_of_batch_16(tmp_path, local_ray):
+    """One optimizer step on 16 samples: as one batch of 16, or 4 micro-batches of 4 accumulated,
+    the update is the same (cosine > 0.9999); one batch of 4 alone is a different update (the test
+    can fail). Dropout is off so that the only difference is how the batch is cut."""
+    from ray_pipeline.io.models import resolve
+
+    model = tmp_path / "minilm-no-dropout"
+    shutil.copytree(resolve("minilm"), model)
+    conf = json.loads((model / "config.json").read_text())
+    conf.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    (model / "config.json").write_text(json.dumps(conf))
+    texts = [f"sample {i}: {'card' if i % 2 else 'transfer'} question number {i * 7}" for i in range(16)]
+    data = {"texts": texts, "labels": np.arange(16) % 2}
+    updates = {}
+    for name, batch, accumulate in (("b16", 16, 1), ("b4x4", 4, 4), ("b4", 4, 1)):
+        ft = FinetuneConfig(train=TrainSettings(lr=1e-3, batch_size=batch, gradient_accumulation_steps=accumulate,
+                                                eval_batch_size=16, max_steps=1, eval_every=1, max_length=16,
+                                                precision="fp32", zero_stage=0))
+        fit(model, data, ["a", "b"], ft, tmp_path / name)
+        updates[name] = weights(tmp_path / name / "best")
+
+    def flat_diff(a, b):
+        return np.concatenate([(a[k].astype(np.float64) - b[k]).ravel() for k in sorted(a)])
+
+    # every run starts from the same weights (seeded head): the differences of the results are the
+    # differences of the updates
+    same = flat_diff(updates["b4x4"], updates["b16"])
+    other = flat_diff(updates["b4"], updates["b16"])
+    assert np.abs(same).max() < 1e-5, np.abs(same).max()
+    assert np.abs(other).max() > 1e-4  # a batch of 4 alone moves the weights elsewhere
+
+
+@pytest.mark.slow
+def test_bf16_weights_with_lora_train_on_a_cpu(tmp_path, local_ray):
+    from ray_pipeline.io.models import smollm2_path
+
+    data = {"prompts": ["What is the capital of France?\n", "What colour is the sky?\n"],
+            "responses": ["Paris.", "Blue."]}
+    ft = FinetuneConfig(task="instruction", resources=ResourceSettings(threads_per_worker=2),
+                        train=TrainSettings(lr=2e-3, batch_size=2, max_steps=4, eval_every=2, max_length=32,
+                                            precision="bf16", gradient_checkpointing=True, warmup_ratio=0.5,
+                                            lr_scheduler_type="linear"))
+    h = fit(smollm2_path(), data, None, ft, tmp_path / "bf16")
+    assert list(h["step"]) == [2, 4] and np.isfinite(h["eval_loss"]).all()
+    assert h["eval_loss"].iloc[-1] < h["eval_loss"].iloc[0]
+    conf = json.loads((tmp_path / "bf16" / "best" / "config.json").read_text())
+    assert conf.get("torch_dtype", conf.get("dtype")) == "bfloat16"  # saved as it trained
+    assert (tmp_path / "bf16" / "best" / "adapter" / "adapter_config.json").is_file()
+
+
+def test_what_a_cpu_cannot_do_is_refused_before_any_trial():
+    with pytest.raises(InputError, match="'fp16' needs a CUDA GPU"):
+        check_device(FinetuneConfig(train=TrainSettings(precision="fp16")), on_gpu=False)
+    with pytest.raises(InputError, match="'4bit'.*needs a CUDA GPU"):
+        check_device(FinetuneConfig(train=TrainSettings(quantization="4bit")), on_gpu=False)
+    check_device(FinetuneConfig(train=TrainSettings(precision="fp16", quantization="4bit")), on_gpu=True)
+    check_device(FinetuneConfig(train=TrainSettings(precision="bf16")), on_gpu=False)  # bf16 runs on CPUs
+    with pytest.raises(ConfigError, match="ZeRO-3"):
+        TrainSettings(quantization="4bit", zero_stage=3)
+
+
+def test_a_step_takes_the_accumulated_micro_batches():
+    ft = FinetuneConfig(train=TrainSettings(batch_size=4, gradient_accumulation_steps=4, max_epochs=1, max_steps=100))
+    assert step_cap(ft, 160) == 10  # 160 samples, 16 a step
+
+
+def test_a_plan_that_cannot_fit_the_gpu_is_refused_with_what_to_change(tmp_path):
+    """The memory plan of the packaged MiniLM (22.7M parameters) in full fine-tuning cannot fit a
+    GPU of 0.5 GB (the CUDA context alone is 1 GiB): an error that names the fixes; --check says
+    so as exit 2 with one line, before anything is written."""
+    from ray_pipeline.cli import main
+    from ray_pipeline.finetune.sizing import check_memory, count_parameters
+    from ray_pipeline.io.models import resolve
+    from transformers import AutoConfig
+
+    size = count_parameters(AutoConfig.from_pretrained(resolve("minilm")), num_labels=3)
+    assert 22_000_000 < size.params < 23_500_000 and size.head == 384 * 3 + 3
+    cfg = Config.from_dict({"finetune": {"resources": {"gpu_memory_gb": 0.5}}})
+    with pytest.raises(InputError, match=r"more than its GPU's 0.5 GB.*lora.enabled: true.*zero_stage: 3"):
+        check_memory(cfg, resolve("minilm"), 3, on_gpu=True)
+    assert check_memory(Config.from_dict({"finetune": {"resources": {"gpu_memory_gb": 80}}}), resolve("minilm"), 3,
+                        on_gpu=True)["total"] < 80
+    (tmp_path / "pool.csv").write_text("text,label\n" + "".join(f"sample {i},{'ab'[i % 2]}\n" for i in range(40)))
+    (tmp_path / "held.csv").write_text("text,label\n" + "".join(f"held {i},{'ab'[i % 2]}\n" for i in range(10)))
+    rc = main(["run", "--data", str(tmp_path / "pool.csv"), "--label-column", "label", "--eval",
+               str(tmp_path / "held.csv"), "--budgets", "4", "--k", "2", "--out", str(tmp_path / "run"), "--check",
+               "--set", "finetune.resources.gpu_memory_gb=0.5"])
+    assert rc == 2 and not (tmp_path / "run").exists()
+
+
+def test_lora_fields_keep_peft_names():
+    from ray_pipeline.finetune.task import CausalLM
+
+    cfg = Config.from_dict({"finetune": {"task": "instruction", "lora": {"r": 4, "lora_alpha": 8, "lora_dropout": 0.1}}})
+    assert (cfg.finetune.lora.r, cfg.finetune.lora.lora_alpha, cfg.finetune.lora.lora_dropout) == (4, 8.0, 0.1)
+    with pytest.raises(ConfigError, match=r"finetune\.lora\.lora_alpha"):
+        Config.from_dict({"finetune": {"lora": {"alpha": 8}}})
+    assert CausalLM().uses_lora(cfg.finetune)
