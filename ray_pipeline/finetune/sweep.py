@@ -241,7 +241,8 @@ def run_sweep(candidates: list[Candidate], pool: Pool, parts: Parts, cfg: Config
     max_t = max(math.ceil(s["steps"] / ft.train.eval_every) for s in specs)  # evaluations of the longest trial
     with ray_session(cfg.ray_address) as res:
         plan = plan_resources(res.cpus, res.gpus, cfg)
-        loop = TrialLoop(finetune=ft, seed=cfg.seed, model_path=resolve(ft.model, task.default_model),
+        loop = TrialLoop(finetune=ft, seed=cfg.seed,
+                         model_path=resolve(ft.model, task.default_model, revision=ft.revision),
                          label_names=train.get("label_names"), train={}, eval=ev, use_gpu=plan["use_gpu"], steps=0,
                          best_model_dir="")
         shared = SweepData(loop=loop, train=train, rows={c.name: c.rows for c in candidates},

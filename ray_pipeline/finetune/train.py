@@ -167,7 +167,7 @@ def train_loop_per_worker(config: dict) -> None:
         raise RuntimeError(f"injected failure in trial {loop.name}")
 
     torch.manual_seed(loop.seed)
-    model, tok = task.load(loop.model_path, loop.label_names)
+    model, tok = task.load(loop.model_path, loop.label_names, trust_remote_code=ft.trust_remote_code)
     if task.uses_lora(ft):
         model = task.with_lora(model, ft.lora)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=tr.lr, weight_decay=0.01)
