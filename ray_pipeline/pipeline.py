@@ -199,29 +199,39 @@ def report_stage(pool: Pool, run: Run) -> None:
 
 
 def _read_and_embed(cfg: Config, run: Run, progress: bool, *, tune: bool = False):
-    """Read and check the pool, the config against it and (``tune``) the held-out set and the model,
-    then (and only then) start the run: bad input fails before anything is written. Returns the
-    embedded pool and the held-out parts (None without ``tune``)."""
+    """Read and check the pool, the config against it, the encoder and (``tune``) the held-out set
+    and the model, then (and only then) start the run: bad input fails before anything is written.
+    Returns the embedded pool and the held-out parts (None without ``tune``)."""
     t0 = time.perf_counter()
     log.info("stage read: start")
     pool = _read_pool(cfg)
     cfg.candidate_grid(len(pool))  # budgets or K above the pool: an error before any work
+    _check_encoder(cfg, pool)
     parts = _check_held_out(cfg, pool) if tune else None
     run.start()
     run.stage("read", seconds=time.perf_counter() - t0, source=pool.source, rows=len(pool), skipped_rows=pool.skipped)
     return embed_stage(pool, cfg, run, progress=progress), parts
 
 
+def _check_encoder(cfg: Config, pool: Pool) -> None:
+    """``embed.model`` found and fit for the text encoder, where the pool's texts are to be embedded."""
+    from .io.models import check_encoder
+
+    if pool.embeddings is None and pool.texts is not None:
+        check_encoder(cfg.embed)
+
+
 def _check_held_out(cfg: Config, pool: Pool):
-    """The held-out parts read and fit for the task, the model found: before any stage. Returns
-    the parts (``heldout.Parts``)."""
+    """The held-out parts read and fit for the task, the base model found and fit for it: before
+    any stage. Returns the parts (``heldout.Parts``)."""
     from .finetune.heldout import read_parts
-    from .finetune.task import task_for
+    from .finetune.task import check_base_model, task_for
     from .io.models import resolve
 
     ft = cfg.finetune
     task = task_for(ft.task)
-    model_path = resolve(ft.model, task.default_model)
+    check_base_model(ft)
+    model_path = resolve(ft.model, task.default_model, revision=ft.revision)
     parts = read_parts(cfg)
     ho = ft.heldout
     task.check_heldout(pool, {f"validation part ({ho.eval_path})": parts.validation,
@@ -270,8 +280,8 @@ def _embeds_with_ray(cfg: Config) -> bool:
 
 
 def check(cfg: Config, *, tune: bool, overwrite: bool = False, resume: bool = False) -> dict:
-    """Every check a run makes before its first stage (config, pool, grid, output directory, held-out
-    set, model), and nothing written; what was found. ``ray-pipeline run --check``."""
+    """Every check a run makes before its first stage (config, pool, grid, output directory, encoder,
+    held-out set, model), and nothing written; what was found. ``ray-pipeline run --check``."""
     from .finetune.heldout import eval_data_config
 
     if tune:
@@ -280,6 +290,7 @@ def check(cfg: Config, *, tune: bool, overwrite: bool = False, resume: bool = Fa
     Run(cfg, resume=resume, overwrite=overwrite)  # a different or unfinished run in the way: an error
     pool = _read_pool(cfg)
     grid = cfg.candidate_grid(len(pool))
+    _check_encoder(cfg, pool)
     found = {"samples": len(pool), "labels": None if pool.labels is None else len(pool.label_codes()[0]),
              "candidates (K, M)": grid, "output_dir": cfg.output_dir}
     if tune:
@@ -307,6 +318,7 @@ def run_embed(cfg: Config, *, progress: bool = True) -> Path:
     if pool.embeddings is not None:
         raise InputError("the pool already has embeddings (data.embeddings or an embedding column); "
                          "there is nothing to embed")
+    _check_encoder(cfg, pool)
     with _one_ray(cfg, _embeds_with_ray(cfg)):
         manifest = embed_pool(pool, cfg.embed, Path(cfg.output_dir) / "embeddings", progress=progress)
     return Path(cfg.output_dir) / "embeddings" / manifest["key"]

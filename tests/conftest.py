@@ -50,3 +50,20 @@ def local_ray():
     ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+def hub_model(cache: Path, repo_id: str, src: Path, commit: str = "0" * 40, refs=("main",)) -> Path:
+    """``src`` (a model directory) entered in the Hugging Face cache ``cache`` (``$HF_HOME/hub``) as
+    Hub model ``repo_id`` at ``commit``, with branches/tags ``refs`` pointing at it: the layout
+    huggingface_hub writes (``models--ORG--NAME/refs/<ref>``, ``snapshots/<commit>/``), its files
+    linked to ``src``'s as the hub links them to its blobs. Returns the snapshot directory."""
+    repo = Path(cache) / ("models--" + repo_id.replace("/", "--"))
+    snap = repo / "snapshots" / commit
+    snap.mkdir(parents=True, exist_ok=True)
+    for ref in refs:
+        (repo / "refs" / ref).parent.mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / ref).write_text(commit)
+    for f in Path(src).iterdir():
+        if not (snap / f.name).exists():
+            (snap / f.name).symlink_to(f.resolve(), target_is_directory=f.is_dir())
+    return snap

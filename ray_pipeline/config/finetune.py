@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
 from ..errors import ConfigError
-from .typed import check_template, fail
+from .typed import check_revision, check_template, fail
 
 
 @dataclass(frozen=True)
@@ -223,7 +223,10 @@ class FinetuneConfig:
     ``task``: ``classification`` (labels from data.label_column; score = held-out accuracy) or
     ``instruction`` (loss on the response tokens; score = -held-out loss). ``model``:
     ``default`` (MiniLM for classification, SmolLM2-135M-Instruct for instruction), ``minilm``,
-    ``smollm2`` or a local directory. ``device``: ``auto`` (a GPU where a trial is given one) or
+    ``smollm2``, a local directory or a Hugging Face Hub id ``ORG/NAME`` (a causal LM for
+    instruction, any model with a sequence-classification head for classification), at
+    ``revision`` (a Hub id's branch, tag or commit); ``trust_remote_code``: let it run the code its
+    repository ships (off unless set). ``device``: ``auto`` (a GPU where a trial is given one) or
     ``cpu``. The sections: :class:`HeldoutSettings`, :class:`InstructionSettings`,
     :class:`TrainSettings`, :class:`LoraSettings`, :class:`ProxySettings`,
     :class:`SweepSettings`, :class:`ResourceSettings`.
@@ -231,6 +234,8 @@ class FinetuneConfig:
 
     task: Literal["classification", "instruction"] = "classification"
     model: str = "default"
+    revision: Optional[str] = None
+    trust_remote_code: bool = False
     device: Literal["auto", "cpu"] = "auto"
     heldout: HeldoutSettings = field(default_factory=HeldoutSettings)
     instruction: InstructionSettings = field(default_factory=InstructionSettings)
@@ -241,6 +246,7 @@ class FinetuneConfig:
     resources: ResourceSettings = field(default_factory=ResourceSettings)
 
     def __post_init__(self) -> None:
+        check_revision("finetune.revision", self.revision)
         needs = PROXY_NEEDS.get(self.proxy.kind)
         if needs and needs[0] != self.task:
             fail("finetune.proxy.kind", self.proxy.kind, f"one of {PROXY_FOR[self.task]} for finetune.task "

@@ -25,7 +25,8 @@ import yaml
 
 from .finetune import FinetuneConfig, refuse_moved
 from ..errors import ConfigError
-from .typed import Budget, KValue, build, check_template, fail, no_credentials_in, parse_budget, parse_k, plain
+from .typed import (Budget, KValue, build, check_revision, check_template, fail, no_credentials_in, parse_budget,
+                    parse_k, plain)
 
 @dataclass(frozen=True)
 class DataConfig:
@@ -80,9 +81,13 @@ class DataConfig:
 class EmbedConfig:
     """The encoders and how the embedding stage runs.
 
-    ``model``: ``"minilm"`` (the packaged all-MiniLM-L6-v2) or a local model directory (any
-    transformers ``AutoModel``, e.g. a saved SmolLM2 with ``pooling: last`` or ``mean``).
-    ``image_model``: ``"efficientnet-lite0"`` (packaged) for samples with ``data.image_column``.
+    ``model``: ``"minilm"`` (the packaged all-MiniLM-L6-v2), ``"smollm2"``, a local model
+    directory or a Hugging Face Hub id ``ORG/NAME`` (any transformers ``AutoModel``, e.g.
+    ``BAAI/bge-small-en-v1.5``, or a causal LM with ``pooling: last`` or ``mean``; resolved by
+    :func:`~ray_pipeline.io.models.resolve`), at ``revision`` (a Hub id's branch, tag or commit;
+    empty: its default branch). ``trust_remote_code``: let a model run the code its repository
+    ships (off unless set). ``image_model``: ``"efficientnet-lite0"`` (packaged; the only image
+    encoder) for samples with ``data.image_column``.
     ``engine``: ``ray`` (Ray Data actors over shards of ``shard_size`` rows, resumable) or
     ``local`` (one in-process loop). ``actors``/``threads_per_actor``: empty = sized from the
     cluster (one actor per GPU; on CPUs, actors of up to 4 threads). ``dtype``: how vectors are
@@ -91,6 +96,8 @@ class EmbedConfig:
     """
 
     model: str = "minilm"
+    revision: Optional[str] = None
+    trust_remote_code: bool = False
     pooling: Literal["mean", "cls", "last"] = "mean"
     batch_size: int = 64
     max_length: int = 128
@@ -105,6 +112,10 @@ class EmbedConfig:
     on_bad_rows: Literal["error", "skip"] = "error"
 
     def __post_init__(self) -> None:
+        check_revision("embed.revision", self.revision)
+        if self.image_model != "efficientnet-lite0":
+            fail("embed.image_model", self.image_model, "'efficientnet-lite0' (the packaged image encoder; Hub ids "
+                 "and directories of image models are not supported)")
         if self.batch_size < 1:
             fail("embed.batch_size", self.batch_size, "an int >= 1")
         if self.max_length < 2:

@@ -8,6 +8,7 @@ as scikit-learn's ``_parameter_constraints`` do.
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from typing import Any, Literal, Optional, Union
 
@@ -34,6 +35,21 @@ def no_credentials_in(name: str, uri: Optional[str]) -> None:
         raise ConfigError(f"config field {name!r} ({redacted}) carries credentials in the URI; give them "
                           f"through the environment instead (e.g. AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, "
                           f"GOOGLE_APPLICATION_CREDENTIALS), which this tool never writes anywhere")
+
+
+# A branch or tag name as git allows it (no spaces, "..", "//", "@{", no trailing "/", "." or ".lock"),
+# which a 40-hex commit id also is.
+_REVISION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,254}")
+
+
+def check_revision(name: str, revision: Optional[str]) -> None:
+    """A Hugging Face Hub revision: empty (the default branch), or a branch, tag or 40-hex commit."""
+    if revision is None:
+        return
+    if (not _REVISION.fullmatch(revision) or ".." in revision or "//" in revision
+            or revision.endswith(("/", ".", ".lock"))):
+        fail(name, revision, "empty (the model's default branch), or a branch, tag or 40-hex commit id of the Hub "
+                             "model, e.g. 'main', 'v1.0', 'refs/pr/1'")
 
 
 def check_template(name: str, template: str) -> None:

@@ -61,13 +61,14 @@ class TextEmbedder:
 
         self.cfg = cfg
         self.device = torch_device(cfg.device)  # where this actor runs: a GPU if it was given one
-        path = resolve(cfg.model)
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        path = resolve(cfg.model, revision=cfg.revision, field="embed.model")
+        self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
         if self.tokenizer.pad_token is None:  # GPT-style tokenizers ship without one
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.tokenizer.padding_side = "right"
         dtype = torch.float16 if self.device.type == "cuda" else torch.float32
-        self.model = AutoModel.from_pretrained(path, dtype=dtype, trust_remote_code=False).to(self.device).eval()
+        self.model = AutoModel.from_pretrained(path, dtype=dtype,
+                                               trust_remote_code=cfg.trust_remote_code).to(self.device).eval()
         self.dim = int(self.model.config.hidden_size)
 
     def __call__(self, batch: dict) -> dict:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -87,7 +86,6 @@ class ShardEmbedder:
 
         if threads:
             torch.set_num_threads(threads)
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
         self.cfg = cfg
         self.stage_dir = Path(stage_dir)
         self.text = TextEmbedder(cfg) if text else None

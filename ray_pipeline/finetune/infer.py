@@ -9,11 +9,11 @@ from ..config import FinetuneConfig
 from .task import saved_task, size
 
 
-def load_tuned(model_dir: str) -> tuple:
+def load_tuned(model_dir: str, *, trust_remote_code: bool = False) -> tuple:
     """(model, tokenizer, task) of a model a run saved (``target/model``); a classifier keeps
-    its own labels."""
-    task = saved_task(model_dir)
-    model, tok = task.load(model_dir)
+    its own labels. ``trust_remote_code``: the base model's (``finetune.trust_remote_code``)."""
+    task = saved_task(model_dir, trust_remote_code=trust_remote_code)
+    model, tok = task.load(model_dir, trust_remote_code=trust_remote_code)
     return model, tok, task
 
 
@@ -23,7 +23,7 @@ def per_sample_values(model_dir: str, ft: FinetuneConfig, data: dict, device: st
     data: the task's arrays of the test part (``Task.arrays``)."""
     import torch
 
-    model, tok, task = load_tuned(model_dir)
+    model, tok, task = load_tuned(model_dir, trust_remote_code=ft.trust_remote_code)
     model.to(device).eval()
     step, n = ft.train.eval_batch_size, size(data)
     with torch.inference_mode():

@@ -180,6 +180,6 @@ def base_loss_scores(task_pool, candidates: dict[str, np.ndarray], cfg) -> dict[
     device = torch_device(ft.device).type
     log.info("proxy: the base model's loss on %d rows (%d candidates, at most %s rows each) on %s", len(rows),
              len(sampled), ft.proxy.rows or "all", device)
-    per_row = per_sample_values(resolve(ft.model, task.default_model), ft, task.arrays(task_pool.take(rows)),
-                                device=device)
+    per_row = per_sample_values(resolve(ft.model, task.default_model, revision=ft.revision), ft,
+                                task.arrays(task_pool.take(rows)), device=device)
     return score_base_loss(per_row, rows, sampled)

@@ -153,7 +153,8 @@ def check_memory(cfg: Config, model_path: str, n_labels: Optional[int], *, on_gp
     ft, tr = cfg.finetune, cfg.finetune.train
     task = task_for(ft.task)
     lora = task.uses_lora(ft)
-    size = count_parameters(AutoConfig.from_pretrained(model_path), ft.lora if lora else None, n_labels)
+    config = AutoConfig.from_pretrained(model_path, trust_remote_code=ft.trust_remote_code)
+    size = count_parameters(config, ft.lora if lora else None, n_labels)
     zero = zero_stage_of(ft, on_gpu)
     plan = memory_plan(size, precision=precision_of(ft, on_gpu), zero_stage=zero, workers=ft.resources.num_workers,
                        batch_size=tr.batch_size, seq_len=tr.max_length, use_lora=lora,

@@ -243,7 +243,7 @@ def run_sweep(candidates: list[Candidate], pool: Pool, parts: Parts, cfg: Config
     max_t = max(math.ceil(s["steps"] / ft.train.eval_every) for s in specs)  # evaluations of the longest trial
     with ray_session(cfg.ray_address) as res:
         plan = plan_resources(res.cpus, res.gpus, cfg)
-        model_path = resolve(ft.model, task.default_model)
+        model_path = resolve(ft.model, task.default_model, revision=ft.revision)
         plan["memory_gb_per_gpu"] = check_memory(cfg, model_path, len(train.get("label_names") or []) or None,
                                                  on_gpu=plan["use_gpu"])
         loop = TrialLoop(finetune=ft, seed=cfg.seed, model_path=model_path,

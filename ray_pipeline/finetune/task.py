@@ -23,6 +23,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..io.chat import chat_tokens
+from ..io.models import check_model, loads_with
 from .metrics import macro_f1
 
 
@@ -31,21 +32,22 @@ def size(data: dict) -> int:
     return len(next(data[k] for k in ("texts", "prompts", "chats") if k in data))
 
 
-def _tokenizer(path: str):
+def _tokenizer(path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
 
 
-def _load_kwargs(precision: str = "fp32", quantization: str = "none") -> dict:
+def _load_kwargs(precision: str = "fp32", quantization: str = "none", trust_remote_code: bool = False) -> dict:
     """``from_pretrained`` arguments: the weights in ``precision`` (fp32, bf16, fp16), or the base
-    in 4-bit NF4 (``quantization: 4bit``, bitsandbytes, CUDA only) with bf16 compute."""
+    in 4-bit NF4 (``quantization: 4bit``, bitsandbytes, CUDA only) with bf16 compute; remote code
+    only with ``trust_remote_code``."""
     import torch
 
-    kw = dict(dtype=torch_dtype(precision), trust_remote_code=False, use_safetensors=True)
+    kw = dict(dtype=torch_dtype(precision), trust_remote_code=trust_remote_code, use_safetensors=True)
     if quantization == "4bit":
         from transformers import BitsAndBytesConfig
 
@@ -106,9 +108,16 @@ class Task:
         raise NotImplementedError
 
     def load(self, path: str, label_names: Optional[list] = None, *, precision: str = "fp32",
-             quantization: str = "none"):
+             quantization: str = "none", trust_remote_code: bool = False):
         """(model, tokenizer) to fine-tune from ``path``: weights in ``precision`` (or a 4-bit
-        base), safetensors, no remote code."""
+        base), safetensors, no remote code unless ``trust_remote_code``
+        (``finetune.trust_remote_code``)."""
+        raise NotImplementedError
+
+    def check_model(self, config, model: str) -> None:
+        """Before any stage: whether the base model ``model`` (``finetune.model``; ``config``: its
+        ``transformers`` config, from ``io.models.check_model``) fits this task; an
+        :class:`InputError` naming the fix if not."""
         raise NotImplementedError
 
     def with_lora(self, model, lora):
@@ -198,11 +207,11 @@ class Classification(Task):
         return enc
 
     def load(self, path: str, label_names: Optional[list] = None, *, precision: str = "fp32",
-             quantization: str = "none"):
+             quantization: str = "none", trust_remote_code: bool = False):
         from transformers import AutoModelForSequenceClassification
 
-        tok = _tokenizer(path)
-        kw = _load_kwargs(precision, quantization)
+        tok = _tokenizer(path, trust_remote_code)
+        kw = _load_kwargs(precision, quantization, trust_remote_code)
         if label_names is None:  # a tuned classifier, with its own labels
             return AutoModelForSequenceClassification.from_pretrained(path, **kw), tok
         model = AutoModelForSequenceClassification.from_pretrained(
@@ -210,6 +219,15 @@ class Classification(Task):
             label2id={v: i for i, v in enumerate(label_names)}, ignore_mismatched_sizes=True, **kw)
         model.config.pad_token_id = tok.pad_token_id
         return model, tok
+
+    def check_model(self, config, model: str) -> None:
+        """Any encoder or decoder that ``AutoModelForSequenceClassification`` has a head for (a new
+        head is put on for the pool's labels)."""
+        if not loads_with(config, "AutoModelForSequenceClassification"):
+            raise InputError(f"finetune.model {model!r} (model_type {config.model_type!r}) has no sequence-"
+                             f"classification model in transformers (AutoModelForSequenceClassification); name an "
+                             f"encoder such as 'minilm' or BAAI/bge-small-en-v1.5, or a decoder such as "
+                             f"Qwen/Qwen2.5-0.5B-Instruct, or set finetune.task: instruction")
 
     def eval_sums(self, out, batch: dict):
         n = len(batch["labels"])
@@ -289,10 +307,25 @@ class CausalLM(Task):
                                  max_length)
 
     def load(self, path: str, label_names: Optional[list] = None, *, precision: str = "fp32",
-             quantization: str = "none"):
+             quantization: str = "none", trust_remote_code: bool = False):
         from transformers import AutoModelForCausalLM
 
-        return AutoModelForCausalLM.from_pretrained(path, **_load_kwargs(precision, quantization)), _tokenizer(path)
+        return (AutoModelForCausalLM.from_pretrained(path, **_load_kwargs(precision, quantization, trust_remote_code)),
+                _tokenizer(path, trust_remote_code))
+
+    def check_model(self, config, model: str) -> None:
+        """A causal LM: a ``...ForCausalLM`` (or a base model whose type ``AutoModelForCausalLM``
+        maps); a saved classifier cannot generate."""
+        heads = [a for a in config.architectures or [] if a.endswith(CLASSIFIER_HEADS)]
+        if heads:
+            raise InputError(f"finetune.model {model!r} is a saved classifier ({heads[0]}), which cannot generate; "
+                             f"finetune.task: instruction needs a causal LM (a ...ForCausalLM model, e.g. "
+                             f"finetune.model: default or HuggingFaceTB/SmolLM2-135M-Instruct), or tune this one "
+                             f"with finetune.task: classification")
+        if not loads_with(config, "AutoModelForCausalLM"):
+            raise InputError(f"finetune.model {model!r} (model_type {config.model_type!r}) is not a causal LM "
+                             f"(AutoModelForCausalLM has no model for it); finetune.task: instruction needs one, "
+                             f"e.g. finetune.model: default or Qwen/Qwen2.5-0.5B-Instruct")
 
     def eval_sums(self, out, batch: dict):
         tokens = int((batch["labels"][:, 1:] != -100).sum())
@@ -326,6 +359,10 @@ class CausalLM(Task):
         return {"test_loss": -score}
 
 
+# Heads of a saved model that are not a causal LM's: such a model cannot generate.
+CLASSIFIER_HEADS = ("ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering",
+                    "ForMultipleChoice")
+
 TASKS = {t.name: t for t in (Classification(), CausalLM())}
 
 
@@ -339,7 +376,17 @@ def task_for(name: str) -> Task:
     return TASKS[name]
 
 
-def saved_task(model_dir: str) -> Task:
+def check_base_model(ft) -> None:
+    """Before any stage: the base model ``ft`` (``FinetuneConfig``) names resolves, holds a config,
+    safetensors and a tokenizer (``io.models.check_model``) and fits ``ft.task``
+    (:meth:`Task.check_model`); no weights are read."""
+    task = task_for(ft.task)
+    config = check_model("finetune.model", ft.model, revision=ft.revision, trust_remote_code=ft.trust_remote_code,
+                         default=task.default_model, safetensors_only=True)
+    task.check_model(config, ft.model)
+
+
+def saved_task(model_dir: str, *, trust_remote_code: bool = False) -> Task:
     """The task of a model a run saved (``target/model``), read from its saved architecture."""
     from pathlib import Path
 
@@ -348,7 +395,7 @@ def saved_task(model_dir: str) -> Task:
     if not (Path(model_dir) / "config.json").is_file():
         raise InputError(f"model {model_dir!r} is not a model directory (no config.json); pass the "
                          f"target/model directory a tune run wrote")
-    arch = " ".join(AutoConfig.from_pretrained(model_dir).architectures or [])
+    arch = " ".join(AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code).architectures or [])
     return TASKS["classification" if "SequenceClassification" in arch else "instruction"]
 
 

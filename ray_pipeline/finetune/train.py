@@ -249,7 +249,8 @@ def build_engine(loop: TrialLoop, task, device):
 
     ft, tr = loop.finetune, loop.finetune.train
     precision = precision_of(ft, loop.use_gpu)
-    model, tok = task.load(loop.model_path, loop.label_names, precision=precision, quantization=tr.quantization)
+    model, tok = task.load(loop.model_path, loop.label_names, precision=precision, quantization=tr.quantization,
+                           trust_remote_code=ft.trust_remote_code)
     if tr.quantization == "4bit":
         from peft import prepare_model_for_kbit_training
 
