@@ -124,3 +124,18 @@ def test_the_checker_sees_lazy_relative_and_absolute_imports(tmp_path):
 def test_no_module_is_much_over_400_lines():
     long = {str(p.relative_to(PACKAGE)): n for p in _files() if (n := len(p.read_text().splitlines())) > 440}
     assert not long, f"split these modules: {long}"
+
+
+def test_the_gpu_checks_modules_import_neither_ray_nor_deepspeed():
+    # benchmarks/gpu_check.py runs these on a GPU machine that has neither (scripts/gpu_check.sh):
+    # they may import Ray or DeepSpeed inside functions, never at module level.
+    import subprocess
+    import sys
+
+    modules = ["ray_pipeline.select.kernels", "ray_pipeline.select.kmeans", "ray_pipeline.embed.encoders",
+               "ray_pipeline.finetune.task", "ray_pipeline.config"]
+    code = ("import sys\n" + "".join(f"import {m}\n" for m in modules)
+            + "print(sorted(n for n in ('ray', 'deepspeed') if n in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=PACKAGE.parent).stdout
+    assert out.strip() == "[]", f"importing {modules} imported {out.strip()}"
