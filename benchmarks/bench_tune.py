@@ -21,6 +21,7 @@ from benchmarks._common import machine, save
 
 from ray_pipeline.config import Config
 from ray_pipeline.pipeline import run_tune
+from ray_pipeline.runtime.console import Console
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -53,7 +54,7 @@ def main() -> None:
                                     "finetune": {**base["finetune"], "sweep": {"early_stopping": mode == "asha"}}})
             if mode == "fifo":  # reuse the ASHA run's embeddings: same samples, same key
                 shutil.copytree(tmp / "asha" / "embeddings", tmp / mode / "embeddings")
-            runs[mode] = run_tune(cfg, progress=False)
+            runs[mode] = run_tune(cfg, console=Console(progress=False))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -18,6 +18,7 @@ import yaml
 
 from .config import Config
 from .errors import OutputError, PipelineError
+from .runtime.console import Logs
 
 log = logging.getLogger("ray_pipeline")
 
@@ -40,7 +41,9 @@ def _add_common(s: argparse.ArgumentParser) -> None:
     s.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override any config field, e.g. --set cluster.niter=30 (repeatable)")
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
-    s.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    s.add_argument("-v", "--verbose", action="store_true",
+                   help="show everything on the console (Ray, its workers, Tune's tables, the libraries' "
+                        "warnings) and our debug lines; by default these go to <out>/logs/run.log only")
 
 
 def _add_run_flags(s: argparse.ArgumentParser) -> None:
@@ -197,9 +200,11 @@ def _predict(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("faiss").setLevel(logging.WARNING)  # its loader logs every CPU-feature probe
+    with Logs(args.verbose) as logs:  # the console policy, decided here once; undone when the command ends
+        return _command(args, logs)
+
+
+def _command(args: argparse.Namespace, logs: Logs) -> int:
     try:
         if args.command == "predict":
             return _predict(args)
@@ -218,31 +223,33 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             found = check(cfg, tune=tune, overwrite=args.overwrite, resume=args.resume)
             print("input checked, nothing written: " + "; ".join(f"{k} {v}" for k, v in found.items()))
             return 0
+        console = logs.run_console(cfg.output_dir, progress=not args.no_progress)
         if args.command == "select":
             from .pipeline import run_select
 
-            out = run_select(cfg, overwrite=args.overwrite, resume=args.resume, progress=not args.no_progress)
+            out = run_select(cfg, overwrite=args.overwrite, resume=args.resume, console=console)
             print(f"selection written to {out}")
         elif args.command == "embed":
             from .pipeline import run_embed
 
-            out = run_embed(cfg, progress=not args.no_progress)
+            out = run_embed(cfg, console=console)
             print(f"embeddings written to {out}")
         elif args.command == "tune":
             from .pipeline import run_tune
 
-            print_sweep(run_tune(cfg, overwrite=args.overwrite, resume=args.resume, progress=not args.no_progress),
+            print_sweep(run_tune(cfg, overwrite=args.overwrite, resume=args.resume, console=console),
                         Path(cfg.output_dir))
         elif args.command == "run":
             from .pipeline import run_all
 
-            out = run_all(cfg, overwrite=args.overwrite, resume=args.resume, progress=not args.no_progress)
+            out = run_all(cfg, overwrite=args.overwrite, resume=args.resume, console=console)
             cand = out / "candidates.json"
             if cand.is_file():
                 print_sweep(json.loads(cand.read_text()), out)
             print(f"report: {out / 'report.html'}")
     except PipelineError as e:
         print(f"ray-pipeline: error: {e}", file=sys.stderr)
+        logs.failed(e)
         return e.exit_code
     return 0
 

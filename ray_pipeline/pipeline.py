@@ -24,6 +24,7 @@ from .io.run_dir import Run, digest, link, publish, write_json, write_parquet
 from .config import Config
 from .io.pool import Pool, read_pool
 from .runtime.devices import Devices, decide
+from .runtime.console import Console
 from .errors import ConfigError, InputError
 from .select.engine import InMemory, select_candidates
 from .select.tables import clusters_table, selection_table
@@ -35,26 +36,28 @@ log = logging.getLogger(__name__)
 # stages
 
 
-def embed_into(pool: Pool, cfg: Config, out: Path, *, progress: bool = True) -> tuple[Pool, dict]:
+def embed_into(pool: Pool, cfg: Config, out: Path, *, progress: bool = True,
+               ray_bars: bool = False) -> tuple[Pool, dict]:
     """Run the embedding stage into ``out/embeddings/<key>/`` and return the pool with its vectors
-    (rows whose image could not be read, under ``on_bad_rows: skip``, dropped)."""
+    (rows whose image could not be read, under ``on_bad_rows: skip``, dropped). progress: a bar
+    over the shards; ray_bars: Ray Data's own bars instead (``Console.ray_bars``)."""
     from .embed.stage import embed_pool, load_stage
 
-    manifest = embed_pool(pool, cfg.embed, out / "embeddings", progress=progress)
+    manifest = embed_pool(pool, cfg.embed, out / "embeddings", progress=progress, ray_bars=ray_bars)
     keep, x = load_stage(out / "embeddings" / manifest["key"], pool.ids)
     pool = pool.take(keep)
     pool.embeddings = x
     return pool, manifest
 
 
-def embed_stage(pool: Pool, cfg: Config, run: Run, *, progress: bool = True) -> Pool:
+def embed_stage(pool: Pool, cfg: Config, run: Run, *, console: Console) -> Pool:
     """Vectors for the pool: given ones as they are, or the embedding stage's (resumable)."""
     log.info("stage embed: start")
     t0 = time.perf_counter()
     if pool.embeddings is not None:
         run.stage("embed", seconds=time.perf_counter() - t0, source="given", dim=int(pool.embeddings.shape[1]))
         return pool
-    pool, manifest = embed_into(pool, cfg, run.out, progress=progress)
+    pool, manifest = embed_into(pool, cfg, run.out, progress=console.progress, ray_bars=console.ray_bars)
     run.stage("embed", seconds=time.perf_counter() - t0, reused=manifest["shards_computed"] == 0,
               key=manifest["key"], dir=run.relative(run.out / "embeddings" / manifest["key"]), rows=manifest["rows"],
               dim=manifest["dim"], skipped_rows=manifest["skipped_rows"], samples_per_s=manifest["samples_per_s"],
@@ -108,9 +111,11 @@ def _sharded_vectors(pool: Pool, cfg: Config, run: Run, devices: Devices):
     return Sharded.from_stage(stage, pool, cfg, devices)
 
 
-def tune_stage(pool: Pool, parts, select_dir: Path, cfg: Config, run: Run, *, resume: bool = False) -> dict:
+def tune_stage(pool: Pool, parts, select_dir: Path, cfg: Config, run: Run, *, resume: bool = False,
+               console: Console = Console()) -> dict:
     """The fine-tuning sweep over every candidate into ``tune/<key>/``; target/ linked at the top.
-    parts: the held-out parts (``heldout.Parts``), read and checked before the first stage."""
+    parts: the held-out parts (``heldout.Parts``), read and checked before the first stage.
+    console: what the sweep shows (Tune's tables, or a bar of trials)."""
     from .finetune.proxy import prune, score_proxy
     from .finetune.sweep import candidates_from_selection, run_sweep
     from .finetune.task import task_for
@@ -137,7 +142,7 @@ def tune_stage(pool: Pool, parts, select_dir: Path, cfg: Config, run: Run, *, re
             proxy = score_proxy(kind, pool, candidates, cfg, validation=validation, task_pool=task_pool)
             write_json(proxy, d / "proxy.json")
             candidates = prune(candidates, proxy, ft.proxy.top_candidates)
-        result = run_sweep(candidates, task_pool, parts, cfg, d, resume=resume, proxy=proxy)
+        result = run_sweep(candidates, task_pool, parts, cfg, d, resume=resume, proxy=proxy, console=console)
         if result["summary"]["target"]:
             _write_target_records(cfg, d / "target", result, task_pool)
             write_json(result, marker)  # the summary now names the records file
@@ -198,19 +203,25 @@ def report_stage(pool: Pool, run: Run) -> None:
 # commands
 
 
-def _read_and_embed(cfg: Config, run: Run, progress: bool, *, tune: bool = False):
+def _read_and_check(cfg: Config, *, tune: bool = False):
     """Read and check the pool, the config against it, the encoder and (``tune``) the held-out set
-    and the model, then (and only then) start the run: bad input fails before anything is written.
-    Returns the embedded pool and the held-out parts (None without ``tune``)."""
+    and the model: before Ray starts and before anything is written. Returns the pool, the
+    held-out parts (None without ``tune``) and the seconds it took."""
     t0 = time.perf_counter()
     log.info("stage read: start")
     pool = _read_pool(cfg)
     cfg.candidate_grid(len(pool))  # budgets or K above the pool: an error before any work
     _check_encoder(cfg, pool)
     parts = _check_held_out(cfg, pool) if tune else None
+    return pool, parts, time.perf_counter() - t0
+
+
+def _start_and_embed(pool: Pool, read_s: float, cfg: Config, run: Run, console: Console) -> Pool:
+    """The input checked out: start the run (run.json, the log file) and embed the pool."""
     run.start()
-    run.stage("read", seconds=time.perf_counter() - t0, source=pool.source, rows=len(pool), skipped_rows=pool.skipped)
-    return embed_stage(pool, cfg, run, progress=progress), parts
+    console.announce()
+    run.stage("read", seconds=read_s, source=pool.source, rows=len(pool), skipped_rows=pool.skipped)
+    return embed_stage(pool, cfg, run, console=console)
 
 
 def _check_encoder(cfg: Config, pool: Pool) -> None:
@@ -267,12 +278,13 @@ def _read_pool(cfg: Config) -> Pool:
     return read_pool(cfg.data, skip_bad_rows=cfg.embed.on_bad_rows == "skip")
 
 
-def _one_ray(cfg: Config, needed: bool):
+def _one_ray(cfg: Config, needed: bool, console: Console):
     """One Ray session for a whole command: stages that use Ray join it instead of starting and
-    stopping their own (Ray Train does not survive a second ray.init in one process)."""
+    stopping their own (Ray Train does not survive a second ray.init in one process). console:
+    where Ray's output goes (``runtime.session.Console``)."""
     from .runtime.session import ray_session
 
-    return ray_session(cfg.ray_address) if needed else nullcontext()
+    return ray_session(cfg.ray_address, console=console) if needed else nullcontext()
 
 
 def _embeds_with_ray(cfg: Config) -> bool:
@@ -299,18 +311,20 @@ def check(cfg: Config, *, tune: bool, overwrite: bool = False, resume: bool = Fa
     return found
 
 
-def run_select(cfg: Config, *, overwrite: bool = False, resume: bool = False, progress: bool = True) -> Path:
-    """Read, embed (unless vectors are given), select; returns the run directory."""
+def run_select(cfg: Config, *, overwrite: bool = False, resume: bool = False, console: Console = Console()) -> Path:
+    """Read, embed (unless vectors are given), select; returns the run directory. console: what the
+    terminal shows (the CLI's policy; the default leaves Ray's and the libraries' output as it is)."""
     devices = decide(cfg)
     run = Run(cfg, resume=resume, overwrite=overwrite)
-    with _one_ray(cfg, _embeds_with_ray(cfg) or cfg.select.engine == "ray"):
-        pool, _ = _read_and_embed(cfg, run, progress)
-        select_stage(pool, cfg, run, devices, progress=progress)
+    pool, _, read_s = _read_and_check(cfg)
+    with _one_ray(cfg, _embeds_with_ray(cfg) or cfg.select.engine == "ray", console):
+        pool = _start_and_embed(pool, read_s, cfg, run, console)
+        select_stage(pool, cfg, run, devices, progress=console.progress)
     run.finish()
     return run.out
 
 
-def run_embed(cfg: Config, *, progress: bool = True) -> Path:
+def run_embed(cfg: Config, *, console: Console = Console()) -> Path:
     """Only the embedding stage, into ``<output_dir>/embeddings/<key>/``; returns that directory."""
     from .embed.stage import embed_pool
 
@@ -319,36 +333,40 @@ def run_embed(cfg: Config, *, progress: bool = True) -> Path:
         raise InputError("the pool already has embeddings (data.embeddings or an embedding column); "
                          "there is nothing to embed")
     _check_encoder(cfg, pool)
-    with _one_ray(cfg, _embeds_with_ray(cfg)):
-        manifest = embed_pool(pool, cfg.embed, Path(cfg.output_dir) / "embeddings", progress=progress)
+    console.announce()
+    with _one_ray(cfg, _embeds_with_ray(cfg), console):
+        manifest = embed_pool(pool, cfg.embed, Path(cfg.output_dir) / "embeddings", progress=console.progress,
+                              ray_bars=console.ray_bars)
     return Path(cfg.output_dir) / "embeddings" / manifest["key"]
 
 
-def run_tune(cfg: Config, *, overwrite: bool = False, resume: bool = False, progress: bool = True) -> dict:
+def run_tune(cfg: Config, *, overwrite: bool = False, resume: bool = False, console: Console = Console()) -> dict:
     """Selection, then the Tune sweep over every candidate, the random baselines and the full pool."""
     from .finetune.heldout import eval_data_config
 
     eval_data_config(cfg)  # no held-out set: fail before any work
     devices = decide(cfg)
     run = Run(cfg, resume=resume, overwrite=overwrite)
-    with _one_ray(cfg, True):
-        pool, parts = _read_and_embed(cfg, run, progress, tune=True)
-        result = tune_stage(pool, parts, select_stage(pool, cfg, run, devices, progress=progress), cfg, run,
-                            resume=resume)
+    pool, parts, read_s = _read_and_check(cfg, tune=True)
+    with _one_ray(cfg, True, console):
+        pool = _start_and_embed(pool, read_s, cfg, run, console)
+        result = tune_stage(pool, parts, select_stage(pool, cfg, run, devices, progress=console.progress), cfg, run,
+                            resume=resume, console=console)
     run.finish()
     return result
 
 
-def run_all(cfg: Config, *, overwrite: bool = False, resume: bool = False, progress: bool = True) -> Path:
+def run_all(cfg: Config, *, overwrite: bool = False, resume: bool = False, console: Console = Console()) -> Path:
     """The whole job: embed -> select -> tune (when ``finetune.heldout.eval_path`` is set) -> report."""
     devices = decide(cfg)
     run = Run(cfg, resume=resume, overwrite=overwrite)
     tune = bool(cfg.finetune.heldout.eval_path)
-    with _one_ray(cfg, _embeds_with_ray(cfg) or cfg.select.engine == "ray" or tune):
-        pool, parts = _read_and_embed(cfg, run, progress, tune=tune)
-        select_dir = select_stage(pool, cfg, run, devices, progress=progress)
+    pool, parts, read_s = _read_and_check(cfg, tune=tune)
+    with _one_ray(cfg, _embeds_with_ray(cfg) or cfg.select.engine == "ray" or tune, console):
+        pool = _start_and_embed(pool, read_s, cfg, run, console)
+        select_dir = select_stage(pool, cfg, run, devices, progress=console.progress)
         if tune:
-            tune_stage(pool, parts, select_dir, cfg, run, resume=resume)
+            tune_stage(pool, parts, select_dir, cfg, run, resume=resume, console=console)
         else:
             log.info("stage tune: skipped (no finetune.heldout.eval_path)")
     report_stage(pool, run)

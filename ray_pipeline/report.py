@@ -4,6 +4,8 @@ Plots are drawn with matplotlib (Agg) and embedded as PNG data URIs, so the page
 and can be mailed around. Sections: summary, cluster sizes, a 2-D map of the pool (PCA of a
 sample) with the chosen subset marked, score against subset size for selection / random / full,
 every trial's learning curve (early-stopped trials marked), the cost of each stage, the subset.
+Scores are drawn in the task's own metric (:func:`score_axis`): accuracy, or the loss for a causal
+LM, whose score is minus the loss.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
+from .finetune.task import Task, task_for
 from .io.run_dir import atomic_path, select_listing
 
 log = logging.getLogger(__name__)
@@ -86,49 +89,67 @@ def _plot_map(x: np.ndarray, selection, name: str, key_ids: set) -> str:
     return _png(fig)
 
 
-def _plot_score_vs_size(trials: list[dict]) -> str:
+def score_axis(task: Task) -> tuple[float, str]:
+    """How the task's scores are drawn: (sign, metric), the value shown being ``sign * score``.
+    A causal LM's score is minus the loss: it is shown as the loss, and said to be lower-better.
+
+    Example:
+        >>> score_axis(task_for("instruction")), score_axis(task_for("classification"))
+        ((-1.0, 'loss (lower is better)'), (1.0, 'accuracy (higher is better)'))
+    """
+    metric = task.metric.removeprefix("test ")
+    return (-1.0, f"{metric} (lower is better)") if task.is_loss else (1.0, f"{metric} (higher is better)")
+
+
+def score_vs_size_figure(trials: list[dict], task: Task):
+    """Each trial's test score (in the task's metric) against its subset size: a line per selection
+    family, random subsets as mean ± std per size, the full pool as a level. Returns the figure."""
+    sign, metric = score_axis(task)
     fig, ax = _figure()
     sel = [t for t in trials if t["kind"] == "selection" and t.get("test_score") is not None]
     for fam in sorted({(t.get("method", "kcenter"), t["k"]) for t in sel}):
-        pts = sorted((t["size"], t["test_score"]) for t in sel if (t.get("method", "kcenter"), t["k"]) == fam)
+        pts = sorted((t["size"], sign * t["test_score"]) for t in sel if (t.get("method", "kcenter"), t["k"]) == fam)
         ax.plot(*zip(*pts), marker="o", label=f"{fam[0]} K={fam[1]}")
     rnd: dict = {}
     for t in trials:
         if t["kind"] == "random" and t.get("test_score") is not None:
-            rnd.setdefault(t["size"], []).append(t["test_score"])
+            rnd.setdefault(t["size"], []).append(sign * t["test_score"])
     if rnd:
         sizes = sorted(rnd)
         mean = np.array([np.mean(rnd[s]) for s in sizes])
         std = np.array([np.std(rnd[s]) for s in sizes])
         ax.errorbar(sizes, mean, yerr=std, marker="s", ls="--", c="gray", capsize=3, label="random (mean ± std)")
-    full = [t["test_score"] for t in trials if t["kind"] == "full" and t.get("test_score") is not None]
+    full = [sign * t["test_score"] for t in trials if t["kind"] == "full" and t.get("test_score") is not None]
     if full:
         ax.axhline(full[0], c="k", ls=":", label="full pool")
     ax.set_xscale("log")
     ax.set_xlabel("subset size")
-    ax.set_ylabel("test score (accuracy, or minus the loss)")
+    ax.set_ylabel(f"test {metric}")
     ax.set_title("Test-part score against subset size (each trial's model of best validation score)")
     ax.legend(fontsize=8)
-    return _png(fig)
+    return fig
 
 
-def _plot_curves(trials: list[dict]) -> str:
+def curves_figure(trials: list[dict], task: Task):
+    """Each trial's validation score (in the task's metric) at every evaluation; a trial ASHA
+    stopped early is dashed, with an x at its last point. Returns the figure."""
+    sign, metric = score_axis(task)
     fig, ax = _figure(7, 4)
     for t in trials:
         h = t.get("history") or []
         if not h:
             continue
         steps = [r["step"] for r in h]
-        scores = [r["score"] for r in h]
+        scores = [sign * r["score"] for r in h]
         stopped = t["status"] == "stopped_early"  # by ASHA
         (line,) = ax.plot(steps, scores, ls="--" if stopped else "-", lw=1, label=t["name"])
         if stopped:
             ax.plot(steps[-1], scores[-1], marker="x", c=line.get_color(), ms=8)
     ax.set_xlabel("step")
-    ax.set_ylabel("validation score")
+    ax.set_ylabel(f"validation {metric}")
     ax.set_title("Learning curves on the validation part (dashed, x: stopped early by ASHA)")
     ax.legend(fontsize=6, ncol=2)
-    return _png(fig)
+    return fig
 
 
 def _plot_costs(stages: dict) -> str:
@@ -170,6 +191,9 @@ def write_report(out: Path, run_info: dict, pool) -> Path:
     selected = [c["name"] for c in listing["candidates"] if c["kind"] == "selection"]
     target = (tuned or {}).get("summary", {}).get("target") if tuned else None
     shown = target["name"] if target else (selected[-1] if selected else None)  # the subset drawn and listed
+    task = task_for(run_info["config"]["finetune"]["task"])
+    sign, metric = score_axis(task)
+    in_metric = lambda v: None if v is None else sign * v  # noqa: E731  (a score, as the task's metric)
 
     parts = [f"<h1>ray_pipeline run</h1><p class=muted>{html.escape(str(out.resolve()))}</p>"]
     facts = {"samples": len(selection), "dimension": listing["dim"],
@@ -180,11 +204,11 @@ def write_report(out: Path, run_info: dict, pool) -> Path:
         rnd = target.get("random_same_size") or {}
         full = target.get("full") or {}
         facts.update({"target subset": f"{target['name']} (K={target['k']}, M={target['m']})",
-                      "target: validation / test": f"{_fmt(target.get('validation_score'))} / "
-                                                   f"{_fmt(target.get('test_score'))}",
-                      "random, same size (test)": (f"{rnd['test_mean']:.4f} ± {rnd['test_std']:.4f} ({rnd['n']} seeds)"
-                                                   if "test_mean" in rnd else "–"),
-                      "full pool (test)": f"{_fmt(full.get('test'))} ({full.get('status', '–')})"})
+                      f"target: validation / test, {metric}": f"{_fmt(in_metric(target.get('validation_score')))} / "
+                                                              f"{_fmt(in_metric(target.get('test_score')))}",
+                      "random, same size (test)": (f"{sign * rnd['test_mean']:.4f} ± {rnd['test_std']:.4f} "
+                                                   f"({rnd['n']} seeds)" if "test_mean" in rnd else "–"),
+                      "full pool (test)": f"{_fmt(in_metric(full.get('test')))} ({full.get('status', '–')})"})
     parts.append("<h2>Summary</h2>" + _table([facts], list(facts)))
     if summary.get("verdict"):
         parts.append("<h2>Verdict (test part)</h2><p>" + "<br>".join(html.escape(v) for v in summary["verdict"]["lines"])
@@ -200,8 +224,8 @@ def write_report(out: Path, run_info: dict, pool) -> Path:
         parts.append(f"<h2>The pool and the chosen subset</h2><img src='{_plot_map(pool.embeddings, selection, shown, keys)}'>")
     if tuned:
         trials = tuned["trials"]
-        parts.append(f"<h2>Score against subset size</h2><img src='{_plot_score_vs_size(trials)}'>")
-        parts.append(f"<h2>Learning curves</h2><img src='{_plot_curves(trials)}'>")
+        parts.append(f"<h2>Score against subset size</h2><img src='{_png(score_vs_size_figure(trials, task))}'>")
+        parts.append(f"<h2>Learning curves</h2><img src='{_png(curves_figure(trials, task))}'>")
         cols = ["name", "kind", "size", "status", "steps", "epochs", "samples_seen", "validation_score", "test_score",
                 "proxy_score", "proxy_accuracy", "proxy_coverage", "proxy_base_loss", "label_coverage", "wall_s", "cpu_seconds",
                 "gpu_seconds", "error"]

@@ -213,7 +213,8 @@ def _unwrap_pipeline_error(exc: BaseException) -> Optional[PipelineError]:
     return None
 
 
-def embed_pool(pool: Pool, cfg: EmbedConfig, stage_root: Path, *, progress: bool = True) -> dict:
+def embed_pool(pool: Pool, cfg: EmbedConfig, stage_root: Path, *, progress: bool = True,
+               ray_bars: bool = False) -> dict:
     """Embed every sample of ``pool`` into ``stage_root/<key>/`` (resumable); returns the manifest.
 
     The key (:func:`stage_key`) hashes the samples and the encoder settings, so a changed pool or
@@ -221,7 +222,8 @@ def embed_pool(pool: Pool, cfg: EmbedConfig, stage_root: Path, *, progress: bool
     Data (``engine: ray``: an actor pool over the shards, each actor writing its shards, on the Ray
     this process has joined, else the one at ``RAY_ADDRESS``, else a local one) or in this process (``engine: local``). ``manifest.json``,
     written last, marks the stage complete; it says ``key``, ``rows``, ``dim``, the skipped rows
-    and how the shards ran. :func:`load_stage` reads the vectors back.
+    and how the shards ran. :func:`load_stage` reads the vectors back. progress: a bar over the
+    shards; ray_bars: Ray Data's own bars instead (engine ``ray``; what ``--verbose`` shows).
 
     Example:
         >>> import tempfile
@@ -256,7 +258,7 @@ def embed_pool(pool: Pool, cfg: EmbedConfig, stage_root: Path, *, progress: bool
         for i in tqdm(pending, desc="embed shards", unit="shard", disable=not progress):
             embedder(shard_plan.batch([i]))
     elif pending:
-        plan = _embed_with_ray(shard_plan, cfg, progress=progress)
+        plan = _embed_with_ray(shard_plan, cfg, progress=progress, ray_bars=ray_bars)
     seconds = time.perf_counter() - t0
 
     import pyarrow.parquet as pq
@@ -276,18 +278,19 @@ def embed_pool(pool: Pool, cfg: EmbedConfig, stage_root: Path, *, progress: bool
     return manifest
 
 
-def _embed_with_ray(shard_plan: _ShardPlan, cfg: EmbedConfig, *, progress: bool) -> dict:
+def _embed_with_ray(shard_plan: _ShardPlan, cfg: EmbedConfig, *, progress: bool, ray_bars: bool) -> dict:
     """The pending shards of ``shard_plan`` through a Ray Data actor pool of :class:`ShardEmbedder`;
     returns the :func:`actor_plan` it ran, plus ``shard_seconds`` (the time spent inside the actors).
 
     Runs on the Ray this process has joined (the pipeline joins ``ray_address`` once per command),
     else starts one for the call (``runtime.session.ray_session``). One block per shard, so the actors take the shards one at a
     time; each actor writes its shards itself and sends back one small row per shard, never the
-    vectors. progress: Ray Data's bars. An error of ours raised in an actor reaches the caller as
-    itself, not wrapped in Ray's.
+    vectors. progress: a bar over the shards, or with ray_bars Ray Data's own (one per operator).
+    An error of ours raised in an actor reaches the caller as itself, not wrapped in Ray's.
     """
     import pyarrow as pa
     import ray
+    from tqdm.auto import tqdm
 
     from ..runtime.session import ray_session
 
@@ -295,8 +298,6 @@ def _embed_with_ray(shard_plan: _ShardPlan, cfg: EmbedConfig, *, progress: bool)
         plan = actor_plan(res.cpus, res.gpus, cfg)
         log.info("Ray Data: %d embedding actor(s), %s CPU / %s GPU each, %d torch threads",
                  plan["actors"], plan["num_cpus"], plan["num_gpus"], plan["threads"])
-        ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = progress
         # One block per shard, so the actors share the shards out one at a time.
         blocks = [pa.table(shard_plan.batch([i])) for i in shard_plan.pending]
         ds = ray.data.from_arrow(blocks)
@@ -313,8 +314,10 @@ def _embed_with_ray(shard_plan: _ShardPlan, cfg: EmbedConfig, *, progress: bool)
             # (max_restarts=-1, max_task_retries=-1); shard files are written atomically, so a
             # retried shard cannot leave half a file.
         )
+        out.context.enable_progress_bars = progress and ray_bars  # this dataset's copy of the DataContext
         try:
-            done = out.take_all()
+            done = list(tqdm(out.iter_rows(), total=len(shard_plan.pending), desc="embed shards", unit="shard",
+                             disable=not progress or ray_bars))
         except (ray.exceptions.RayError, RuntimeError) as e:  # Ray wraps an actor's errors: surface ours
             err = _unwrap_pipeline_error(e)
             if err is not None:

@@ -3,6 +3,6 @@
 Owns: the task strategy (``task``: classification, causal LM), the held-out split (``heldout``),
 the cheap proxies that prune candidates (``proxy``), the scores (``metrics``), the per-worker
 training loop (``train``), inference and test scoring (``infer``), the Tune sweep (``sweep``) and
-the verdict (``verdict``). May import ``select`` (its kernels), ``io``, ``runtime``, ``config``,
+what it shows on the console (``progress``), and the verdict (``verdict``). May import ``select`` (its kernels), ``io``, ``runtime``, ``config``,
 ``errors``; never ``embed`` or the pipeline.
 """

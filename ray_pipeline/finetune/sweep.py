@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
@@ -38,8 +40,10 @@ from ..io.run_dir import write_json, write_parquet
 from ..config import Config
 from ..io.pool import Pool
 from ..errors import InputError
+from ..runtime.console import Console
 from .heldout import Parts
 from .metrics import ratio_score
+from .progress import SweepProgress
 from .task import task_for
 from .sizing import check_memory
 from .train import TrialLoop, check_device
@@ -150,6 +154,23 @@ def _release_callback(trials_dir: Path):
     return ReleasePlacementGroups()
 
 
+@contextmanager
+def _tune_output(tables: bool):
+    """Tune's own console output for the block: its status tables, or (not ``tables``) none. At
+    ``verbose=0`` Tune's newer output still prints the experiment's configuration table; the older
+    one, chosen by ``RAY_AIR_NEW_OUTPUT=0`` when ``fit`` starts, prints nothing."""
+    before = os.environ.get("RAY_AIR_NEW_OUTPUT")
+    if not tables:
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
+        else:
+            os.environ["RAY_AIR_NEW_OUTPUT"] = before
+
+
 @dataclass(frozen=True)
 class SweepData:
     """What every trial of a sweep shares, sent once through the object store
@@ -218,11 +239,12 @@ def plan_resources(cpus: float, gpus: float, cfg: Config) -> dict:
 
 
 def run_sweep(candidates: list[Candidate], pool: Pool, parts: Parts, cfg: Config, out: Path, *,
-              resume: bool = False, proxy: Optional[dict] = None) -> dict:
+              resume: bool = False, proxy: Optional[dict] = None, console: Console = Console()) -> dict:
     """Fine-tune every candidate under Tune, choose the target on the validation part of
     ``parts``, score every finished trial on its test part and judge; write candidates.json and
     target/. pool: the task pool (``heldout.read_task_pool``) in the selection's row order.
-    proxy: candidate name -> its proxy scores, recorded beside its trial.
+    proxy: candidate name -> its proxy scores, recorded beside its trial. console: Tune's status
+    tables (``ray_bars``), or our bars of trials and steps (``bars``).
 
     With ``resume`` and an interrupted sweep in ``out/tune``, Tune restores it: finished trials
     are kept, unfinished ones run again from their start."""
@@ -278,12 +300,14 @@ def run_sweep(candidates: list[Candidate], pool: Pool, parts: Parts, cfg: Config
                     trial_name_creator=lambda t: t.config["candidate"]["name"],
                     trial_dirname_creator=lambda t: t.config["candidate"]["name"],
                 ),
-                run_config=tune.RunConfig(name="tune", storage_path=str(out), verbose=1,
+                run_config=tune.RunConfig(name="tune", storage_path=str(out), verbose=1 if console.ray_bars else 0,
                                           failure_config=tune.FailureConfig(max_failures=0),
-                                          callbacks=[_release_callback(out / "trials")]),
+                                          callbacks=[_release_callback(out / "trials"),
+                                                     SweepProgress(console.bars, task)]),
             )
         t0 = time.perf_counter()
-        grid = tuner.fit()
+        with _tune_output(console.ray_bars):
+            grid = tuner.fit()
         sweep_s = time.perf_counter() - t0
     trials = [_trial_record(r, ft, plan) for r in grid]
     for t in trials:

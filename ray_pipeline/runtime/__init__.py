@@ -1,5 +1,6 @@
 """Where the work runs.
 
-Owns: the devices of a run, decided once (``devices``), and the Ray session every stage of a
-command shares (``session``). Imports ``config`` and ``errors`` only.
+Owns: the devices of a run, decided once (``devices``), the Ray session every stage of a
+command shares (``session``), and what the console shows of it all (``console``: the policy the
+CLI decides and the run's log file). Imports ``config`` and ``errors`` only.
 """

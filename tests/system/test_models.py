@@ -92,12 +92,14 @@ def test_a_hub_id_at_a_revision_of_the_cache(pool, tmp_path, capsys):
 
 
 def refused(capsys, tmp_path, command, says: str) -> None:
-    """``command(out)`` exits 2 with one line on stderr that says ``says``, and writes nothing."""
+    """``command(out)`` exits 2 with one error line on stderr, the last, that says ``says`` (before
+    it only the lines of what was read), no traceback, and writes nothing."""
     before = sorted(tmp_path.rglob("*"))
     out = tmp_path / "out"
     assert command(out) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("ray-pipeline: error: ") and says in err[0], err
+    errors = [line for line in err if line.startswith("ray-pipeline: error: ")]
+    assert errors == [err[-1]] and says in err[-1] and not any("Traceback" in line for line in err), err
     assert not out.exists() and sorted(tmp_path.rglob("*")) == before
 
 
