@@ -207,6 +207,7 @@ def _read_and_embed(cfg: Config, run: Run, progress: bool, *, tune: bool = False
     pool = _read_pool(cfg)
     cfg.candidate_grid(len(pool))  # budgets or K above the pool: an error before any work
     parts = _check_held_out(cfg, pool) if tune else None
+    _check_text_model(cfg, pool)
     run.start()
     run.stage("read", seconds=time.perf_counter() - t0, source=pool.source, rows=len(pool), skipped_rows=pool.skipped)
     return embed_stage(pool, cfg, run, progress=progress), parts
@@ -226,6 +227,16 @@ def _check_held_out(cfg: Config, pool: Pool):
     task.check_heldout(pool, {f"validation part ({ho.eval_path})": parts.validation,
                               f"test part ({ho.test_path or ho.eval_path})": parts.test})
     return parts
+
+
+def _check_text_model(cfg: Config, pool: Pool) -> dict | None:
+    """The text model found, and ``embed.pooling`` / ``embed.prompt_name`` fit it, before any stage
+    (reads the model's small JSON files only); how it will embed, or None when no text is embedded."""
+    if pool.texts is None or pool.embeddings is not None:
+        return None
+    from .embed.encoders import text_encoding
+
+    return text_encoding(cfg.embed).describe()
 
 
 def _read_pool(cfg: Config) -> Pool:
@@ -259,6 +270,9 @@ def check(cfg: Config, *, tune: bool, overwrite: bool = False, resume: bool = Fa
     grid = cfg.candidate_grid(len(pool))
     found = {"samples": len(pool), "labels": None if pool.labels is None else len(pool.label_codes()[0]),
              "candidates (K, M)": grid, "output_dir": cfg.output_dir}
+    text = _check_text_model(cfg, pool)
+    if text is not None:
+        found["text encoder"] = text
     if tune:
         parts = _check_held_out(cfg, pool)
         found.update(validation=len(parts.validation), test=len(parts.test))
