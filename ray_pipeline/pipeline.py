@@ -14,6 +14,7 @@ import logging
 import time
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pyarrow as pa
@@ -224,12 +225,17 @@ def _start_and_embed(pool: Pool, read_s: float, cfg: Config, run: Run, console: 
     return embed_stage(pool, cfg, run, console=console)
 
 
-def _check_encoder(cfg: Config, pool: Pool) -> None:
-    """``embed.model`` found and fit for the text encoder, where the pool's texts are to be embedded."""
+def _check_encoder(cfg: Config, pool: Pool) -> Optional[dict]:
+    """``embed.model`` found and fit for the text encoder, and ``embed.pooling`` /
+    ``embed.prompt_name`` fit it, where the pool's texts are to be embedded (reads the model's
+    small files only); how it will embed, or None when no text is embedded."""
+    if pool.embeddings is not None or pool.texts is None:
+        return None
+    from .embed.encoders import text_encoding
     from .io.models import check_encoder
 
-    if pool.embeddings is None and pool.texts is not None:
-        check_encoder(cfg.embed)
+    check_encoder(cfg.embed)
+    return text_encoding(cfg.embed).describe()
 
 
 def _check_held_out(cfg: Config, pool: Pool):
@@ -302,9 +308,11 @@ def check(cfg: Config, *, tune: bool, overwrite: bool = False, resume: bool = Fa
     Run(cfg, resume=resume, overwrite=overwrite)  # a different or unfinished run in the way: an error
     pool = _read_pool(cfg)
     grid = cfg.candidate_grid(len(pool))
-    _check_encoder(cfg, pool)
+    text = _check_encoder(cfg, pool)
     found = {"samples": len(pool), "labels": None if pool.labels is None else len(pool.label_codes()[0]),
              "candidates (K, M)": grid, "output_dir": cfg.output_dir}
+    if text is not None:
+        found["text encoder"] = text
     if tune:
         parts = _check_held_out(cfg, pool)
         found.update(validation=len(parts.validation), test=len(parts.test))

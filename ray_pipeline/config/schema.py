@@ -82,12 +82,22 @@ class EmbedConfig:
     """The encoders and how the embedding stage runs.
 
     ``model``: ``"minilm"`` (the packaged all-MiniLM-L6-v2), ``"smollm2"``, a local model
-    directory or a Hugging Face Hub id ``ORG/NAME`` (any transformers ``AutoModel``, e.g.
-    ``BAAI/bge-small-en-v1.5``, or a causal LM with ``pooling: last`` or ``mean``; resolved by
+    directory or a Hugging Face Hub id ``ORG/NAME`` (resolved by
     :func:`~ray_pipeline.io.models.resolve`), at ``revision`` (a Hub id's branch, tag or commit;
     empty: its default branch). ``trust_remote_code``: let a model run the code its repository
-    ships (off unless set). ``image_model``: ``"efficientnet-lite0"`` (packaged; the only image
-    encoder) for samples with ``data.image_column``.
+    ships (off unless set). A sentence-transformers model (its directory has ``modules.json``)
+    embeds through ``SentenceTransformer`` with its own pooling, normalisation, maximum length and
+    default prompt; any other transformers ``AutoModel`` (e.g. a saved SmolLM2) is pooled with
+    ``pooling``. ``pooling``: ``mean``, ``cls`` or ``last`` for a model without its own; empty: the
+    model's own (``mean`` for a model without one); set for a sentence-transformers model, it must
+    be what the model's ``1_Pooling/config.json`` says, else an error (no silent override).
+    ``max_length``: tokens per text; empty: the model's own ``max_seq_length`` for a
+    sentence-transformers model, 128 for the others; set, it caps a sentence-transformers model's
+    own (never raises it). ``prompt``: a text put before every sample (e5's ``"query: "``);
+    ``prompt_name``: one of the model's own named prompts (``config_sentence_transformers.json``);
+    neither: the model's default prompt, if it names one.
+    ``image_model``: ``"efficientnet-lite0"`` (packaged; the only image encoder) for samples with
+    ``data.image_column``.
     ``engine``: ``ray`` (Ray Data actors over shards of ``shard_size`` rows, resumable) or
     ``local`` (one in-process loop). ``actors``/``threads_per_actor``: empty = sized from the
     cluster (one actor per GPU; on CPUs, actors of up to 4 threads). ``dtype``: how vectors are
@@ -98,9 +108,11 @@ class EmbedConfig:
     model: str = "minilm"
     revision: Optional[str] = None
     trust_remote_code: bool = False
-    pooling: Literal["mean", "cls", "last"] = "mean"
+    pooling: Optional[Literal["mean", "cls", "last"]] = None
     batch_size: int = 64
-    max_length: int = 128
+    max_length: Optional[int] = None
+    prompt: Optional[str] = None
+    prompt_name: Optional[str] = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
     image_model: str = "efficientnet-lite0"
     image_size: int = 224
@@ -118,8 +130,13 @@ class EmbedConfig:
                  "and directories of image models are not supported)")
         if self.batch_size < 1:
             fail("embed.batch_size", self.batch_size, "an int >= 1")
-        if self.max_length < 2:
-            fail("embed.max_length", self.max_length, "an int >= 2 (tokens per sample)")
+        if self.max_length is not None and self.max_length < 2:
+            fail("embed.max_length", self.max_length, "empty (the model's own) or an int >= 2 (tokens per sample)")
+        if self.prompt is not None and self.prompt_name is not None:
+            fail("embed.prompt_name", self.prompt_name, "empty when embed.prompt is set (give the prompt's text "
+                 "or the name of one of the model's prompts, not both)")
+        if self.prompt_name is not None and not self.prompt_name.strip():
+            fail("embed.prompt_name", self.prompt_name, "empty, or the name of one of the model's prompts")
         if self.image_size < 32:
             fail("embed.image_size", self.image_size, "an int >= 32 (pixels)")
         if self.shard_size < 1:

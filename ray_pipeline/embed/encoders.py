@@ -3,9 +3,25 @@
 - :class:`TextEmbedder`, :class:`ImageEmbedder`: callables over a batch dict that load their
   model once in ``__init__`` (once per Ray actor) and add an ``"embedding"`` column; testable
   without Ray. :func:`fuse` joins a sample's text and image vectors.
+- :func:`text_encoding`: how a text model turns texts into vectors (:class:`TextEncoding`), read
+  from its directory and the config, cheaply (JSON files only), in the driver's pre-flight and
+  in each actor alike.
 
-Pooling: ``mean`` (masked mean of the token vectors; sentence-transformers' MiniLM and GPT-style
-models), ``cls`` (the first token; BERT-style), ``last`` (the last non-padding token).
+Two ways through a text model, decided once by its directory:
+
+- a **sentence-transformers** model (``modules.json``: all-MiniLM-L6-v2, bge, e5, Qwen3-Embedding)
+  runs through ``SentenceTransformer.encode``: its own modules pool (``1_Pooling/config.json``:
+  bge the CLS token, Qwen3-Embedding the last token), normalise and truncate
+  (``sentence_bert_config.json``), and its default prompt applies (``config_sentence_transformers.json``).
+  ``embed.prompt`` / ``embed.prompt_name`` choose another prompt; ``embed.max_length`` only
+  lowers the model's own maximum; ``embed.pooling``, if set, must agree with the model's.
+- any other transformers ``AutoModel`` (a BERT, a causal LM such as SmolLM2) is pooled with
+  ``embed.pooling`` (default ``mean``) over its last hidden states, ``embed.max_length`` tokens
+  (default 128): ``mean`` (masked mean of the token vectors; a causal LM's mean-pooled states are
+  RDS+'s), ``cls`` (the first token; BERT-style), ``last`` (the last non-padding token). A
+  ``embed.prompt`` is put before each text.
+
+Either way the vectors are L2-normalised float32 here, whatever the model's own modules did.
 
 Fusion of a sample with text and image: the concatenation ``[t, i] / sqrt(2)`` of the two unit
 vectors, itself a unit vector (dimension 384 + 1280 with the defaults); a sample with only one
@@ -16,12 +32,115 @@ two fused vectors is the mean of the text and image cosines.
 from __future__ import annotations
 
 import io
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
 from ..config import EmbedConfig
 from ..errors import InputError
+
+log = logging.getLogger(__name__)
+
+SENTENCE_TRANSFORMERS = "sentence-transformers"
+TRANSFORMERS = "transformers"
+BARE_MAX_LENGTH = 128  # tokens per text for a model without its own maximum, when embed.max_length is empty
+# sentence-transformers' older Pooling configs: one flag per mode (its _LEGACY_POOLING_MODE_KWARGS).
+_LEGACY_POOLING = {"pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "max",
+                   "pooling_mode_mean_tokens": "mean", "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
+                   "pooling_mode_weightedmean_tokens": "weightedmean", "pooling_mode_lasttoken": "lasttoken"}
+
+
+@dataclass(frozen=True)
+class TextEncoding:
+    """How texts become vectors, decided once from the model's directory and ``embed``.
+
+    path: the model's local directory. library: ``"sentence-transformers"`` or ``"transformers"``.
+    pooling: ``mean``, ``cls``, ``last`` (ours and sentence-transformers' ``lasttoken``), or another
+    of sentence-transformers' modes (``max``, ``weightedmean``, ``mean_sqrt_len_tokens``; several
+    joined by ``+``); ``modules`` for a sentence-transformers model without a Pooling module.
+    prompt: put before every text (``""``: none). max_length: tokens per text; None: the model's
+    own, known once it is loaded (a sentence-transformers model that does not write it down).
+    """
+
+    path: str
+    library: str
+    pooling: str
+    prompt: str
+    max_length: Optional[int]
+
+    def describe(self) -> dict:
+        """What decides the vectors, for the stage's key and manifest (not the path: it differs
+        from machine to machine for the same model)."""
+        return {"library": self.library, "pooling": self.pooling, "prompt": self.prompt, "max_length": self.max_length}
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError) as e:
+        raise InputError(f"cannot read {str(path)!r} of the text model: {e}") from None
+
+
+def _model_pooling(path: Path, modules: list) -> str:
+    """The pooling a sentence-transformers model's own Pooling module does, in our names."""
+    for m in modules:
+        if str(m.get("type", "")).endswith(".Pooling"):
+            conf = _read_json(path / m.get("path", "") / "config.json")
+            mode = conf.get("pooling_mode") or [v for k, v in _LEGACY_POOLING.items() if conf.get(k)] or "mean"
+            modes = [mode] if isinstance(mode, str) else list(mode)
+            return "+".join("last" if x == "lasttoken" else x for x in modes)
+    return "modules"
+
+
+def text_encoding(cfg: EmbedConfig) -> TextEncoding:
+    """How the text model of ``cfg`` embeds, checked against what the model has; reads only small
+    JSON files (no weights), so the pre-flight calls it before any stage.
+
+    Raises InputError for: an ``embed.pooling`` other than a sentence-transformers model's own; an
+    ``embed.prompt_name`` the model does not have (or on a model without named prompts).
+
+    Example:
+        >>> enc = text_encoding(EmbedConfig())
+        >>> enc.library, enc.pooling, enc.prompt, enc.max_length
+        ('sentence-transformers', 'mean', '', 256)
+    """
+    from ..io.models import resolve
+
+    path = Path(resolve(cfg.model, revision=cfg.revision, field="embed.model"))
+    if not (path / "modules.json").is_file():
+        if cfg.prompt_name is not None:
+            raise InputError(f"embed.prompt_name {cfg.prompt_name!r} names one of a sentence-transformers model's own "
+                             f"prompts, but {cfg.model!r} is not one (no modules.json); give the text as embed.prompt")
+        return TextEncoding(str(path), TRANSFORMERS, cfg.pooling or "mean", cfg.prompt or "",
+                            cfg.max_length or BARE_MAX_LENGTH)
+    modules = _read_json(path / "modules.json")
+    modules = modules if isinstance(modules, list) else []
+    pooling = _model_pooling(path, modules)
+    if cfg.pooling is not None and cfg.pooling != pooling:
+        raise InputError(f"embed.pooling is {cfg.pooling!r}, but {cfg.model!r} is a sentence-transformers model that "
+                         f"pools {pooling!r} itself (its modules.json and Pooling config); leave embed.pooling empty "
+                         f"to use the model's own, or give a directory without modules.json to pool it yourself")
+    st = _read_json(path / "config_sentence_transformers.json")
+    prompts = st.get("prompts") or {}
+    prompt = cfg.prompt
+    if cfg.prompt_name is not None:
+        if cfg.prompt_name not in prompts:
+            has = f"its prompts are {sorted(prompts)}" if prompts else "it has none"
+            raise InputError(f"embed.prompt_name {cfg.prompt_name!r} is not one of the prompts of {cfg.model!r} "
+                             f"(config_sentence_transformers.json): {has}; give the text as embed.prompt")
+        prompt = prompts[cfg.prompt_name]
+    elif prompt is None:
+        prompt = prompts.get(st.get("default_prompt_name") or "", "")
+    own = _read_json(path / "sentence_bert_config.json").get("max_seq_length")
+    max_length = cfg.max_length if own is None or (cfg.max_length or own) < own else own
+    if cfg.max_length is not None and own is not None and cfg.max_length > own:
+        log.info("embed.max_length %d is above %s's own maximum of %d tokens: the model's own is kept",
+                 cfg.max_length, cfg.model, own)
+    return TextEncoding(str(path), SENTENCE_TRANSFORMERS, pooling, prompt or "", max_length)
 
 
 def pool_hidden(hidden, mask, pooling: str):
@@ -41,46 +160,72 @@ def pool_hidden(hidden, mask, pooling: str):
 
 
 class TextEmbedder:
-    """Callable: ``{"text": (b,) str array, ...}`` -> the same dict plus ``"embedding"`` (b, h) float32.
+    """Callable: ``{"text": (b,) str array, ...}`` -> the same dict plus ``"embedding"`` (b, h) float32,
+    rows of unit length.
 
-    The model and tokenizer load once, here (once per Ray actor when used with map_batches).
+    The model loads once, here (once per Ray actor when used with map_batches): through
+    ``SentenceTransformer`` for a sentence-transformers model, else as a bare ``AutoModel`` with
+    its tokenizer (:func:`text_encoding` decides; ``self.encoding`` says what it decided). fp16 on
+    a GPU, fp32 on CPUs. No remote code runs.
 
     Example:
         >>> emb = TextEmbedder(EmbedConfig(device="cpu"))
         >>> out = emb({"text": np.array(["a cat", "a dog"])})
-        >>> out["embedding"].shape
-        (2, 384)
+        >>> out["embedding"].shape, emb.encoding.library
+        ((2, 384), 'sentence-transformers')
     """
 
     def __init__(self, cfg: EmbedConfig):
         import torch
-        from transformers import AutoModel, AutoTokenizer
 
         from ..runtime.devices import torch_device
-        from ..io.models import resolve
 
         self.cfg = cfg
+        self.encoding = enc = text_encoding(cfg)
         self.device = torch_device(cfg.device)  # where this actor runs: a GPU if it was given one
-        path = resolve(cfg.model, revision=cfg.revision, field="embed.model")
-        self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+        dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        if enc.library == SENTENCE_TRANSFORMERS:
+            from sentence_transformers import SentenceTransformer
+
+            self.model = SentenceTransformer(enc.path, device=str(self.device), trust_remote_code=cfg.trust_remote_code,
+                                             model_kwargs={"dtype": dtype})
+            if enc.max_length is not None and enc.max_length < (self.model.max_seq_length or enc.max_length + 1):
+                self.model.max_seq_length = enc.max_length  # embed.max_length below the model's own
+            dim = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
+            self.dim = int(dim())  # renamed in sentence-transformers 6
+            return
+        from transformers import AutoModel, AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(enc.path, trust_remote_code=cfg.trust_remote_code)
         if self.tokenizer.pad_token is None:  # GPT-style tokenizers ship without one
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.tokenizer.padding_side = "right"
-        dtype = torch.float16 if self.device.type == "cuda" else torch.float32
-        self.model = AutoModel.from_pretrained(path, dtype=dtype,
+        self.model = AutoModel.from_pretrained(enc.path, dtype=dtype,
                                                trust_remote_code=cfg.trust_remote_code).to(self.device).eval()
         self.dim = int(self.model.config.hidden_size)
 
     def __call__(self, batch: dict) -> dict:
+        texts = [str(t) for t in batch["text"]]
+        if self.encoding.library == SENTENCE_TRANSFORMERS:
+            x = self.model.encode(texts, batch_size=self.cfg.batch_size, prompt=self.encoding.prompt,
+                                  normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
+            x = np.asarray(x, dtype=np.float32)
+            # unit rows whatever the model's modules did (fp16 on a GPU rounds its own normalisation)
+            vec = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), np.float32(1e-12))
+        else:
+            vec = self._pooled([self.encoding.prompt + t for t in texts])
+        return {**batch, "embedding": vec}
+
+    def _pooled(self, texts: list[str]) -> np.ndarray:
+        """The bare AutoModel's last hidden states, pooled with ``embed.pooling``: (b, h) float32."""
         import torch
 
-        texts = [str(t) for t in batch["text"]]
-        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.cfg.max_length,
+        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.encoding.max_length,
                              return_tensors="pt").to(self.device)
         with torch.inference_mode():
             hidden = self.model(**enc).last_hidden_state
-            vec = pool_hidden(hidden, enc["attention_mask"], self.cfg.pooling)
-        return {**batch, "embedding": vec.cpu().numpy()}
+            vec = pool_hidden(hidden, enc["attention_mask"], self.encoding.pooling)
+        return vec.cpu().numpy()
 
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)

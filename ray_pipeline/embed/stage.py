@@ -29,7 +29,7 @@ import numpy as np
 from ..io.run_dir import write_json, write_parquet
 from ..config import EmbedConfig
 from ..errors import PipelineError
-from .encoders import BadImage, ImageEmbedder, TextEmbedder, fuse
+from .encoders import BadImage, ImageEmbedder, TextEmbedder, TextEncoding, fuse, text_encoding
 
 if TYPE_CHECKING:
     from ..io.pool import Pool
@@ -54,11 +54,18 @@ def shard_name(i: int) -> str:
 
 
 def stage_key(ids: np.ndarray, texts: Optional[np.ndarray], images: Optional[np.ndarray],
-              cfg: EmbedConfig) -> str:
+              cfg: EmbedConfig, text: Optional[TextEncoding] = None) -> str:
     """Hash of what decides the vectors: the samples and the encoder settings (not how many
-    actors or threads compute them)."""
+    actors or threads compute them). ``text``: how the text model embeds (:func:`text_encoding`),
+    for a pool with texts: sentence-transformers or a bare model, the pooling, prompt and maximum
+    length in effect, so that the model's own defaults count and a changed one recomputes."""
     h = hashlib.sha256()
-    settings = {k: v for k, v in asdict(cfg).items() if k not in ("engine", "actors", "threads_per_actor")}
+    skip = {"engine", "actors", "threads_per_actor"}
+    if text is not None:  # the settings in effect stand for these four
+        skip |= {"pooling", "max_length", "prompt", "prompt_name"}
+    settings = {k: v for k, v in asdict(cfg).items() if k not in skip}
+    if text is not None:
+        settings["text_encoding"] = text.describe()
     h.update(json.dumps(settings, sort_keys=True).encode())
     for column in (ids, texts, images):
         if column is None:
@@ -238,7 +245,8 @@ def embed_pool(pool: Pool, cfg: EmbedConfig, stage_root: Path, *, progress: bool
         >>> kept.tolist(), x.shape
         ([True, True, True], (3, 384))
     """
-    stage_dir = Path(stage_root) / stage_key(pool.ids, pool.texts, pool.images, cfg)
+    text = text_encoding(cfg) if pool.texts is not None else None  # an error here comes before any work
+    stage_dir = Path(stage_root) / stage_key(pool.ids, pool.texts, pool.images, cfg, text)
     manifest_path = stage_dir / "manifest.json"
     if manifest_path.is_file():
         log.info("embeddings complete in %s: nothing to do", stage_dir)
@@ -271,7 +279,7 @@ def embed_pool(pool: Pool, cfg: EmbedConfig, stage_root: Path, *, progress: bool
         dim = f.schema_arrow.field("embedding").type.list_size
     manifest = {"key": stage_dir.name, "rows": rows, "dim": dim, "dtype": cfg.dtype, "shards": len(shards),
                 "shards_computed": len(pending), "skipped_rows": len(skipped), "skipped_ids": skipped[:100],
-                "model": cfg.model, "pooling": cfg.pooling, "modalities": shard_plan.modal, "engine": cfg.engine,
+                "model": cfg.model, "text_encoding": text and text.describe(), "modalities": shard_plan.modal, "engine": cfg.engine,
                 "actor_plan": plan, "seconds": seconds,
                 "samples_per_s": (sum(len(shards[i]) for i in pending) / seconds) if pending and seconds else None}
     write_json(manifest, manifest_path)
