@@ -1,10 +1,11 @@
 """The job: read -> embed -> select -> tune -> report, as stages of one run directory, and the
 commands that run them (``ray-pipeline select | embed | tune | run``).
 
-Each stage wraps a module that holds its logic (:mod:`embed`, :mod:`select`, :mod:`tune`,
-:mod:`report`), writes under a keyed directory (layout: :mod:`artifacts`) and records itself in
-``run.json``. The devices are decided once per command and passed down; one Ray session serves
-every stage of a command.
+Each stage wraps the subpackage that holds its logic (``embed``, ``select``, ``finetune``,
+``report``), writes under a keyed directory (layout: ``io.run_dir``) and records itself in
+``run.json``. Every input is read and checked before Ray starts or anything is written; the
+devices are decided once per command and passed down; one Ray session serves every stage of a
+command.
 """
 
 from __future__ import annotations
