@@ -70,7 +70,8 @@ class TrainSettings:
     ``gradient_checkpointing`` recomputes activations in the backward pass (less memory, about a
     third more compute). ``zero_stage``/``precision`` empty/``auto``: ZeRO-2 + bf16 on GPU, ZeRO-0 +
     fp32 on CPU; the weights are loaded in the training precision (bf16/fp16 halve their memory);
-    fp16 needs a GPU. ZeRO-3 shards the weights over the workers from the moment they load.
+    fp16 needs a GPU. ZeRO-3 is refused for now: the tuned model is saved whole from rank 0, which
+    its shards do not allow yet.
     ``quantization: 4bit``: QLoRA, the frozen base in 4-bit NF4 through bitsandbytes (CUDA only,
     LoRA only)."""
 
@@ -105,15 +106,16 @@ class TrainSettings:
             fail("finetune.train.lr", self.lr, "a learning rate > 0")
         if self.max_length < 8:
             fail("finetune.train.max_length", self.max_length, "an int >= 8 (tokens)")
-        if self.zero_stage is not None and self.zero_stage not in (0, 1, 2, 3):
-            fail("finetune.train.zero_stage", self.zero_stage, "empty (auto), 0, 1, 2 or 3")
+        if self.zero_stage == 3:
+            fail("finetune.train.zero_stage", self.zero_stage, "empty (auto), 0, 1 or 2: ZeRO-3 is not supported yet "
+                 "(the tuned model would be saved from its shards, not whole); ZeRO-2 shards the gradients and "
+                 "optimizer state over the workers, LoRA or QLoRA shrink the rest")
+        if self.zero_stage is not None and self.zero_stage not in (0, 1, 2):
+            fail("finetune.train.zero_stage", self.zero_stage, "empty (auto), 0, 1 or 2")
         if not 0.0 <= self.warmup_ratio < 1.0:
             fail("finetune.train.warmup_ratio", self.warmup_ratio, "a share of the trial's steps in [0, 1), e.g. 0.05")
         if self.weight_decay < 0:
             fail("finetune.train.weight_decay", self.weight_decay, "a number >= 0, e.g. 0.01")
-        if self.quantization == "4bit" and self.zero_stage == 3:
-            fail("finetune.train.quantization", self.quantization, "'none' with ZeRO-3 (a 4-bit base cannot be "
-                 "sharded by DeepSpeed); use ZeRO-2 or less with QLoRA")
 
 
 @dataclass(frozen=True)

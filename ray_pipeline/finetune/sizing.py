@@ -128,8 +128,9 @@ def fixes(size: ModelSize, *, use_lora: bool, zero_stage: int, gradient_checkpoi
     out = []
     if not use_lora:
         out.append("finetune.lora.enabled: true (trains adapters only: no full gradients or optimizer state)")
-    if zero_stage < 3:
-        out.append("finetune.train.zero_stage: 3 with more finetune.resources.num_workers (shards the weights too)")
+    if zero_stage < 2:
+        out.append("finetune.train.zero_stage: 2 with more finetune.resources.num_workers (shards the gradients and "
+                   "optimizer state)")
     if not gradient_checkpointing:
         out.append("finetune.train.gradient_checkpointing: true")
     if use_lora and quantization == "none":

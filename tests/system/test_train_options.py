@@ -94,8 +94,8 @@ def test_what_a_cpu_cannot_do_is_refused_before_any_trial():
         check_device(FinetuneConfig(train=TrainSettings(quantization="4bit")), on_gpu=False)
     check_device(FinetuneConfig(train=TrainSettings(precision="fp16", quantization="4bit")), on_gpu=True)
     check_device(FinetuneConfig(train=TrainSettings(precision="bf16")), on_gpu=False)  # bf16 runs on CPUs
-    with pytest.raises(ConfigError, match="ZeRO-3"):
-        TrainSettings(quantization="4bit", zero_stage=3)
+    with pytest.raises(ConfigError, match="ZeRO-3 is not supported yet"):
+        TrainSettings(zero_stage=3)
 
 
 def test_a_step_takes_the_accumulated_micro_batches():
@@ -115,7 +115,7 @@ def test_a_plan_that_cannot_fit_the_gpu_is_refused_with_what_to_change(tmp_path)
     size = count_parameters(AutoConfig.from_pretrained(resolve("minilm")), num_labels=3)
     assert 22_000_000 < size.params < 23_500_000 and size.head == 384 * 3 + 3
     cfg = Config.from_dict({"finetune": {"resources": {"gpu_memory_gb": 0.5}}})
-    with pytest.raises(InputError, match=r"more than its GPU's 0.5 GB.*lora.enabled: true.*zero_stage: 3"):
+    with pytest.raises(InputError, match=r"more than its GPU's 0.5 GB.*lora.enabled: true.*gradient_checkpointing"):
         check_memory(cfg, resolve("minilm"), 3, on_gpu=True)
     assert check_memory(Config.from_dict({"finetune": {"resources": {"gpu_memory_gb": 80}}}), resolve("minilm"), 3,
                         on_gpu=True)["total"] < 80

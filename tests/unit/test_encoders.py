@@ -3,7 +3,6 @@ and maximum length obeyed; a bare transformers directory pooled with embed.pooli
 Real models (the packaged MiniLM and directories derived from it), no network, no Ray."""
 
 import json
-import shutil
 from dataclasses import replace
 from pathlib import Path
 
