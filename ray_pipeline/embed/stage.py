@@ -279,8 +279,8 @@ def embed_pool(pool: Pool, cfg: EmbedConfig, stage_root: Path, *, progress: bool
         dim = f.schema_arrow.field("embedding").type.list_size
     manifest = {"key": stage_dir.name, "rows": rows, "dim": dim, "dtype": cfg.dtype, "shards": len(shards),
                 "shards_computed": len(pending), "skipped_rows": len(skipped), "skipped_ids": skipped[:100],
-                "model": cfg.model, "text_encoding": text and text.describe(), "modalities": shard_plan.modal, "engine": cfg.engine,
-                "actor_plan": plan, "seconds": seconds,
+                "model": cfg.model, "text_encoding": text and text.describe(), "modalities": shard_plan.modal,
+                "engine": cfg.engine, "actor_plan": plan, "seconds": seconds,
                 "samples_per_s": (sum(len(shards[i]) for i in pending) / seconds) if pending and seconds else None}
     write_json(manifest, manifest_path)
     return manifest
