@@ -127,7 +127,7 @@ def test_a_sharegpt_pool_runs_through_the_chat_config_with_lora(smollm2, tmp_pat
     config = Path(__file__).resolve().parents[2] / "configs" / "chat.yaml"
     sets = [f"data.path={tmp_path / 'pool.jsonl'}", "data.id_column=id",
             f"finetune.heldout.eval_path={tmp_path / 'held.jsonl'}", "finetune.heldout.eval_limit=20",
-            "select.budgets=[8]", "select.random_seeds=[0]", "finetune.sweep.include_full=false",
+            "select.budgets=[8]", "select.method=[centroid]", "select.random_seeds=[0]", "finetune.sweep.include_full=false",
             "finetune.train.max_steps=4", "finetune.train.eval_every=2", "finetune.train.max_length=64",
             "embed.engine=local"]
     args = ["run", str(config), "--out", str(tmp_path / "run"), "--no-progress"]
