@@ -17,13 +17,14 @@ from typing import Optional, Sequence
 import yaml
 
 from .config import Config
-from .errors import OutputError, PipelineError
+from .errors import Interrupted, OutputError, PipelineError
 from .runtime.console import Logs
 
 log = logging.getLogger("ray_pipeline")
 
 # The demo's pool when none is given: the public banking77 intents that ship with the project.
 DEMO_DATA = Path(__file__).resolve().parents[1] / "examples" / "banking77" / "train.csv"
+RUNS = ("select", "tune", "run")  # the commands that keep a run.json
 DEMO_FIELDS = {"data.text_column": "text", "data.label_column": "category"}
 
 
@@ -200,11 +201,26 @@ def _predict(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
-    with Logs(args.verbose) as logs:  # the console policy, decided here once; undone when the command ends
+    from .runtime.interrupt import interruptible
+
+    with Logs(args.verbose) as logs, interruptible():  # the console policy, decided here once; undone after
         return _command(args, logs)
 
 
+def _interrupted(out: Optional[str], e: Interrupted, logs: Logs) -> int:
+    """SIGINT / SIGTERM: the run stops unfinished (``run.json``: interrupted), --resume continues it."""
+    from .io.run_dir import mark_interrupted
+
+    stage = mark_interrupted(out, e.signal_name) if out else None
+    where = f" during the {stage} stage; the run in {out} is unfinished: rerun with --resume to continue" \
+        if stage else ""
+    print(f"ray-pipeline: interrupted by {e.signal_name}{where}", file=sys.stderr)
+    logs.failed(e)
+    return e.exit_code
+
+
 def _command(args: argparse.Namespace, logs: Logs) -> int:
+    cfg = None
     try:
         if args.command == "predict":
             return _predict(args)
@@ -251,6 +267,8 @@ def _command(args: argparse.Namespace, logs: Logs) -> int:
         print(f"ray-pipeline: error: {e}", file=sys.stderr)
         logs.failed(e)
         return e.exit_code
+    except Interrupted as e:
+        return _interrupted(cfg.output_dir if cfg is not None and args.command in RUNS else None, e, logs)
     return 0
 
 

@@ -22,3 +22,22 @@ class InputError(PipelineError, ValueError):
 
 class OutputError(PipelineError):
     """The output directory cannot be written as asked (e.g. it holds another run)."""
+
+
+class Interrupted(Exception):
+    """The run was stopped by a signal (SIGINT: Ctrl-C; SIGTERM: ``ray job stop``, a scheduler):
+    not an error of the input, and not a finished run. The exit status is the shell's convention,
+    128 + the signal's number (130 for SIGINT, 143 for SIGTERM)."""
+
+    def __init__(self, signum: int):
+        import signal
+
+        self.signum = signum
+        self.signal_name = signal.Signals(signum).name
+        self.exit_code = 128 + signum
+        super().__init__(f"interrupted by {self.signal_name}")
+
+
+class ClusterError(PipelineError):
+    """The Ray cluster cannot hold what the config asks (no node, and no node type the autoscaler
+    can add, fits one request), or it did not answer within ``ray.wait_timeout_s``."""

@@ -291,7 +291,7 @@ def _one_ray(cfg: Config, needed: bool, console: Console):
     where Ray's output goes (``runtime.session.Console``)."""
     from .runtime.session import ray_session
 
-    return ray_session(cfg.ray_address, console=console) if needed else nullcontext()
+    return ray_session(cfg.ray_address, console=console, settings=cfg.ray) if needed else nullcontext()
 
 
 def _embeds_with_ray(cfg: Config) -> bool:

@@ -24,6 +24,7 @@ from typing import Any, Literal, Optional
 import yaml
 
 from .finetune import FinetuneConfig, refuse_moved
+from .ray_settings import RaySettings
 from ..errors import ConfigError
 from .typed import (Budget, KValue, build, check_revision, check_template, fail, no_credentials_in, parse_budget,
                     parse_k, plain)
@@ -282,6 +283,7 @@ class Config:
     seed: int = 0
     threads: Optional[int] = None
     ray_address: Optional[str] = None
+    ray: RaySettings = field(default_factory=RaySettings)  # waits on the cluster; its node types
 
     def __post_init__(self) -> None:
         if self.seed < 0:

@@ -300,10 +300,13 @@ def _embed_with_ray(shard_plan: _ShardPlan, cfg: EmbedConfig, *, progress: bool,
     import ray
     from tqdm.auto import tqdm
 
+    from ..runtime.capacity import Request, ensure_fits, gpus_to_grow_to
     from ..runtime.session import ray_session
 
     with ray_session() as res:
-        plan = actor_plan(res.cpus, res.gpus, cfg)
+        plan = actor_plan(res.cpus, gpus_to_grow_to(res.gpus), cfg)  # an autoscaler's GPUs count
+        ensure_fits([Request("an embedding actor", {"CPU": plan["num_cpus"], "GPU": plan["num_gpus"]},
+                             "lower embed.threads_per_actor (an actor's CPUs), or set embed.device: cpu")])
         log.info("Ray Data: %d embedding actor(s), %s CPU / %s GPU each, %d torch threads",
                  plan["actors"], plan["num_cpus"], plan["num_gpus"], plan["threads"])
         # One block per shard, so the actors share the shards out one at a time.

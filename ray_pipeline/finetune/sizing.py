@@ -173,3 +173,15 @@ def check_memory(cfg: Config, model_path: str, n_labels: Optional[int], *, on_gp
         raise InputError(f"one trial worker needs about {describe(plan)}, more than its GPU's {cap:g} GB; to fit, "
                          f"set {'; or '.join(fixes(size, use_lora=lora, zero_stage=zero, gradient_checkpointing=tr.gradient_checkpointing, quantization=tr.quantization))}")
     return {k: round(v / 1e9, 3) for k, v in plan.items()}
+
+
+def trial_requests(plan: dict, cfg: Config) -> list:
+    """What one trial asks of the cluster (``runtime.capacity.Request``): its driver (Tune's
+    function trainable, 0.1 CPU) and each of its workers (``plan_resources``'s)."""
+    from ..runtime.capacity import Request
+
+    res = cfg.finetune.resources
+    return [Request("a trial's driver", {"CPU": 0.1}, "free a tenth of a CPU on some node"),
+            Request(f"a fine-tuning worker (1 of {res.num_workers} per trial)", plan["resources_per_worker"],
+                    "lower finetune.resources.cpus_per_worker" + (" or set finetune.device: cpu"
+                                                                  if plan["use_gpu"] else ""))]

@@ -41,11 +41,13 @@ from ..config import Config
 from ..io.pool import Pool
 from ..errors import InputError
 from ..runtime.console import Console
+from ..runtime.capacity import ensure_fits, gpus_to_grow_to
+from ..runtime.interrupt import tune_fit
 from .heldout import Parts
 from .metrics import ratio_score
 from .progress import SweepProgress
 from .task import task_for
-from .sizing import check_memory
+from .sizing import check_memory, trial_requests
 from .train import TrialLoop, check_device
 
 log = logging.getLogger(__name__)
@@ -263,8 +265,9 @@ def run_sweep(candidates: list[Candidate], pool: Pool, parts: Parts, cfg: Config
     ev.pop("label_names", None)
     specs = [dict(c.describe(), steps=step_cap(ft, len(c.rows))) for c in candidates]
     max_t = max(math.ceil(s["steps"] / ft.train.eval_every) for s in specs)  # evaluations of the longest trial
-    with ray_session(cfg.ray_address) as res:
-        plan = plan_resources(res.cpus, res.gpus, cfg)
+    with ray_session(cfg.ray_address, settings=cfg.ray) as res:
+        plan = plan_resources(res.cpus, gpus_to_grow_to(res.gpus), cfg)  # an autoscaler's GPUs count
+        ensure_fits(trial_requests(plan, cfg))  # one node holds each: no trial pending forever
         model_path = resolve(ft.model, task.default_model, revision=ft.revision)
         plan["memory_gb_per_gpu"] = check_memory(cfg, model_path, len(train.get("label_names") or []) or None,
                                                  on_gpu=plan["use_gpu"])
@@ -306,7 +309,7 @@ def run_sweep(candidates: list[Candidate], pool: Pool, parts: Parts, cfg: Config
                                                      SweepProgress(console.bars, task)]),
             )
         t0 = time.perf_counter()
-        with _tune_output(console.ray_bars):
+        with _tune_output(console.ray_bars), tune_fit():  # an interrupt: Tune stops, then Interrupted
             grid = tuner.fit()
         sweep_s = time.perf_counter() - t0
     trials = [_trial_record(r, ft, plan) for r in grid]

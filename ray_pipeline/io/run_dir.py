@@ -129,7 +129,7 @@ def same_run(stored: Optional[dict], config: dict) -> bool:
 
 
 def _what_runs(config: dict) -> dict:
-    return {k: v for k, v in located(config).items() if k != "output_dir"}
+    return {k: v for k, v in located(config).items() if k not in ("output_dir", "ray")}  # ray: waits, not results
 
 
 def in_run(run_dir: str | Path, stored: str) -> Path:
@@ -228,3 +228,24 @@ class Run:
     def finish(self, **info) -> None:
         self.info.update(info, status="complete")
         self._write()
+
+
+STAGES = ("read", "embed", "select", "tune", "report")  # in the order a run goes through them
+
+
+def mark_interrupted(run_dir: str | Path, signal_name: str) -> Optional[str]:
+    """Record in ``run_dir``'s ``run.json``, where a run is in progress there, that a signal stopped
+    it: ``status: interrupted`` (unfinished: continued only with ``--resume``), the signal and the
+    stage it cut (the first not complete); that stage, or None where no run was in progress."""
+    path = Path(run_dir) / "run.json"
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if info.get("status") != "running":
+        return None
+    done = info.get("stages", {})
+    stage = next((s for s in STAGES if done.get(s, {}).get("status") != "complete"), "finish")
+    info.update(status="interrupted", interrupted={"signal": signal_name, "stage": stage})
+    write_json(info, path)
+    return stage

@@ -14,6 +14,9 @@ from dataclasses import dataclass
 from typing import Iterator, Optional
 
 from .console import WORKER_LOG, Console
+from .capacity import configure, wait_reachable
+from .interrupt import rearm
+from ..config.ray_settings import RaySettings
 
 log = logging.getLogger(__name__)
 
@@ -26,12 +29,14 @@ class Resources:
 
 @contextmanager
 def ray_session(address: Optional[str] = None, *, num_cpus: Optional[int] = None,
-                dashboard: bool = True, console: Optional[Console] = None) -> Iterator[Resources]:
+                dashboard: bool = True, console: Optional[Console] = None,
+                settings: Optional[RaySettings] = None) -> Iterator[Resources]:
     """Yields the cluster's total resources. Reuses an already initialised Ray as it is.
 
     console: with a log file, Ray's driver loggers and the workers' lines go to the log for the
     block, and (unless verbose) Ray no longer prints the workers' lines on the console; the same
-    on a cluster joined with ``address`` as on a local Ray."""
+    on a cluster joined with ``address`` as on a local Ray. settings: the config's ``ray:`` (how
+    long to wait for the cluster; its node types, ``runtime.capacity``)."""
     import ray
 
     started = False
@@ -43,6 +48,7 @@ def ray_session(address: Optional[str] = None, *, num_cpus: Optional[int] = None
             address = address or os.environ.get("RAY_ADDRESS")
             if address:
                 log.info("joining the Ray cluster at %s", address)
+                wait_reachable(address, (settings or RaySettings()).wait_timeout_s)
                 ray.init(address=address, log_to_driver=True)
             else:
                 ctx = ray.init(num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
@@ -50,6 +56,10 @@ def ray_session(address: Optional[str] = None, *, num_cpus: Optional[int] = None
                 started = True
                 url = getattr(ctx, "dashboard_url", None)
                 log.info("started a local Ray%s", f"; dashboard at http://{url}" if url else "")
+            configure(settings, local=started)
+        elif settings is not None:  # a Ray this process joined or started before: its settings now
+            configure(settings, local=None)
+        rearm()  # ray.init's SIGTERM handler exits the process: ours again (runtime.interrupt)
         if logged:
             undo.enter_context(_worker_lines_to_log(quiet=not console.verbose, keep=not started))
         try:

@@ -100,20 +100,7 @@ def test_driver_killed_during_tune_resumes_to_the_same_sweep(tmp_path, shared_da
     """The sweep's driver is SIGKILLed while its first trial trains (the trial's actors die with it;
     the Ray cluster stays up); --resume restores the Tune experiment and finishes with the same
     trials, steps and scores as an uninterrupted sweep."""
-    import pyarrow.csv as pacsv
-
-    intents = ["activate_my_card", "card_arrival", "exchange_rate", "lost_or_stolen_card"]
-    for split, per in (("train", 40), ("test", 15)):
-        t = pacsv.read_csv(shared_data / "banking77" / f"{split}.csv").to_pandas()
-        t[t.category.isin(intents)].groupby("category").head(per).to_csv(tmp_path / f"{split}.csv", index=False)
-    cfg = tmp_path / "job.yaml"
-    cfg.write_text(f"data:\n  path: {tmp_path / 'train.csv'}\n  label_column: category\n"
-                   f"embed:\n  engine: local\n  threads_per_actor: 1\ncluster:\n  k: [4]\n"
-                   f"select:\n  budgets: [16]\n  random_seeds: [0]\n  method: [kcenter]\n"
-                   f"finetune:\n  heldout:\n    eval_path: {tmp_path / 'test.csv'}\n"
-                   f"  train:\n    max_steps: 8\n    eval_every: 2\n    batch_size: 8\n    max_length: 32\n"
-                   f"    lr: 0.0003\n  resources:\n    threads_per_worker: 1\n"
-                   f"  sweep:\n    max_concurrent_trials: 1\n    include_full: false\n    early_stopping: false\n")
+    cfg = tune_job(tmp_path, shared_data)
     assert main(["run", str(cfg), "--out", str(tmp_path / "clean"), "--no-progress"]) == 0
 
     killed = tmp_path / "killed"
@@ -137,3 +124,22 @@ def test_driver_killed_during_tune_resumes_to_the_same_sweep(tmp_path, shared_da
 
     assert trials(killed) == trials(tmp_path / "clean")
     assert (killed / "target" / "model" / "config.json").is_file()
+
+
+def tune_job(tmp_path: Path, shared_data: Path) -> Path:
+    """A small sweep's job: 4 intents, 2 trials (k-center and random at 16), 8 steps each, one at a time."""
+    import pyarrow.csv as pacsv
+
+    intents = ["activate_my_card", "card_arrival", "exchange_rate", "lost_or_stolen_card"]
+    for split, per in (("train", 40), ("test", 15)):
+        t = pacsv.read_csv(shared_data / "banking77" / f"{split}.csv").to_pandas()
+        t[t.category.isin(intents)].groupby("category").head(per).to_csv(tmp_path / f"{split}.csv", index=False)
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text(f"data:\n  path: {tmp_path / 'train.csv'}\n  label_column: category\n"
+                   f"embed:\n  engine: local\n  threads_per_actor: 1\ncluster:\n  k: [4]\n"
+                   f"select:\n  budgets: [16]\n  random_seeds: [0]\n  method: [kcenter]\n"
+                   f"finetune:\n  heldout:\n    eval_path: {tmp_path / 'test.csv'}\n"
+                   f"  train:\n    max_steps: 8\n    eval_every: 2\n    batch_size: 8\n    max_length: 32\n"
+                   f"    lr: 0.0003\n  resources:\n    threads_per_worker: 1\n"
+                   f"  sweep:\n    max_concurrent_trials: 1\n    include_full: false\n    early_stopping: false\n")
+    return cfg

@@ -59,19 +59,24 @@ def two_nodes(tmp_path_factory):
     try:
         subprocess.run([RAY, "start", f"--address=127.0.0.1:{port}", "--num-cpus=1", *mem, *own_ports()],
                        env=env, check=True, capture_output=True, timeout=120)
-        yield {"dashboard": f"http://127.0.0.1:{dash}", "env": env}
+        yield {"dashboard": f"http://127.0.0.1:{dash}", "env": env, "address": f"127.0.0.1:{port}"}
     finally:
-        ours = _pids_of_cluster(marks) - before
-        procs = [psutil.Process(p) for p in ours if psutil.pid_exists(p)]
-        for p in procs:
-            try:
-                p.terminate()
-            except psutil.NoSuchProcess:
-                pass
-        _, alive = psutil.wait_procs(procs, timeout=15)
-        for p in alive:
-            p.kill()
-        shutil.rmtree(temp, ignore_errors=True)
+        stop_cluster(marks, before, temp)
+
+
+def stop_cluster(marks: tuple[str, ...], before: set, temp: Path) -> None:
+    """Stop the processes of the cluster ``marks`` names that were not there ``before``, and remove
+    its temp dir: SIGTERM, then SIGKILL after 15 s."""
+    procs = [psutil.Process(p) for p in _pids_of_cluster(marks) - before if psutil.pid_exists(p)]
+    for p in procs:
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=15)
+    for p in alive:
+        p.kill()
+    shutil.rmtree(temp, ignore_errors=True)
 
 
 def test_submitted_job_runs_across_both_nodes(two_nodes, shared_data, tmp_path):

@@ -1,0 +1,48 @@
+"""runtime.capacity without a cluster: the node types as the autoscaler reads them from
+cluster.yaml, what fits where, and the bounded wait for a cluster that does not answer."""
+
+import socket
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ray_pipeline.errors import ClusterError
+from ray_pipeline.runtime.capacity import fits, node_types, wait_reachable
+
+CLUSTER_YAML = Path(__file__).resolve().parents[2] / "cluster.yaml"
+
+
+def test_node_types_are_cluster_yamls_declared_resources():
+    assert node_types(str(CLUSTER_YAML)) == {"ray.head.default": {"CPU": 16.0},
+                                             "ray.worker.gpu": {"CPU": 4.0, "GPU": 1.0}}
+
+
+def test_a_type_without_declared_resources_leaves_the_types_unknown(tmp_path):
+    config = yaml.safe_load(CLUSTER_YAML.read_text())
+    del config["available_node_types"]["ray.worker.gpu"]["resources"]
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    assert node_types(str(tmp_path / "c.yaml")) is None
+
+
+def test_a_missing_autoscaler_config_is_an_error_naming_the_field(tmp_path):
+    with pytest.raises(ClusterError, match="ray.autoscaler_config"):
+        node_types(str(tmp_path / "nope.yaml"))
+
+
+@pytest.mark.parametrize("need,have,ok", [
+    ({"CPU": 1.5}, {"CPU": 1.0}, False),
+    ({"CPU": 1.0, "GPU": 1}, {"CPU": 4.0, "GPU": 1.0}, True),
+    ({"CPU": 0.1, "GPU": 0}, {"CPU": 0.1}, True),  # a zero asks nothing
+    ({"CPU": 1, "GPU": 1}, {"CPU": 16.0}, False),
+])
+def test_fits_one_node_whole(need, have, ok):
+    assert fits(need, have) is ok
+
+
+def test_an_address_nobody_answers_gives_up_after_the_configured_time():
+    with socket.socket() as s:  # a port bound and closed again: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(ClusterError, match=r"cannot reach the Ray cluster at 127.0.0.1:\d+ within 0.5s"):
+        wait_reachable(f"127.0.0.1:{port}", 0.5)
