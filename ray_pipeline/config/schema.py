@@ -110,7 +110,8 @@ class EmbedConfig:
     ``engine``: ``ray`` (Ray Data actors over shards of ``shard_size`` rows, resumable) or
     ``local`` (one in-process loop). ``actors``/``threads_per_actor``: empty = sized from the
     cluster (one actor per GPU; on CPUs, actors of up to 4 threads). ``dtype``: how vectors are
-    stored. ``on_bad_rows``: ``error`` stops at the first empty text or unreadable image;
+    stored. ``on_bad_rows``: ``error`` stops at the first empty text or unreadable image,
+    recording or clip;
     ``skip`` drops such rows and counts them in ``run.json``.
     """
 

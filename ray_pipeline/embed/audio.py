@@ -37,8 +37,12 @@ INSTALL = "pip install resemblyzer 'setuptools<81' (its webrtcvad imports pkg_re
 
 
 def _import_resemblyzer():
+    import warnings
+
     try:
-        import resemblyzer  # noqa: F401  (librosa, webrtcvad: a second or two)
+        with warnings.catch_warnings():  # webrtcvad's `import pkg_resources` warns on every import
+            warnings.simplefilter("ignore", UserWarning)
+            import resemblyzer  # noqa: F401  (librosa, webrtcvad: a second or two)
     except ImportError as e:
         raise InputError(f"embed.audio_model 'resemblyzer' is not installed ({e}); {INSTALL}") from None
     return resemblyzer

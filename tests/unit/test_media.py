@@ -241,3 +241,17 @@ def test_bad_clip_in_the_stage_errors_or_is_skipped(clips, tmp_path):
     skip = EmbedConfig(device="cpu", image_size=64, on_bad_rows="skip")
     out = ShardEmbedder(skip, str(tmp_path / "s"), text=False, video=True)(batch)
     assert out["rows"].tolist() == [1] and out["skipped"].tolist() == [1]
+
+
+def test_cli_refuses_a_bad_recording_before_any_work(tmp_path, capsys):
+    from ray_pipeline.cli import main
+
+    good = write_audio(tmp_path / "good.wav", tone(1.0))
+    silent = write_audio(tmp_path / "quiet.wav", np.zeros(4000, np.float32))
+    data = _csv(tmp_path / "pool.csv", [{"id": "a", "audio": good.name}, {"id": "b", "audio": silent.name}])
+    out = tmp_path / "out"
+    rc = main(["select", "--data", str(data), "--audio-column", "audio", "--id-column", "id", "--out", str(out),
+               "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and any("silent audio" in line and "row 1" in line for line in err)
+    assert not (out / "embeddings").exists()
