@@ -252,6 +252,10 @@ def _check_held_out(cfg: Config, pool: Pool):
     from .io.models import resolve
 
     ft = cfg.finetune
+    if pool.texts is None and any(m is not None for m in (pool.images, pool.audios, pool.videos)):
+        raise ConfigError("fine-tuning trains a text model, and this pool's samples have no text (only images, "
+                          "recordings or clips): fine-tuning their own encoders is not supported yet; run "
+                          "`ray-pipeline select` (embed and select), or give data.text_column for a text model")
     task = task_for(ft.task)
     check_base_model(ft)
     model_path = resolve(ft.model, task.default_model, revision=ft.revision)

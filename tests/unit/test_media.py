@@ -255,3 +255,13 @@ def test_cli_refuses_a_bad_recording_before_any_work(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and any("silent audio" in line and "row 1" in line for line in err)
     assert not (out / "embeddings").exists()
+
+
+def test_run_on_a_speech_only_pool_says_fine_tuning_is_not_there_yet(tmp_path, capsys, shared_data):
+    from ray_pipeline.cli import main
+
+    rc = main(["run", "configs/fsdd.yaml", "--data", str(shared_data / "fsdd" / "train.csv"),
+               "--eval", str(shared_data / "fsdd" / "test.csv"), "--set", "data.limit=20", "--budgets", "4", "8",
+               "--out", str(tmp_path / "out"), "--check"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "fine-tuning trains a text model" in err and "ray-pipeline select" in err
