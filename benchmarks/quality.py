@@ -34,7 +34,7 @@ prints Markdown tables.
 
     .venv/bin/python -m benchmarks.quality                      # all three datasets
     .venv/bin/python -m benchmarks.quality --datasets banking77 --budgets 1 2 5
-    .venv/bin/python -m benchmarks.quality --datasets fsdd-speaker fsdd-digit --name quality-fsdd
+    .venv/bin/python -m benchmarks.quality --datasets fsdd-speaker fsdd-digit --name quality-fsdd --threads 1
     .venv/bin/python -m benchmarks.quality --methods "kcenter K=M" "kcenter K=M, hierarchical"
     .venv/bin/python -m benchmarks.quality --methods "centroid K=M" "centroid K=M, hierarchical" --cluster-seeds 3
 
@@ -256,10 +256,11 @@ def main() -> None:
                    help="the method rows over this many run seeds (k-means' own randomness): mean ± std")
     p.add_argument("--name", default="", help="results file benchmarks/results/NAME-{cpu,gpu}.json "
                    "(default: quality, or quality-methods with --methods)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (1 is faster on a loaded 2-core machine)")
     args = p.parse_args()
     import torch
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     results = {d: run_dataset(d, args.budgets, args.seeds, tuple(args.methods), args.cluster_seeds) for d in args.datasets}
     print()
     for d, r in results.items():
