@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 PACKAGED_AUDIO = "resemblyzer"
 RESEMBLYZER_RATE = 16000
 N_FFT, HOP = 400, 160  # resemblyzer.hparams: 25 ms windows, 10 ms steps at 16 kHz
+MEL_CHUNK = 2048  # mel frames (20 s of audio) computed at once
+PARTIALS = 128  # 1.6 s partials per LSTM call: its states are (128, 160, 256) floats a layer, 21 MB
 INSTALL = "pip install resemblyzer 'setuptools<81' (its webrtcvad imports pkg_resources), or the audio extra"
 
 
@@ -143,8 +145,9 @@ class AudioEmbedder:
             mel = self._mel(np.pad(wav, (0, max(0, need - len(wav)))))
             mels.extend(mel[s] for s in mel_slices)
             owner.extend([j] * len(mel_slices))
-        with torch.inference_mode():  # every partial of the mini-batch in one LSTM call: (p, 160, 40)
-            part = self.model(torch.from_numpy(np.stack(mels)).to(self.device)).cpu().numpy()
+        with torch.inference_mode():  # the mini-batch's partials, (p, 160, 40), PARTIALS at a time
+            part = np.concatenate([self.model(torch.from_numpy(np.stack(mels[lo:lo + PARTIALS])).to(self.device))
+                                   .cpu().numpy() for lo in range(0, len(mels), PARTIALS)])
         owner = np.asarray(owner)
         out = np.zeros((len(waves), self.dim), np.float32)
         np.add.at(out, owner, part)
@@ -158,8 +161,11 @@ class AudioEmbedder:
         y = np.pad(wav.astype(np.float64), N_FFT // 2)
         n = 1 + (len(y) - N_FFT) // HOP
         frames = np.lib.stride_tricks.as_strided(y, (n, N_FFT), (y.strides[0] * HOP, y.strides[0]))
-        power = np.abs(np.fft.rfft(frames * self._window, axis=1)) ** 2  # (frames, 201)
-        return (power @ self._mel_basis).astype(np.float32)
+        out = np.empty((n, self._mel_basis.shape[1]), np.float32)
+        for lo in range(0, n, MEL_CHUNK):  # (chunk, 400) windows at a time: memory O(chunk), not O(frames)
+            power = np.abs(np.fft.rfft(frames[lo:lo + MEL_CHUNK] * self._window, axis=1)) ** 2  # (chunk, 201)
+            out[lo:lo + MEL_CHUNK] = power @ self._mel_basis
+        return out
 
     def _hf(self, waves: list) -> np.ndarray:
         import torch

@@ -52,7 +52,9 @@ class VideoEmbedder:
         """One clip -> (dim,) float32 unit vector; :class:`BadMedia` if it cannot be used."""
         cfg = self.cfg
         frames = video_frames(source, cfg.video_fps, cfg.video_frames, cfg.max_seconds, cfg.image_size)
-        vecs = self.image.embed_pixels(np.stack([image_pixels(f) for f in frames]))
+        step = cfg.batch_size  # frames per forward pass: the activations of a batch, not of the clip
+        vecs = np.concatenate([self.image.embed_pixels(np.stack([image_pixels(f) for f in frames[lo:lo + step]]))
+                               for lo in range(0, len(frames), step)])
         v = vecs.mean(axis=0, keepdims=True)
         v /= max(float(np.linalg.norm(v)), 1e-12)
         if self.audio is None:
