@@ -1,7 +1,8 @@
 """Does the selection beat random? A linear-probe quality benchmark on real data.
 
 For banking77, 20newsgroups and tweeteval_emoji (MiniLM embeddings through the pipeline's own
-embedding stage, cached under benchmarks/.cache/quality), at budgets of 1, 2, 5, 10 and 20% of
+embedding stage, cached under benchmarks/.cache/quality), and FSDD speech (``fsdd-speaker``,
+``fsdd-digit``: GE2E vectors of the recordings, labelled by speaker or digit), at budgets of 1, 2, 5, 10 and 20% of
 the pool and the full pool, every method's subset trains a logistic regression on the frozen
 embeddings, scored on held-out data:
 
@@ -33,6 +34,7 @@ prints Markdown tables.
 
     .venv/bin/python -m benchmarks.quality                      # all three datasets
     .venv/bin/python -m benchmarks.quality --datasets banking77 --budgets 1 2 5
+    .venv/bin/python -m benchmarks.quality --datasets fsdd-speaker fsdd-digit --name quality-fsdd --threads 1
     .venv/bin/python -m benchmarks.quality --methods "kcenter K=M" "kcenter K=M, hierarchical"
     .venv/bin/python -m benchmarks.quality --methods "centroid K=M" "centroid K=M, hierarchical" --cluster-seeds 3
 
@@ -74,6 +76,13 @@ DATASETS = {
                         DataConfig(path=str(TWEET / "test_text.txt"), labels_path=str(TWEET / "test_labels.txt"),
                                    limit=10_000)),
 }
+# Speech: FSDD recordings through the packaged GE2E speaker encoder, labelled by speaker or by digit
+# (one embedding stage for both: the stage's key is the recordings and the encoder, not the labels).
+FSDD = SHARED / "fsdd"
+for _label in ("speaker", "digit"):
+    DATASETS[f"fsdd-{_label}"] = tuple(DataConfig(path=str(FSDD / f), audio_column="audio", id_column="id",
+                                                  label_column=_label) for f in ("train.csv", "test.csv"))
+STAGE_ROOT = {"fsdd-speaker": "fsdd", "fsdd-digit": "fsdd"}
 # (name, cluster.k, select options): the K grid and the variants; "pipeline" picks among DEFAULT_GRID.
 METHODS = [
     ("kcenter K=M/4", ["M/4"], {}),
@@ -94,9 +103,10 @@ METHODS = [
 
 
 def vectors(name: str, split: int, data: DataConfig) -> tuple[np.ndarray, np.ndarray]:
-    """MiniLM vectors and integer-coded labels (as strings) of a dataset split, via the stage."""
+    """MiniLM (or, for a speech pool, GE2E) vectors and integer-coded labels (as strings) of a
+    dataset split, via the stage."""
     pool = read_pool(data)
-    stage_root = CACHE / f"{name}-{'train' if split == 0 else 'test'}"
+    stage_root = CACHE / f"{STAGE_ROOT.get(name, name)}-{'train' if split == 0 else 'test'}"
     manifest = embed_pool(pool, EmbedConfig(engine="local"), stage_root, progress=True)
     keep, x = load_stage(stage_root / manifest["key"], pool.ids)
     return x, np.array([str(v) for v in pool.labels[keep]], dtype=object)
@@ -246,10 +256,11 @@ def main() -> None:
                    help="the method rows over this many run seeds (k-means' own randomness): mean ± std")
     p.add_argument("--name", default="", help="results file benchmarks/results/NAME-{cpu,gpu}.json "
                    "(default: quality, or quality-methods with --methods)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (1 is faster on a loaded 2-core machine)")
     args = p.parse_args()
     import torch
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     results = {d: run_dataset(d, args.budgets, args.seeds, tuple(args.methods), args.cluster_seeds) for d in args.datasets}
     print()
     for d, r in results.items():

@@ -34,6 +34,8 @@ def _add_common(s: argparse.ArgumentParser) -> None:
     s.add_argument("--text-column", help="column holding each sample's text")
     s.add_argument("--text-template", help="text built from fields, e.g. '{instruction}\\n{input}'")
     s.add_argument("--image-column", help="column holding an image path (relative to the data file) or bytes")
+    s.add_argument("--audio-column", help="column holding a recording (wav, flac, ogg, mp3): a path or bytes")
+    s.add_argument("--video-column", help="column holding a clip (mp4, webm, avi, mkv): a path or bytes")
     s.add_argument("--label-column", help="column holding each sample's label")
     s.add_argument("--id-column", help="column holding unique ids (default: row-<n>)")
     s.add_argument("--engine", choices=["ray", "local"], help="embedding engine (default: ray)")
@@ -117,6 +119,7 @@ def _overrides(args: argparse.Namespace) -> dict:
     flags = {"data.path": get("data"), "data.embeddings": get("embeddings"),
              "data.text_column": get("text_column"), "data.text_template": get("text_template"),
              "data.image_column": get("image_column"), "data.label_column": get("label_column"),
+             "data.audio_column": get("audio_column"), "data.video_column": get("video_column"),
              "data.id_column": get("id_column"), "embed.engine": get("engine"), "ray_address": get("address"),
              "cluster.k": [int(k) if k.isdigit() else k for k in args.k] if get("k") else None,
              "seed": get("seed"), "output_dir": get("out"),

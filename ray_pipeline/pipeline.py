@@ -229,7 +229,12 @@ def _start_and_embed(pool: Pool, read_s: float, cfg: Config, run: Run, console: 
 def _check_encoder(cfg: Config, pool: Pool) -> Optional[dict]:
     """``embed.model`` found and fit for the text encoder, and ``embed.pooling`` /
     ``embed.prompt_name`` fit it, where the pool's texts are to be embedded (reads the model's
-    small files only); how it will embed, or None when no text is embedded."""
+    small files only); how it will embed, or None when no text is embedded. The speech encoder
+    too, where recordings (or, with ``embed.video_audio``, clips' sound) are to be embedded."""
+    if pool.embeddings is None and (pool.audios is not None or (pool.videos is not None and cfg.embed.video_audio)):
+        from .embed.audio import check_audio_model
+
+        check_audio_model(cfg.embed)
     if pool.embeddings is not None or pool.texts is None:
         return None
     from .embed.encoders import text_encoding
@@ -247,6 +252,10 @@ def _check_held_out(cfg: Config, pool: Pool):
     from .io.models import resolve
 
     ft = cfg.finetune
+    if pool.texts is None and any(m is not None for m in (pool.images, pool.audios, pool.videos)):
+        raise ConfigError("fine-tuning trains a text model, and this pool's samples have no text (only images, "
+                          "recordings or clips): fine-tuning their own encoders is not supported yet; run "
+                          "`ray-pipeline select` (embed and select), or give data.text_column for a text model")
     task = task_for(ft.task)
     check_base_model(ft)
     model_path = resolve(ft.model, task.default_model, revision=ft.revision)
@@ -282,7 +291,7 @@ def _check_trial_device(cfg: Config, pool: Pool, model_path: str) -> None:
 def _read_pool(cfg: Config) -> Pool:
     """The pool ``cfg.data`` describes, read once per command; ``embed.on_bad_rows: skip`` drops
     (and counts) the rows with nothing to embed instead of refusing the pool."""
-    return read_pool(cfg.data, skip_bad_rows=cfg.embed.on_bad_rows == "skip")
+    return read_pool(cfg.data, skip_bad_rows=cfg.embed.on_bad_rows == "skip", max_seconds=cfg.embed.max_seconds)
 
 
 def _one_ray(cfg: Config, needed: bool, console: Console):

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Set up .venv with everything ray_pipeline needs, on a fresh machine (CPU) or again (fast no-op).
-#   bash scripts/bootstrap.sh        # the package, CPU faiss
+#   bash scripts/bootstrap.sh        # the package, CPU faiss, the speech and video decoders
 #   bash scripts/bootstrap.sh dev    # plus the test tools
 # Set RAY_PIPELINE_FAISS=gpu to install faiss-gpu instead of faiss-cpu (on a CUDA machine).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-extras="${RAY_PIPELINE_FAISS:-cpu}"
+extras="${RAY_PIPELINE_FAISS:-cpu},audio"  # audio: speech and video pools (soundfile, PyAV, resemblyzer)
 [ "${1:-}" = "dev" ] && extras="$extras,dev"
 PY="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$PY" -m venv .venv

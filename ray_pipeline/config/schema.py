@@ -43,6 +43,7 @@ class DataConfig:
     is configured. ``chat_text``: what of a conversation is embedded, ``all`` turns or the
     ``user`` turns only. ``id_column`` empty: stable ids ``row-<n>`` from the row order.
     ``image_column``: an image per sample, as a file path (relative to the data file) or bytes.
+    ``audio_column`` (wav, flac, ogg, mp3) and ``video_column`` (mp4, webm, avi, mkv): likewise.
     ``embeddings``: precomputed vectors (``.npy`` of shape (N, d) in row order, or a Parquet file
     with ``id`` and ``embedding_column``); then no encoder runs.
     """
@@ -51,6 +52,8 @@ class DataConfig:
     format: Literal["auto", "jsonl", "json", "csv", "parquet", "text"] = "auto"
     text_column: Optional[str] = None
     image_column: Optional[str] = None
+    audio_column: Optional[str] = None
+    video_column: Optional[str] = None
     text_template: Optional[str] = None
     chat_column: Optional[str] = None
     chat_text: Literal["all", "user"] = "all"
@@ -99,10 +102,17 @@ class EmbedConfig:
     neither: the model's default prompt, if it names one.
     ``image_model``: ``"efficientnet-lite0"`` (packaged; the only image encoder) for samples with
     ``data.image_column``.
+    ``audio_model``: ``"resemblyzer"`` (the packaged GE2E speaker encoder, 256-d, 16 kHz) or a
+    Hugging Face audio model by directory or Hub id (``AutoModel`` + ``AutoFeatureExtractor``, its
+    last hidden states mean-pooled over time). ``max_seconds``: the first seconds of a recording or
+    clip that are decoded and embedded. ``video_fps`` / ``video_frames``: frames sampled per
+    second and at most how many, each through the image encoder, averaged; ``video_audio``: a
+    video's audio track through the speech encoder too, fused with its frames.
     ``engine``: ``ray`` (Ray Data actors over shards of ``shard_size`` rows, resumable) or
     ``local`` (one in-process loop). ``actors``/``threads_per_actor``: empty = sized from the
     cluster (one actor per GPU; on CPUs, actors of up to 4 threads). ``dtype``: how vectors are
-    stored. ``on_bad_rows``: ``error`` stops at the first empty text or unreadable image;
+    stored. ``on_bad_rows``: ``error`` stops at the first empty text or unreadable image,
+    recording or clip;
     ``skip`` drops such rows and counts them in ``run.json``.
     """
 
@@ -117,6 +127,11 @@ class EmbedConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     image_model: str = "efficientnet-lite0"
     image_size: int = 224
+    audio_model: str = "resemblyzer"
+    max_seconds: float = 30.0
+    video_fps: float = 2.0
+    video_frames: int = 16
+    video_audio: bool = False
     engine: Literal["ray", "local"] = "ray"
     shard_size: int = 4096
     actors: Optional[int] = None
@@ -140,6 +155,14 @@ class EmbedConfig:
             fail("embed.prompt_name", self.prompt_name, "empty, or the name of one of the model's prompts")
         if self.image_size < 32:
             fail("embed.image_size", self.image_size, "an int >= 32 (pixels)")
+        if not self.audio_model.strip():
+            fail("embed.audio_model", self.audio_model, "'resemblyzer' (packaged) or an audio model's directory or Hub id")
+        if not self.max_seconds > 0 or self.max_seconds > 86400:
+            fail("embed.max_seconds", self.max_seconds, "a number of seconds > 0 (and at most 86400)")
+        if not self.video_fps > 0 or self.video_fps > 120:
+            fail("embed.video_fps", self.video_fps, "frames per second > 0 and <= 120")
+        if self.video_frames < 1 or self.video_frames > 1024:
+            fail("embed.video_frames", self.video_frames, "an int from 1 to 1024 (frames per clip)")
         if self.shard_size < 1:
             fail("embed.shard_size", self.shard_size, "an int >= 1 (rows per shard file)")
         if self.actors is not None and self.actors < 1:

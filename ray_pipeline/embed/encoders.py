@@ -246,6 +246,11 @@ def load_image(source, size: int) -> np.ndarray:
     except (UnidentifiedImageError, OSError, ValueError) as e:
         where = "image bytes" if isinstance(source, bytes) else repr(source)
         raise BadImage(f"cannot read {where} as an image: {e}") from None
+    return image_pixels(img)
+
+
+def image_pixels(img) -> np.ndarray:
+    """An RGB ``PIL.Image`` already at the encoder's size -> (3, h, w) float32, ImageNet-normalised."""
     arr = (np.asarray(img, dtype=np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
     return arr.transpose(2, 0, 1)
 
@@ -278,19 +283,31 @@ class ImageEmbedder:
         import torch
 
         pixels = np.stack([load_image(src, self.cfg.image_size) for src in batch["image"]])
+        return {**batch, "embedding": self.embed_pixels(pixels)}
+
+    def embed_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        """(b, 3, s, s) float32 normalised pixels (:func:`image_pixels`) -> (b, 1280) unit float32."""
+        import torch
+
         with torch.inference_mode():
             feats = self.model.extract_features(torch.from_numpy(pixels).to(self.device)).mean(dim=(2, 3))
             vec = torch.nn.functional.normalize(feats.float(), dim=-1)
-        return {**batch, "embedding": vec.cpu().numpy()}
+        return vec.cpu().numpy()
 
 
-def fuse(text_vec: Optional[np.ndarray], image_vec: Optional[np.ndarray]) -> np.ndarray:
-    """Unit text (b, h) and image (b, g) vectors -> (b, h + g) ``[t, i] / sqrt(2)``; a missing part
-    (None, or a row of zeros) leaves that part zero and the other one unscaled, so rows are unit."""
-    parts = [v for v in (text_vec, image_vec) if v is not None]
+def fuse(*vecs: Optional[np.ndarray]) -> np.ndarray:
+    """Unit (b, d_j) vectors of each modality (text, image, audio, video; None: not in the pool) ->
+    (b, sum d_j) ``[v_1, ..., v_m] / sqrt(k)``, k the row's parts that are not all zeros; a
+    missing part (a row of zeros) stays zero and the others are scaled by the parts present, so
+    rows are unit and a cosine between two rows with the same parts is the mean of the parts'.
+
+    Example:
+        >>> fuse(np.array([[1.0, 0.0]]), np.array([[0.0, 1.0]]), np.zeros((1, 2))).round(3)
+        array([[0.707, 0.   , 0.   , 0.707, 0.   , 0.   ]], dtype=float32)
+    """
+    parts = [v for v in vecs if v is not None]
     if len(parts) == 1:
         return parts[0]
-    t, i = text_vec, image_vec
-    both = (np.abs(t).sum(1) > 0) & (np.abs(i).sum(1) > 0)
-    scale = np.where(both, np.float32(2 ** -0.5), np.float32(1.0))[:, None]
-    return np.concatenate([t * scale, i * scale], axis=1).astype(np.float32)
+    present = sum((np.abs(v).sum(1) > 0).astype(np.float32) for v in parts)
+    scale = (1.0 / np.sqrt(np.maximum(present, 1))).astype(np.float32)[:, None]
+    return np.concatenate([v * scale for v in parts], axis=1).astype(np.float32)

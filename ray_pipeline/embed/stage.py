@@ -29,7 +29,10 @@ import numpy as np
 from ..io.run_dir import write_json, write_parquet
 from ..config import EmbedConfig
 from ..errors import PipelineError
+from ..io.media import BadMedia, load_audio
+from .audio import AudioEmbedder
 from .encoders import BadImage, ImageEmbedder, TextEmbedder, TextEncoding, fuse, text_encoding
+from .video import VideoEmbedder
 
 if TYPE_CHECKING:
     from ..io.pool import Pool
@@ -54,20 +57,29 @@ def shard_name(i: int) -> str:
 
 
 def stage_key(ids: np.ndarray, texts: Optional[np.ndarray], images: Optional[np.ndarray],
-              cfg: EmbedConfig, text: Optional[TextEncoding] = None) -> str:
+              cfg: EmbedConfig, text: Optional[TextEncoding] = None, *, audios: Optional[np.ndarray] = None,
+              videos: Optional[np.ndarray] = None) -> str:
     """Hash of what decides the vectors: the samples and the encoder settings (not how many
     actors or threads compute them). ``text``: how the text model embeds (:func:`text_encoding`),
     for a pool with texts: sentence-transformers or a bare model, the pooling, prompt and maximum
-    length in effect, so that the model's own defaults count and a changed one recomputes."""
+    length in effect, so that the model's own defaults count and a changed one recomputes.
+    ``audios`` / ``videos`` and the settings of their encoders count only in a pool that has them
+    (a text or image pool keeps the key it had before they existed)."""
     h = hashlib.sha256()
     skip = {"engine", "actors", "threads_per_actor"}
+    if videos is None:
+        skip |= {"video_fps", "video_frames", "video_audio"}
+    if audios is None and not (videos is not None and cfg.video_audio):
+        skip |= {"audio_model"}
+    if audios is None and videos is None:
+        skip |= {"max_seconds"}
     if text is not None:  # the settings in effect stand for these four
         skip |= {"pooling", "max_length", "prompt", "prompt_name"}
     settings = {k: v for k, v in asdict(cfg).items() if k not in skip}
     if text is not None:
         settings["text_encoding"] = text.describe()
     h.update(json.dumps(settings, sort_keys=True).encode())
-    for column in (ids, texts, images):
+    for column in (ids, texts, images, *(c for c in (audios, videos) if c is not None)):
         if column is None:
             h.update(b"\x00none")
             continue
@@ -88,7 +100,7 @@ class ShardEmbedder:
     """
 
     def __init__(self, cfg: EmbedConfig, stage_dir: str, *, text: bool = True, image: bool = False,
-                 threads: Optional[int] = None):
+                 audio: bool = False, video: bool = False, threads: Optional[int] = None):
         import torch
 
         if threads:
@@ -96,30 +108,62 @@ class ShardEmbedder:
         self.cfg = cfg
         self.stage_dir = Path(stage_dir)
         self.text = TextEmbedder(cfg) if text else None
-        self.image = ImageEmbedder(cfg) if image else None
+        self.image = ImageEmbedder(cfg) if image or video else None
+        self.audio = AudioEmbedder(cfg) if audio or (video and cfg.video_audio) else None
+        self.video = VideoEmbedder(cfg, self.image, self.audio) if video else None
+        self.modal = {"image": image, "audio": audio, "video": video}
 
-    def _embed_rows(self, texts, images) -> tuple[np.ndarray, np.ndarray]:
+    def _one_by_one(self, sources: list, embed, dim: int, good: np.ndarray) -> np.ndarray:
+        """(n, dim) vectors of ``sources`` through ``embed`` (one source -> (dim,)); zeros where a
+        row has none; a bad file raises, or under ``on_bad_rows: skip`` clears the row in ``good``."""
+        vec = np.zeros((len(sources), dim), np.float32)
+        for j, src in enumerate(sources):
+            if src is None:
+                continue
+            try:
+                vec[j] = embed(src)
+            except (BadImage, BadMedia):
+                if self.cfg.on_bad_rows == "error":
+                    raise
+                good[j] = False
+        return vec
+
+    def _audio_rows(self, sources: list, good: np.ndarray) -> np.ndarray:
+        """The recordings of a mini-batch decoded one by one, encoded in one call."""
+        waves, at = [], []
+        for j, src in enumerate(sources):
+            if src is None:
+                continue
+            try:
+                waves.append(load_audio(src, self.audio.rate, self.cfg.max_seconds))
+                at.append(j)
+            except BadMedia:
+                if self.cfg.on_bad_rows == "error":
+                    raise
+                good[j] = False
+        vec = np.zeros((len(sources), self.audio.dim), np.float32)
+        if waves:
+            vec[at] = self.audio.embed_waves(waves)
+        return vec
+
+    def _embed_rows(self, texts, images, audios=None, videos=None) -> tuple[np.ndarray, np.ndarray]:
         """(vectors of the good rows, mask of good rows) for one mini-batch."""
-        n = len(texts) if texts is not None else len(images)
+        n = next(len(c) for c in (texts, images, audios, videos) if c is not None)
         good = np.ones(n, dtype=bool)
-        tvec = ivec = None
-        if self.image is not None:
-            ivec = np.zeros((n, self.image.dim), np.float32)
-            for j, src in enumerate(images):
-                if src is None:
-                    continue
-                try:
-                    ivec[j] = self.image({"image": [src]})["embedding"][0]
-                except BadImage:
-                    if self.cfg.on_bad_rows == "error":
-                        raise
-                    good[j] = False
+        tvec = ivec = avec = vvec = None
+        if self.modal["image"]:
+            ivec = self._one_by_one(images, lambda src: self.image({"image": [src]})["embedding"][0],
+                                    self.image.dim, good)
+        if self.modal["audio"]:
+            avec = self._audio_rows(audios, good)
+        if self.modal["video"]:
+            vvec = self._one_by_one(videos, self.video.embed_one, self.video.dim, good)
         if self.text is not None:
             tvec = np.zeros((n, self.text.dim), np.float32)
             has = np.array([bool(t) for t in texts])
             if has.any():
                 tvec[has] = self.text({"text": np.asarray(texts, dtype=object)[has]})["embedding"]
-        return fuse(tvec, ivec)[good], good
+        return fuse(tvec, ivec, avec, vvec)[good], good
 
     def __call__(self, batch: dict) -> dict:
         out = {"shard": [], "rows": [], "skipped": [], "seconds": []}
@@ -128,16 +172,16 @@ class ShardEmbedder:
             ids = list(batch["ids"][s])
             rows = np.asarray(batch["rows"][s], dtype=np.int64)
             texts = list(batch["texts"][s]) if self.text is not None else None
-            images = list(batch["images"][s]) if self.image is not None else None
+            media = {k: list(batch[k + "s"][s]) if self.modal[k] else None for k in ("image", "audio", "video")}
             vecs, kept, kept_rows = [], [], []
             for lo in range(0, len(ids), self.cfg.batch_size):
                 hi = lo + self.cfg.batch_size
                 try:
                     v, good = self._embed_rows(None if texts is None else texts[lo:hi],
-                                               None if images is None else images[lo:hi])
-                except BadImage as e:
-                    raise BadImage(f"{e} (in shard {int(batch['shard'][s])}, ids {ids[lo]}..{ids[min(hi, len(ids)) - 1]}); "
-                                   f"fix the image or set embed.on_bad_rows: skip") from None
+                                               *(None if m is None else m[lo:hi] for m in media.values()))
+                except (BadImage, BadMedia) as e:
+                    raise type(e)(f"{e} (in shard {int(batch['shard'][s])}, ids {ids[lo]}..{ids[min(hi, len(ids)) - 1]}); "
+                                  f"fix the file or set embed.on_bad_rows: skip") from None
                 vecs.append(v)
                 kept.extend(np.asarray(ids[lo:hi], dtype=object)[good])
                 kept_rows.extend(rows[lo:hi][good])
@@ -180,8 +224,11 @@ class _ShardPlan:
 
     @property
     def modal(self) -> dict[str, bool]:
-        """Which encoders run: ``{"text": ..., "image": ...}``, as :class:`ShardEmbedder` takes them."""
-        return {"text": self.pool.texts is not None, "image": self.pool.images is not None}
+        """Which encoders run: ``{"text": ..., "image": ..., "audio": ..., "video": ...}``, as
+        :class:`ShardEmbedder` takes them."""
+        p = self.pool
+        return {"text": p.texts is not None, "image": p.images is not None, "audio": p.audios is not None,
+                "video": p.videos is not None}
 
     def batch(self, which: list[int]) -> dict:
         """The shards ``which`` as one :class:`ShardEmbedder` batch: a row per shard, its pool rows,
@@ -193,6 +240,8 @@ class _ShardPlan:
             "ids": [pool.ids[shards[i]].tolist() for i in which],
             "texts": [pool.texts[shards[i]].tolist() if pool.texts is not None else [] for i in which],
             "images": [pool.images[shards[i]].tolist() if pool.images is not None else [] for i in which],
+            "audios": [pool.audios[shards[i]].tolist() if pool.audios is not None else [] for i in which],
+            "videos": [pool.videos[shards[i]].tolist() if pool.videos is not None else [] for i in which],
         }
 
 
@@ -246,7 +295,8 @@ def embed_pool(pool: Pool, cfg: EmbedConfig, stage_root: Path, *, progress: bool
         ([True, True, True], (3, 384))
     """
     text = text_encoding(cfg) if pool.texts is not None else None  # an error here comes before any work
-    stage_dir = Path(stage_root) / stage_key(pool.ids, pool.texts, pool.images, cfg, text)
+    stage_dir = Path(stage_root) / stage_key(pool.ids, pool.texts, pool.images, cfg, text, audios=pool.audios,
+                                             videos=pool.videos)
     manifest_path = stage_dir / "manifest.json"
     if manifest_path.is_file():
         log.info("embeddings complete in %s: nothing to do", stage_dir)

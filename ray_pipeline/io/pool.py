@@ -23,6 +23,7 @@ from ..config import DataConfig
 from .chat import chat_column, embed_text, turns
 from ..errors import InputError
 from .formats import read_table
+from .media import media_problems
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,8 @@ log = logging.getLogger(__name__)
 class Pool:
     """ids: (n,) str, unique. texts: (n,) str ("" where a sample has only an image) or None
     (embeddings given). labels: (n,) or None. images: (n,) object array of absolute paths (str),
-    bytes or None, or None for a text-only pool. embeddings: (n, d) float32 or None.
+    bytes or None, or None for a text-only pool; audios, videos: the same for speech and video
+    (``io.media`` decodes them). embeddings: (n, d) float32 or None.
     skipped: reason -> number of rows dropped under ``embed.on_bad_rows: skip``. records: the
     data file's rows as read (every original field), row for row with ``ids``, or None (vectors
     only): kept so that the task, the export and predict read the file once per command."""
@@ -42,6 +44,8 @@ class Pool:
     embeddings: Optional[np.ndarray]
     source: str
     images: Optional[np.ndarray] = None
+    audios: Optional[np.ndarray] = None
+    videos: Optional[np.ndarray] = None
     skipped: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)  # task columns, e.g. prompts and responses
     records: Optional[pa.Table] = None
@@ -63,6 +67,7 @@ class Pool:
         at = np.flatnonzero(rows) if rows.dtype == bool else rows
         return Pool(ids=self.ids[rows], texts=pick(self.texts), labels=pick(self.labels),
                     embeddings=pick(self.embeddings), source=self.source, images=pick(self.images),
+                    audios=pick(self.audios), videos=pick(self.videos),
                     skipped=dict(self.skipped), extra={k: v[rows] for k, v in self.extra.items()},
                     records=None if self.records is None else self.records.take(pa.array(at, pa.int64())))
 
@@ -132,8 +137,8 @@ def _texts(table: pa.Table, cfg: DataConfig, path: str) -> Optional[list]:
     else:
         name = cfg.text_column or "text"
         if name not in table.column_names:
-            if cfg.image_column and not cfg.text_column:
-                return None  # an image-only pool
+            if (cfg.image_column or cfg.audio_column or cfg.video_column) and not cfg.text_column:
+                return None  # an image-, audio- or video-only pool
             raise InputError(f"{path} has no text column {name!r}; its columns are {table.column_names}. "
                              f"Set data.text_column, or data.text_template such as '{{instruction}}\\n{{input}}'")
         out = table.column(name).to_pylist()
@@ -155,9 +160,10 @@ def _texts_beside_vectors(table: pa.Table, cfg: DataConfig, path: str) -> Option
     return np.array([t or "" for t in _texts(table, cfg, path)], dtype=object)
 
 
-def _images(table: pa.Table, cfg: DataConfig, path: str) -> list:
-    """Absolute image paths (str) or image bytes per row; None where a row has none."""
-    raw = _column(table, cfg.image_column, path, "image")
+def _images(table: pa.Table, cfg: DataConfig, path: str, role: str = "image") -> list:
+    """Absolute paths (str) or bytes per row of the ``role`` column (image, audio, video); None
+    where a row has none."""
+    raw = _column(table, getattr(cfg, f"{role}_column"), path, role)
     base = Path(path).parent
     out = []
     for v in raw:
@@ -276,11 +282,12 @@ def load_embeddings(path: str | Path, column: str = "embedding") -> tuple[np.nda
     return check_vectors(x, str(p)), ids
 
 
-def read_pool(cfg: DataConfig, *, skip_bad_rows: bool = False) -> Pool:
+def read_pool(cfg: DataConfig, *, skip_bad_rows: bool = False, max_seconds: float = 30.0) -> Pool:
     """The pool described by ``cfg``: either a data file (with or without embeddings) or only
     an embeddings file (then ids come from it, or are row ids). Rows with nothing to embed (an
     empty text and no image, or an image file that does not exist) are an error, or with
-    ``skip_bad_rows`` dropped and counted in ``Pool.skipped``."""
+    ``skip_bad_rows`` dropped and counted in ``Pool.skipped``. Recordings and clips are decoded
+    once here, their first ``max_seconds`` (``embed.max_seconds``), to find the bad ones."""
     if cfg.path is None and cfg.embeddings is None:
         raise InputError("no data given: pass --data FILE (jsonl, json, csv, parquet) or --embeddings FILE")
     if cfg.path is None:
@@ -324,18 +331,34 @@ def read_pool(cfg: DataConfig, *, skip_bad_rows: bool = False) -> Pool:
 
     texts = _texts(table, cfg, path)
     images = _images(table, cfg, path) if cfg.image_column else None
-    # Every sample needs something to embed: a non-empty text, or an image file that exists.
+    audios = _images(table, cfg, path, "audio") if cfg.audio_column else None
+    videos = _images(table, cfg, path, "video") if cfg.video_column else None
+    # Every sample needs something to embed: a non-empty text, or an image, recording or clip
+    # that exists (and, for recordings and clips, decodes: io.media's pre-flight).
     bad: dict[str, list[int]] = {}
+    shown: dict[int, str] = {}
+    media = [m for m in (audios, videos) if m is not None]
+    for kind, column in (("audio", audios), ("video", videos)):
+        if column is not None:
+            found, at = media_problems(column, kind, max_seconds)
+            for reason, rows in found.items():
+                bad.setdefault(reason, []).extend(rows)
+            shown.update(at)
+    flagged = {i for rows in bad.values() for i in rows}
     for i in range(table.num_rows):
         text = texts[i] if texts is not None else None
         image = images[i] if images is not None else None
+        if i in flagged:
+            continue
         if isinstance(image, str) and not Path(image).is_file():
             bad.setdefault("image file missing", []).append(i)
-        elif text is None and image is None:
-            bad.setdefault("empty or null text" if images is None else "neither text nor image", []).append(i)
+            shown.setdefault(i, repr(image))
+        elif text is None and image is None and all(m[i] is None for m in media):
+            reason = "nothing to embed" if media else "empty or null text" if images is None else "neither text nor image"
+            bad.setdefault(reason, []).append(i)
     if bad and not skip_bad_rows:
         reason, rows = next(iter(bad.items()))
-        example = f" ({images[rows[0]]})" if reason == "image file missing" else ""
+        example = f" ({shown[rows[0]]})" if rows[0] in shown else ""
         raise InputError(f"{path}: {len(rows)} sample(s) have {reason}, first at row {rows[0]} (0-based){example}; "
                          f"fix or remove them, or set embed.on_bad_rows: skip to drop and count them")
     keep = np.ones(table.num_rows, dtype=bool)
@@ -346,6 +369,7 @@ def read_pool(cfg: DataConfig, *, skip_bad_rows: bool = False) -> Pool:
     log.info("read %d samples from %s", int(keep.sum()), path)
     return Pool(ids=ids[keep], texts=_kept([t or "" for t in texts] if texts is not None else None, keep),
                 labels=_kept(labels, keep), embeddings=None, source=path, images=_kept(images, keep),
+                audios=_kept(audios, keep), videos=_kept(videos, keep),
                 skipped={k: len(v) for k, v in bad.items()},
                 records=table if keep.all() else table.filter(pa.array(keep)))
 

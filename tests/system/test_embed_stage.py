@@ -151,7 +151,8 @@ def test_text_and_image_samples(tmp_path, image_pool_file):
     cfg = EmbedConfig(**{**CFG.__dict__, "engine": "local"})
     manifest = embed_pool(pool, cfg, tmp_path, progress=False)
     keep, x = load_stage(tmp_path / manifest["key"], pool.ids)
-    assert keep.all() and x.shape == (5, 384 + 1280) and manifest["modalities"] == {"text": True, "image": True}
+    assert keep.all() and x.shape == (5, 384 + 1280)
+    assert manifest["modalities"] == {"text": True, "image": True, "audio": False, "video": False}
     np.testing.assert_allclose(np.linalg.norm(x, axis=1), 1.0, atol=1e-5)
     img = x[:, 384:]
     # the same photo at two sizes is closer than two different photos
