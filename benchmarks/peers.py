@@ -43,7 +43,7 @@ import time
 import numpy as np
 
 from benchmarks._common import PeakRSS, machine, save
-from benchmarks.quality import DATASETS, TWEET, pipeline_choice, vectors
+from benchmarks.quality import DATASETS, TWEET, coded, pipeline_choice, vectors
 
 from ray_pipeline.config import Config, DataConfig
 from ray_pipeline.finetune.proxy import linear_probe
@@ -184,14 +184,8 @@ def top_by_score(score: np.ndarray) -> np.ndarray:
 def load(name: str):
     train, held = PEER_DATA[name]
     x, labels = vectors(CACHE_NAME.get(name, name), 0, train)
-    xe, labels_e = vectors(CACHE_NAME.get(name, name), 1, held)
-    classes = sorted(set(labels))
-    index = {c: i for i, c in enumerate(classes)}
-    y = np.array([index[c] for c in labels])
-    keep = np.array([c in index for c in labels_e])
-    xe, ye = xe[keep], np.array([index[c] for c in labels_e[keep]])
-    half = np.random.default_rng(0).permutation(len(ye))
-    return x, labels, y, xe, ye, half[: len(ye) // 2], half[len(ye) // 2:], len(classes)
+    y, xe, ye, val, test, classes = coded(labels, *vectors(CACHE_NAME.get(name, name), 1, held))
+    return x, labels, y, xe, ye, val, test, len(classes)
 
 
 def run_quality(name: str, pcts: list[float], seeds: int, peers: tuple = ("apricot",)) -> dict:
@@ -314,7 +308,7 @@ COST_PEERS = {
 }
 
 
-def run_cost(sizes: list[int], max_gib: float, max_seconds: float, names: list[str]) -> dict:
+def run_cost(sizes: list[int], max_gib: float, max_seconds: float, names: list[str], save_to: str = "") -> dict:
     import psutil
 
     out: dict = {}
@@ -335,9 +329,20 @@ def run_cost(sizes: list[int], max_gib: float, max_seconds: float, names: list[s
             base = psutil.Process().memory_info().rss
             with PeakRSS() as mem:
                 t = time.perf_counter()
-                fn(x, lab, m)
+                res = fn(x, lab, m)
                 sec = time.perf_counter() - t
             out[str(n)][name] = {"ran": True, "seconds": sec, "peak_gib": (mem.peak - base) / 2 ** 30}
+            if hasattr(res, "per_k"):  # the pipeline: each step's seconds, summed over K, per method
+                steps: dict = {}
+                for s in res.per_k:
+                    for step, v in s.seconds.items():
+                        key = f"{s.method} {step}" if step == "greedy" else step
+                        steps[key] = steps.get(key, 0.0) + v / (1 if step == "greedy" else
+                                                                 sum(1 for u in res.per_k if u.k == s.k))
+                out[str(n)][name]["steps_s"] = steps
+                print(f"    steps: {steps}", flush=True)
+            if save_to:
+                save(save_to, {"machine": machine(), "cost": out})
             if sec * 10 > max_seconds:  # the next size is 10x larger: at least 10x slower
                 slow.add(name)
             print(f"  cost n={n:,} {name}: {sec:.1f}s, +{(mem.peak - base) / 2 ** 30:.2f} GiB", flush=True)
@@ -386,7 +391,7 @@ def main() -> None:
         results["quality"] = {d: run_quality(d, args.budgets, args.seeds, tuple(args.peers)) for d in args.datasets}
         save(args.name, results)
     if not args.skip_cost:
-        results["cost"] = run_cost(args.sizes, args.max_gib, args.max_seconds, args.cost_peers)
+        results["cost"] = run_cost(args.sizes, args.max_gib, args.max_seconds, args.cost_peers, args.name)
     print()
     for d, r in results.get("quality", {}).items():
         print(quality_markdown(d, r))
