@@ -110,4 +110,6 @@ def test_facility_is_a_candidate_family():
     assert names == ["k10_m20", "k10_m60", "facility_k10_m20", "facility_k10_m60"]
     fac = next(s for s in sel.per_k if s.method == "facility")
     assert fac.family == "facility_k10"
+    # what the stage's select.json lists (pipeline.py writes sel.candidates())
+    assert {c["family"] for c in sel.candidates() if c.get("method") == "facility"} == {"facility_k10"}
     assert (fac.members(20) <= fac.members(60)).all() and fac.members(60).sum() == 60
