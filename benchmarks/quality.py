@@ -112,17 +112,22 @@ def vectors(name: str, split: int, data: DataConfig) -> tuple[np.ndarray, np.nda
     return x, np.array([str(v) for v in pool.labels[keep]], dtype=object)
 
 
-def run_dataset(name: str, budgets_pct: list[float], seeds: int, only: tuple = (), cluster_seeds: int = 1) -> dict:
-    t0 = time.perf_counter()
-    x, labels = vectors(name, 0, DATASETS[name][0])
-    xe, labels_e = vectors(name, 1, DATASETS[name][1])
+def coded(labels: np.ndarray, xe: np.ndarray, labels_e: np.ndarray):
+    """The pool's labels as ints; the held-out rows of a label the pool has, their int labels; the
+    held-out set's validation and test halves (one fixed permutation); the sorted label names."""
     classes = sorted(set(labels))
     index = {c: i for i, c in enumerate(classes)}
     y = np.array([index[c] for c in labels])
     keep_e = np.array([c in index for c in labels_e])
     xe, ye = xe[keep_e], np.array([index[c] for c in labels_e[keep_e]])
     half = np.random.default_rng(0).permutation(len(ye))
-    val, test = half[: len(ye) // 2], half[len(ye) // 2:]
+    return y, xe, ye, half[: len(ye) // 2], half[len(ye) // 2:], classes
+
+
+def run_dataset(name: str, budgets_pct: list[float], seeds: int, only: tuple = (), cluster_seeds: int = 1) -> dict:
+    t0 = time.perf_counter()
+    x, labels = vectors(name, 0, DATASETS[name][0])
+    y, xe, ye, val, test, classes = coded(labels, *vectors(name, 1, DATASETS[name][1]))
     n = len(y)
     print(f"\n== {name}: pool {n:,}, held-out {len(ye):,} (validation {len(val):,} / test {len(test):,}), "
           f"{len(classes)} labels; embedded in {time.perf_counter() - t0:.0f}s", flush=True)

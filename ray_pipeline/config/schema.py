@@ -229,7 +229,9 @@ class SelectConfig:
     ``centroid`` (the members nearest the centroid) and ``boundary`` (budget-aware: prototypes,
     then the samples near the boundaries between labels, a share growing with M/N; needs labels,
     left out with a warning without them; not in the default: the quality benchmark found it
-    within noise of the others, benchmarks/README.md); each gives its own candidates.
+    within noise of the others, benchmarks/README.md) and ``facility`` (facility location per
+    cluster with the same budgets: every member well represented, module ``select.facility``); each gives
+    its own candidates.
     ``outlier_quantile``: robust k-center: in each cluster the members farthest from the centroid
     (this share of them) are never picked (0: off). ``engine``: ``driver`` (all vectors in the
     driver's memory) or ``ray`` (tasks over the embedding stage's shards; the same selection, index
@@ -245,7 +247,7 @@ class SelectConfig:
 
     budgets: tuple[Budget, ...] = ("1%", "2%", "5%")
     random_seeds: tuple[int, ...] = (0, 1, 2)
-    method: tuple[Literal["kcenter", "centroid", "boundary"], ...] = ("kcenter", "centroid")
+    method: tuple[Literal["kcenter", "centroid", "boundary", "facility"], ...] = ("kcenter", "centroid")
     outlier_quantile: float = 0.0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     engine: Literal["driver", "ray"] = "driver"
@@ -262,7 +264,8 @@ class SelectConfig:
         if len(set(self.random_seeds)) != len(self.random_seeds):
             fail("select.random_seeds", list(self.random_seeds), "distinct ints")
         if not self.method or len(set(self.method)) != len(self.method):
-            fail("select.method", list(self.method), "a non-empty list of distinct 'kcenter', 'centroid', 'boundary'")
+            fail("select.method", list(self.method), "a non-empty list of distinct 'kcenter', 'centroid', 'boundary', "
+                 "'facility'")
         if not 0.0 <= self.outlier_quantile < 0.5:
             fail("select.outlier_quantile", self.outlier_quantile, "a share in [0, 0.5): 0 turns it off")
         if self.groups < 0:

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Optional
 import numpy as np
 
 from .. import faults
+from .facility import facility_location
 from .boundary import boundary_picks, boundary_share, fit_probe, probe_margins
 from .kmeans import hierarchical_kmeans, kmeans
 from ..config import Config
@@ -153,13 +154,17 @@ class _InMemoryClustering:
         center, key = center_and_key_samples(self.x_t, self.assign_t, self.sim_t, self.k)
         return center.cpu().numpy(), key.cpu().numpy()
 
-    def greedy(self, run_to: np.ndarray, key: np.ndarray, eligible: Optional[np.ndarray]) -> np.ndarray:
+    def greedy(self, run_to: np.ndarray, key: np.ndarray, eligible: Optional[np.ndarray],
+               method: str = "kcenter") -> np.ndarray:
         import torch
 
         dev = self.x_t.device
-        rank = k_center_greedy(self.x_t, self.assign_t, torch.from_numpy(run_to).to(dev),
-                               torch.from_numpy(key).to(dev),
-                               eligible=None if eligible is None else torch.from_numpy(eligible).to(dev))
+        el = None if eligible is None else torch.from_numpy(eligible).to(dev)
+        if method == "facility":
+            rank = facility_location(self.x_t, self.assign_t, torch.from_numpy(run_to).to(dev), eligible=el)
+        else:
+            rank = k_center_greedy(self.x_t, self.assign_t, torch.from_numpy(run_to).to(dev),
+                                   torch.from_numpy(key).to(dev), eligible=el)
         return rank.cpu().numpy()  # the one device-to-host copy of the greedy
 
 
@@ -246,7 +251,7 @@ def select_candidates(vectors: np.ndarray | Vectors, cfg: Config, *, rng: np.ran
 
 def _select_k(vectors: Vectors, k: int, ms: list[int], cfg: Config, methods: tuple[str, ...]) -> list[KSelection]:
     """One K over ``vectors``: k-means, key samples, budgets for each M in ``ms``, and one
-    candidate order per method of ``methods`` (kcenter, centroid). The routine both engines run."""
+    candidate order per method of ``methods`` (kcenter, facility, centroid). The routine both engines run."""
     t0 = time.perf_counter()
     c = vectors.cluster(k)
     t1 = time.perf_counter()
@@ -260,7 +265,7 @@ def _select_k(vectors: Vectors, k: int, ms: list[int], cfg: Config, methods: tup
         if method == "centroid":
             rank = _centroid_rank(c.assign, c.sim, k, eligible, run_to)
         else:
-            rank = c.greedy(run_to, key, None if eligible.all() else eligible)
+            rank = c.greedy(run_to, key, None if eligible.all() else eligible, method)
         t4 = time.perf_counter()
         out.append(KSelection(k=k, assign=c.assign, center=center, key=key, budgets=per_m, rank=rank,
                               seconds={"kmeans": t1 - t0, "key_samples": t2 - t1, "greedy": t4 - t3}, method=method))

@@ -18,7 +18,7 @@ through Ray's object store. Per K:
    ``_partition_shard`` tasks split each shard by group (the cluster-sorted shards).
 4. ``_keys_group`` tasks: center and key samples of the group's clusters. The driver then draws
    the budgets, exactly as the driver path does (they need every cluster's size).
-5. ``_greedy_group`` tasks: the k-center greedy of the group's clusters.
+5. ``_greedy_group`` tasks: the k-center greedy (or facility location) of the group's clusters.
 
 A group keeps its rows in pool order, so "lowest index" tie-breaks are the driver path's. The
 kernels are :mod:`~ray_pipeline.select.kernels`'s; these tasks only move data. They ask for CPUs
@@ -150,19 +150,24 @@ def _keys_group(c0: int, c1: int, assign: np.ndarray, sim: np.ndarray, *pieces: 
     return lift(center.numpy(), rows), lift(key.numpy(), rows)
 
 
-def _greedy_group(c0: int, c1: int, assign: np.ndarray, eligible: Optional[np.ndarray], run_to: np.ndarray,
-                  key: np.ndarray, *pieces: Piece) -> tuple[np.ndarray, np.ndarray]:
-    """k-center greedy of the clusters [c0, c1) (:func:`kernels.k_center_greedy`) over the
-    group's rows. run_to, key: (k,) int64 over every cluster (picks, and start pool rows).
-    eligible: None for every row. Returns rows (r,) int64 ascending and their rank (r,) int64."""
+def _greedy_group(c0: int, c1: int, method: str, assign: np.ndarray, eligible: Optional[np.ndarray],
+                  run_to: np.ndarray, key: np.ndarray, *pieces: Piece) -> tuple[np.ndarray, np.ndarray]:
+    """k-center greedy (:func:`kernels.k_center_greedy`) or, ``method`` ``facility``, facility
+    location (:func:`facility.facility_location`) of the clusters [c0, c1) over the group's rows.
+    run_to, key: (k,) int64 over every cluster (picks, and start pool rows). eligible: None for
+    every row. Returns rows (r,) int64 ascending and their rank (r,) int64."""
     import torch
 
+    from .facility import facility_location
     from .kernels import k_center_greedy
 
     rows, x = _group_arrays(list(pieces))
     local = torch.from_numpy(assign[rows] - c0)
     starts = np.searchsorted(rows, np.maximum(key[c0:c1], 0))  # rows are sorted: global -> local
     el = None if eligible is None else torch.from_numpy(eligible[rows])
+    if method == "facility":
+        return rows, facility_location(torch.from_numpy(x), local, torch.from_numpy(np.array(run_to[c0:c1])),
+                                       eligible=el).numpy()
     rank = k_center_greedy(torch.from_numpy(x), local, torch.from_numpy(np.array(run_to[c0:c1])),
                            torch.from_numpy(starts), eligible=el)
     return rows, rank.numpy()
@@ -352,13 +357,15 @@ class _ShardedClustering:
             center[lo:hi], key[lo:hi] = c, kk
         return center, key
 
-    def greedy(self, run_to: np.ndarray, key: np.ndarray, eligible: Optional[np.ndarray]) -> np.ndarray:
+    def greedy(self, run_to: np.ndarray, key: np.ndarray, eligible: Optional[np.ndarray],
+               method: str = "kcenter") -> np.ndarray:
         import ray
 
         task = ray.remote(_greedy_group)
         refs = [ray.put(eligible), ray.put(run_to), ray.put(key)]
         rank = np.full(self.vectors.n, -1, dtype=np.int64)
-        for rows, r in ray.get([task.remote(*self._span(g), self.assign_ref, *refs, *[pc[g] for pc in self.pieces])
+        for rows, r in ray.get([task.remote(*self._span(g), method, self.assign_ref, *refs,
+                                            *[pc[g] for pc in self.pieces])
                                 for g in self.live]):
             rank[rows] = r
         return rank

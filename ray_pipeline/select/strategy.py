@@ -37,11 +37,13 @@ class Clustering(Protocol):
         (:func:`~ray_pipeline.select.kernels.center_and_key_samples`; ties: the lowest row)."""
         ...
 
-    def greedy(self, run_to: np.ndarray, key: np.ndarray, eligible: Optional[np.ndarray]) -> np.ndarray:
+    def greedy(self, run_to: np.ndarray, key: np.ndarray, eligible: Optional[np.ndarray],
+               method: str = "kcenter") -> np.ndarray:
         """(n,) int64 greedy rank of every row in its cluster, -1 if not picked
-        (:func:`~ray_pipeline.select.kernels.k_center_greedy`). run_to: (k,) int64 how many each
-        cluster picks; key: (k,) int64 each cluster's start row; eligible: (n,) bool, rows that
-        may be picked (None: all of them)."""
+        (:func:`~ray_pipeline.select.kernels.k_center_greedy`, or with ``method`` ``facility``
+        :func:`~ray_pipeline.select.facility.facility_location`). run_to: (k,) int64 how many each
+        cluster picks; key: (k,) int64 each cluster's start row (k-center's; facility location
+        makes its own first pick); eligible: (n,) bool, rows that may be picked (None: all)."""
         ...
 
 

@@ -134,6 +134,21 @@ def test_sharded_selection_equals_the_driver_path(tmp_path, local_ray, groups, q
     same_selection(a, b)
 
 
+@pytest.mark.parametrize("groups,quantile", [(3, 0.0), (5, 0.1)])
+def test_sharded_facility_location_equals_the_driver_path(tmp_path, local_ray, groups, quantile):
+    """The facility candidates (select/facility.py) per cluster group in Ray tasks: the driver's
+    ranks, index for index, although the tasks' blocks hold other clusters than the driver's."""
+    n = 4000
+    x = unit_blobs(n, 16, 20, 4)
+    cfg = Config.from_dict({"cluster": {"k": [8, 40]}, "select": {"budgets": [40, 400], "method": ["facility"],
+                                                                  "outlier_quantile": quantile}})
+    paths = write_shards(x, tmp_path, 900, seed=groups)
+    a = select_candidates(x, cfg, rng=np.random.default_rng(0), devices=CPU)
+    b = select_candidates(Sharded(paths, n, cfg, CPU, groups=groups), cfg, rng=np.random.default_rng(0))
+    same_selection(a, b)
+    assert {s.method for s in a.per_k} == {"facility"}
+
+
 def test_sharded_selection_equals_the_driver_path_stratified_by_label(tmp_path, local_ray):
     """The default config with a labelled pool stratifies (select.stratify: auto): the shard engine
     narrows its shards to each label's rows and gives the driver's selection, index for index."""

@@ -1,0 +1,404 @@
+"""The selectors a user would pick instead, side by side with the pipeline: quality, then cost.
+
+Quality (linear probe of ``benchmarks/quality.py``: logistic regression on the subset's MiniLM
+vectors, accuracy on the test half of the held-out set; the pipeline chooses on the other,
+validation, half), budgets 1, 2, 5, 10, 20% of the pool:
+
+- ``random``: uniform subsets, 5 seeds (mean ± std);
+- ``apricot FL`` / ``apricot FL, per label``: apricot-select's ``FacilityLocationSelection``
+  (``metric='cosine'``, its default lazy greedy) on the whole pool, and label by label with the
+  pipeline's proportional budgets (``kernels.proportional_budgets``); one greedy run to the
+  largest budget, the smaller ones its prefixes (as greedy orders are);
+- ``submodlib FL``: submodlib-py's ``FacilityLocationFunction`` (dense, cosine) lazy greedy;
+- ``SemDeDup + random``: near-duplicates removed (the pipeline's ``semantic_duplicates``
+  kernel: k-means into sqrt(N) clusters, cosine > 0.95, as Abbas et al. 2023), then uniform
+  sampling of the rest, 3 seeds; our re-implementation (no library);
+- ``kMQ``: k-means into sqrt(N) clusters, then random members of each cluster in proportion to
+  its size (Yu et al. 2024, "Diversify and conquer"), 3 seeds; our re-implementation;
+- ``ZCore-style``: a label-free coverage-minus-redundancy score (Griffin et al. 2024, zero-shot
+  coreset selection), the top-M by score; our re-implementation (:func:`zcore_scores`);
+- ``facility K=M/2``: the pipeline's facility-location family alone (select/facility.py);
+- ``pipeline``: the pipeline's own choice by its proxy among the default grid's candidates, and
+  ``pipeline + facility`` with the facility family among them (``select.method: [kcenter,
+  centroid, facility]``).
+
+Cost: selection wall time and peak memory (RSS above the vectors already held) of each peer and
+of the pipeline's default ``select`` (with and without the facility family) on 10k, 100k and 1M
+synthetic clustered 384-d unit vectors at a 1% budget; a peer that cannot run at a size (a dense
+N x N similarity, or one past ``--max-seconds`` at the size below) is given its projected need.
+
+    .venv/bin/python -m benchmarks.peers                                 # quality and cost
+    .venv/bin/python -m benchmarks.peers --skip-cost --datasets banking77
+    .venv/bin/python -m benchmarks.peers --skip-quality --sizes 10000 100000
+
+Writes ``benchmarks/results/peers-cpu.json`` and prints Markdown tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import time
+
+import numpy as np
+
+from benchmarks._common import PeakRSS, machine, save
+from benchmarks.quality import DATASETS, TWEET, coded, pipeline_choice, vectors
+
+from ray_pipeline.config import Config, DataConfig
+from ray_pipeline.finetune.proxy import linear_probe
+from ray_pipeline.select.engine import select_candidates
+from ray_pipeline.select.kernels import proportional_budgets, semantic_duplicates
+from ray_pipeline.select.kmeans import kmeans
+
+# tweeteval_emoji: the first 12,000 training tweets (the file is not sorted by label) and 4,000
+# test tweets, so that embedding fits a loaded 2-core machine; banking77 whole.
+PEER_DATA = {
+    "banking77": DATASETS["banking77"],
+    "tweeteval_emoji": (DataConfig(path=str(TWEET / "train_text.txt"), labels_path=str(TWEET / "train_labels.txt"),
+                                   limit=12_000),
+                        DataConfig(path=str(TWEET / "test_text.txt"), labels_path=str(TWEET / "test_labels.txt"),
+                                   limit=4_000)),
+    "20newsgroups": DATASETS["20newsgroups"],
+}
+CACHE_NAME = {"tweeteval_emoji": "tweeteval_emoji-peers"}
+
+
+# ----------------------------------------------------------------------------------------------
+# peers: each returns an order of the pool's rows (the first m are the subset of size m) or, where
+# subsets are not prefixes of one order, {m: rows}
+
+
+def apricot_fl(x: np.ndarray, m_max: int) -> np.ndarray:
+    from apricot import FacilityLocationSelection
+
+    return np.asarray(FacilityLocationSelection(m_max, metric="cosine").fit(x.astype(np.float64)).ranking)
+
+
+def fl_per_label(x: np.ndarray, y: np.ndarray, ms: list[int]) -> dict[int, np.ndarray]:
+    """Facility location label by label with proportional budgets, through the pipeline's kernel
+    (select/facility.py) with each label as one cluster: apricot's greedy, index for index
+    (tests/unit/test_facility.py holds the kernel to apricot), without apricot's per-fit numba
+    compile (seconds per label on this machine, minutes for 77 labels)."""
+    import torch
+
+    from ray_pipeline.select.facility import facility_location
+
+    labels, code = np.unique(y, return_inverse=True)
+    sizes = np.bincount(code)
+    share = {m: proportional_budgets(sizes, m) for m in ms}
+    run_to = np.max(np.stack(list(share.values())), axis=0)
+    rank = facility_location(torch.from_numpy(x), torch.from_numpy(code.astype(np.int64)), torch.from_numpy(run_to),
+                             block_pairs=int(sizes.max()) ** 2).numpy()
+    return {m: np.flatnonzero((rank >= 0) & (rank < share[m][code])) for m in ms}
+
+
+def apricot_fl_per_label(x: np.ndarray, y: np.ndarray, ms: list[int]) -> dict[int, np.ndarray]:
+    """apricot label by label, each label's share of every m by proportional_budgets; one run per
+    label to its largest share, each m the prefixes."""
+    labels, code = np.unique(y, return_inverse=True)
+    sizes = np.bincount(code)
+    share = {m: proportional_budgets(sizes, m) for m in ms}
+    orders = []
+    for lab in range(len(labels)):
+        rows = np.flatnonzero(code == lab)
+        most = max(int(share[m][lab]) for m in ms)
+        orders.append(rows[apricot_fl(x[rows], most)] if most >= 1 and len(rows) > 1 else rows[:most])
+    return {m: np.concatenate([o[:int(share[m][lab])] for lab, o in enumerate(orders)]) for m in ms}
+
+
+def submodlib_fl(x: np.ndarray, m_max: int) -> np.ndarray:
+    from submodlib import FacilityLocationFunction
+
+    f = FacilityLocationFunction(n=len(x), mode="dense", data=x, metric="cosine")
+    return np.array([i for i, _ in f.maximize(budget=m_max, optimizer="LazyGreedy", show_progress=False)])
+
+
+def semdedup_random(x: np.ndarray, m_max: int, rng: np.random.Generator, threshold: float = 0.95) -> np.ndarray:
+    import torch
+
+    k = max(1, int(round(np.sqrt(len(x)))))
+    km = kmeans(x, k, seed=0)
+    dup = semantic_duplicates(torch.from_numpy(x), torch.from_numpy(km.assign), torch.from_numpy(km.sim), k,
+                              threshold).numpy()
+    kept = np.flatnonzero(~dup)
+    return rng.permutation(kept)[:m_max] if len(kept) >= m_max else np.r_[rng.permutation(kept),
+                                                                          rng.permutation(np.flatnonzero(dup))][:m_max]
+
+
+def kmq(x: np.ndarray, ms: list[int], rng: np.random.Generator, k: int | None = None) -> dict[int, np.ndarray]:
+    """k-means into k (default sqrt(N)) clusters; per cluster a random order; cluster c's share of m
+    by proportional_budgets; the subset: each cluster's first share members."""
+    k = k or max(1, int(round(np.sqrt(len(x)))))
+    a = kmeans(x, k, seed=0).assign
+    sizes = np.bincount(a, minlength=k)
+    order = np.lexsort((rng.random(len(x)), a))  # by cluster, random inside
+    start = np.r_[0, np.cumsum(sizes)]
+    return {m: np.concatenate([order[start[c]:start[c] + b] for c, b in enumerate(proportional_budgets(sizes, m))])
+            for m in ms}
+
+
+def zcore_scores(x: np.ndarray, rng: np.random.Generator, *, probes: int, dims: int = 2, subspaces: int = 16,
+                 neighbours: int = 4, redundancy: float = 0.5) -> np.ndarray:
+    """(n,) a ZCore-style score (Griffin et al. 2024), label-free: in each of ``subspaces`` random
+    ``dims``-dimensional coordinate subspaces, ``probes / subspaces`` points are drawn uniformly in
+    the data's bounding box; each probe credits its nearest sample +1 (coverage: samples alone in a
+    large region gather many probes) and charges that sample's ``neighbours`` nearest others
+    ``redundancy`` each (redundancy: a crowded sample's neighbours lose). Our re-implementation of
+    the idea, not the authors' code; :func:`coverage_redundancy` is one subspace's step."""
+    from scipy.spatial import cKDTree
+
+    score = np.zeros(len(x))
+    for _ in range(subspaces):
+        cols = rng.choice(x.shape[1], dims, replace=False)
+        xs = x[:, cols].astype(np.float64)
+        p = rng.uniform(xs.min(0), xs.max(0), size=(max(1, probes // subspaces), dims))
+        score += coverage_redundancy(xs, p, neighbours, redundancy, tree=cKDTree(xs))
+    return score
+
+
+def coverage_redundancy(xs: np.ndarray, probes: np.ndarray, neighbours: int, redundancy: float,
+                        tree=None) -> np.ndarray:
+    """(n,) one subspace's score: +1 to each probe's nearest sample, -``redundancy`` to each of
+    that sample's ``neighbours`` nearest other samples. xs: (n, s), probes: (p, s)."""
+    from scipy.spatial import cKDTree
+
+    tree = tree or cKDTree(xs)
+    _, nn = tree.query(probes, k=1)
+    score = np.bincount(nn, minlength=len(xs)).astype(np.float64)
+    if neighbours and len(xs) > 1:
+        _, near = tree.query(xs[nn], k=min(len(xs), neighbours + 1))
+        near = near[:, 1:].ravel()  # the first is the sample itself
+        score -= redundancy * np.bincount(near, minlength=len(xs))
+    return score
+
+
+def top_by_score(score: np.ndarray) -> np.ndarray:
+    return np.lexsort((np.arange(len(score)), -score))  # highest first, ties: lower row
+
+
+# ----------------------------------------------------------------------------------------------
+# quality
+
+
+def load(name: str):
+    train, held = PEER_DATA[name]
+    x, labels = vectors(CACHE_NAME.get(name, name), 0, train)
+    y, xe, ye, val, test, classes = coded(labels, *vectors(CACHE_NAME.get(name, name), 1, held))
+    return x, labels, y, xe, ye, val, test, len(classes)
+
+
+def run_quality(name: str, pcts: list[float], seeds: int, peers: tuple = ("apricot",)) -> dict:
+    t0 = time.perf_counter()
+    x, labels, y, xe, ye, val, test, n_cls = load(name)
+    n = len(y)
+    ms = [max(1, int(round(p / 100 * n))) for p in pcts]
+    print(f"\n== {name}: pool {n:,}, test half {len(test):,}, {n_cls} labels", flush=True)
+
+    def probe(rows, on=test):
+        return linear_probe(x[rows], y[rows], xe[on], ye[on], n_cls)["accuracy"]
+
+    subsets: dict[str, list[dict[int, np.ndarray]]] = {}  # row -> one {m: rows} per seed
+    secs: dict[str, float] = {}
+
+    def add(label, fn):
+        t = time.perf_counter()
+        subsets[label] = fn()
+        secs[label] = time.perf_counter() - t
+        print(f"  {label}: {secs[label]:.1f}s", flush=True)
+
+    prefix = lambda order: {m: order[:m] for m in ms}  # noqa: E731
+    add("random", lambda: [prefix(np.random.default_rng(s).permutation(n)) for s in range(seeds)])
+    if "apricot" in peers:
+        add("apricot FL", lambda: [prefix(apricot_fl(x, max(ms)))])
+    add("FL per label (apricot's greedy)", lambda: [fl_per_label(x, y, ms)])
+    if "submodlib" in peers:
+        add("submodlib FL", lambda: [prefix(submodlib_fl(x, max(ms)))])
+    if "apricot-per-label" in peers:
+        add("apricot FL, per label", lambda: [apricot_fl_per_label(x, y, ms)])
+    add("SemDeDup + random", lambda: [prefix(semdedup_random(x, max(ms), np.random.default_rng(s))) for s in range(3)])
+    add("kMQ", lambda: [kmq(x, ms, np.random.default_rng(s)) for s in range(3)])
+    add("ZCore-style", lambda: [prefix(top_by_score(zcore_scores(x, np.random.default_rng(0), probes=20 * n)))])
+
+    def family(method, k="M/2"):
+        out = {}
+        for m in ms:
+            cfg = Config.from_dict({"cluster": {"k": [k]}, "select": {"budgets": [m], "random_seeds": [],
+                                                                      "method": [method]}})
+            sel = select_candidates(x, cfg, rng=np.random.default_rng(0), labels=labels)
+            out[m] = np.flatnonzero(sel.per_k[0].members(m))
+        return [out]
+
+    add("facility K=M/2", lambda: family("facility"))
+    table: dict = {}
+    for p, m in zip(pcts, ms):
+        row = {}
+        for label, per_seed in subsets.items():
+            accs = [probe(s[m]) for s in per_seed]
+            row[label] = {"mean": float(np.mean(accs)), "std": float(np.std(accs)), "seeds": accs}
+        r = pipeline_choice(x, labels, m, {"method": ["kcenter", "centroid", "facility"]}, 0,
+                            lambda rows: probe(rows, val), probe)
+        cand = r["candidates"]
+        default = {k: v for k, v in cand.items() if not k.startswith("facility")}  # the default grid's
+        for label, pool in (("pipeline", default), ("pipeline + facility", cand)):
+            chose = max(pool, key=lambda k: pool[k]["validation"])
+            best = max(pool, key=lambda k: pool[k]["test"])
+            row[label] = {"mean": pool[chose]["test"], "std": 0.0, "chose": chose, "best": best,
+                          "regret": pool[best]["test"] - pool[chose]["test"], "candidates": pool}
+        table[f"{p:g}%"] = row
+        print(f"  {p:g}% (M={m}): " + "; ".join(f"{k} {100 * v['mean']:.1f}" for k, v in row.items()), flush=True)
+    full = probe(np.arange(n))
+    return {"n": n, "labels": n_cls, "full": full, "budgets": table, "peer_seconds": secs,
+            "seconds": time.perf_counter() - t0}
+
+
+def quality_markdown(name: str, r: dict) -> str:
+    budgets = list(r["budgets"])
+    rows = list(next(iter(r["budgets"].values())))
+    lines = [f"| {name}, {r['n']:,} samples, {r['labels']} labels | " + " | ".join(budgets) + " |",
+             "|" + "---|" * (len(budgets) + 1)]
+    for meth in rows:
+        cells = []
+        for b in budgets:
+            v = r["budgets"][b][meth]
+            best = max(u["mean"] for k, u in r["budgets"][b].items() if not k.startswith("pipeline"))
+            cell = f"{100 * v['mean']:.1f}" + (f" ± {100 * v['std']:.1f}" if len(v.get("seeds", [])) > 1 else "")
+            cells.append(f"**{cell}**" if v["mean"] >= best else cell)
+        lines.append(f"| {meth} | " + " | ".join(cells) + " |")
+    lines.append(f"| full pool | {100 * r['full']:.1f} |" + " |" * (len(budgets) - 1))
+    chose = ", ".join(f"{b}: {r['budgets'][b]['pipeline + facility']['chose']}" for b in budgets)
+    return "\n".join(lines) + f"\n\n`pipeline + facility` chose (on the validation half): {chose}.\n"
+
+
+# ----------------------------------------------------------------------------------------------
+# cost
+
+
+def synthetic(n: int, d: int = 384, k: int = 200, labels: int = 50, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """n float32 unit vectors around k random directions (the pipeline's test blobs, 384-d), and a
+    label per vector: its blob's id modulo ``labels``. Built in pieces, so at 1M the peak is x."""
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(k, d)).astype(np.float32) * 0.5
+    z = rng.integers(0, k, n)
+    x = np.empty((n, d), np.float32)
+    for lo in range(0, n, 100_000):
+        hi = min(n, lo + 100_000)
+        part = centers[z[lo:hi]] + rng.normal(size=(hi - lo, d)).astype(np.float32) * 0.1
+        x[lo:hi] = part / np.linalg.norm(part, axis=1, keepdims=True)
+    return x, (z % labels).astype(str).astype(object)
+
+
+def pipeline_select(x, labels, extra):
+    cfg = Config.from_dict({"select": {"random_seeds": [], **extra}})
+    return select_candidates(x, cfg, rng=np.random.default_rng(0), labels=labels)
+
+
+COST_PEERS = {
+    # name: (run(x, labels, m), projected bytes at n when it cannot run: a dense n x n)
+    "apricot FL": (lambda x, lab, m: apricot_fl(x, m), lambda n: 8 * n * n),
+    "FL per label (apricot's greedy)": (lambda x, lab, m: fl_per_label(x, lab, [m]), lambda n: 8 * (n / 50) ** 2),
+    "submodlib FL": (lambda x, lab, m: submodlib_fl(x, m), lambda n: 4 * n * n),
+    "SemDeDup + random": (lambda x, lab, m: semdedup_random(x, m, np.random.default_rng(0)), None),
+    "kMQ": (lambda x, lab, m: kmq(x, [m], np.random.default_rng(0)), None),
+    "ZCore-style": (lambda x, lab, m: top_by_score(zcore_scores(x, np.random.default_rng(0), probes=20 * len(x)))[:m],
+                    None),
+    "pipeline select (default)": (lambda x, lab, m: pipeline_select(x, lab, {}), None),
+    "pipeline select + facility": (lambda x, lab, m: pipeline_select(x, lab, {"method": ["kcenter", "centroid",
+                                                                                          "facility"]}), None),
+}
+
+
+def run_cost(sizes: list[int], max_gib: float, max_seconds: float, names: list[str], save_to: str = "") -> dict:
+    import psutil
+
+    out: dict = {}
+    slow: set = set()
+    for n in sizes:
+        x, lab = synthetic(n)
+        m = max(1, n // 100)
+        out[str(n)] = {}
+        for name, (fn, need) in ((k, COST_PEERS[k]) for k in names):
+            if need is not None and need(n) / 2 ** 30 > max_gib:
+                out[str(n)][name] = {"ran": False, "projected_gib": need(n) / 2 ** 30,
+                                     "why": f"a dense similarity of {need(n) / 2 ** 30:,.0f} GiB"}
+                continue
+            if name in slow:
+                out[str(n)][name] = {"ran": False, "why": f"over {max_seconds:.0f}s at the size below"}
+                continue
+            gc.collect()
+            base = psutil.Process().memory_info().rss
+            with PeakRSS() as mem:
+                t = time.perf_counter()
+                res = fn(x, lab, m)
+                sec = time.perf_counter() - t
+            out[str(n)][name] = {"ran": True, "seconds": sec, "peak_gib": (mem.peak - base) / 2 ** 30}
+            if hasattr(res, "per_k"):  # the pipeline: each step's seconds, summed over K, per method
+                steps: dict = {}
+                for s in res.per_k:
+                    for step, v in s.seconds.items():
+                        key = f"{s.method} {step}" if step == "greedy" else step
+                        steps[key] = steps.get(key, 0.0) + v / (1 if step == "greedy" else
+                                                                 sum(1 for u in res.per_k if u.k == s.k))
+                out[str(n)][name]["steps_s"] = steps
+                print(f"    steps: {steps}", flush=True)
+            if save_to:
+                save(save_to, {"machine": machine(), "cost": out})
+            if sec * 10 > max_seconds:  # the next size is 10x larger: at least 10x slower
+                slow.add(name)
+            print(f"  cost n={n:,} {name}: {sec:.1f}s, +{(mem.peak - base) / 2 ** 30:.2f} GiB", flush=True)
+        del x
+    return out
+
+
+def cost_markdown(c: dict) -> str:
+    sizes = list(c)
+    lines = ["| selector | " + " | ".join(f"{int(s):,}" for s in sizes) + " |", "|" + "---|" * (len(sizes) + 1)]
+    for name in COST_PEERS:
+        cells = []
+        for s in sizes:
+            v = c[s].get(name)
+            if v is None:
+                cells.append("–")
+            elif v["ran"]:
+                cells.append(f"{v['seconds']:.1f} s, {v['peak_gib']:.2f} GiB")
+            else:
+                cells.append(f"not run: {v['why']}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.peers", description=__doc__.split("\n\n")[0])
+    p.add_argument("--datasets", nargs="+", default=["banking77"], choices=list(PEER_DATA))
+    p.add_argument("--budgets", nargs="+", type=float, default=[1, 2, 5, 10, 20], help="percent of the pool")
+    p.add_argument("--seeds", type=int, default=5, help="random subsets per budget")
+    p.add_argument("--sizes", nargs="+", type=int, default=[10_000, 100_000, 1_000_000])
+    p.add_argument("--max-gib", type=float, default=3.0, help="a peer needing more (projected) is not run")
+    p.add_argument("--max-seconds", type=float, default=600.0, help="a peer that would take longer at the next "
+                   "size (10x its time) is not run there")
+    p.add_argument("--peers", nargs="*", default=["apricot"], choices=["apricot", "submodlib", "apricot-per-label"],
+                   help="the library peers of the quality table (slow here: apricot compiles numba code per fit)")
+    p.add_argument("--cost-peers", nargs="*", default=list(COST_PEERS), choices=list(COST_PEERS))
+    p.add_argument("--skip-quality", action="store_true")
+    p.add_argument("--skip-cost", action="store_true")
+    p.add_argument("--name", default="peers")
+    args = p.parse_args()
+    import torch
+
+    torch.set_num_threads(2)
+    results: dict = {"machine": machine(), "args": vars(args)}
+    if not args.skip_quality:
+        results["quality"] = {d: run_quality(d, args.budgets, args.seeds, tuple(args.peers)) for d in args.datasets}
+        save(args.name, results)
+    if not args.skip_cost:
+        results["cost"] = run_cost(args.sizes, args.max_gib, args.max_seconds, args.cost_peers, args.name)
+    print()
+    for d, r in results.get("quality", {}).items():
+        print(quality_markdown(d, r))
+    if "cost" in results:
+        print(cost_markdown(results["cost"]))
+    print(f"wrote {save(args.name, results)}")
+
+
+if __name__ == "__main__":
+    main()
