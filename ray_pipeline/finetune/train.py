@@ -164,7 +164,9 @@ def record_placement_group(path: str) -> None:
 
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train worker: fine-tune ``loop.model_path`` on ``loop.train`` with DeepSpeed, where
-    ``loop = config["loop"]`` is the trial's :class:`TrialLoop`.
+    ``loop = config["loop"]`` is the trial's :class:`TrialLoop`: through Hugging Face's
+    ``Trainer`` (``finetune.train.engine: trainer``, :mod:`~ray_pipeline.finetune.hf_trainer`) or
+    the hand-written loop (``loop``), the same reports either way.
 
     Trains until ``patience`` evaluations in a row did not improve the validation score, or the
     cap. Reports after every evaluation: step, samples_seen, epochs, train_loss, validation
@@ -186,7 +188,26 @@ def train_loop_per_worker(config: dict) -> None:
     device = torch.device(f"cuda:{ctx.get_local_rank()}" if loop.use_gpu else "cpu")
     if loop.inject_failure:  # fault injection (tests): this trial's worker raises
         raise RuntimeError(f"injected failure in trial {loop.name}")
+    if tr.engine == "trainer":
+        from .hf_trainer import fit_with_trainer
 
+        return fit_with_trainer(loop, task, rank, world, device)
+    _hand_loop(loop, task, rank, world, device)
+
+
+def peak_rss_gib() -> float:
+    """This worker process's peak resident memory so far (GiB; Linux reports KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+
+
+def _hand_loop(loop: TrialLoop, task, rank: int, world: int, device) -> None:
+    """``finetune.train.engine: loop``: the hand-written DeepSpeed loop."""
+    import ray.train
+    import torch
+
+    tr = loop.finetune.train
     torch.manual_seed(loop.seed)
     engine, tok = build_engine(loop, task, device)
     n = size(loop.train)
@@ -228,25 +249,48 @@ def train_loop_per_worker(config: dict) -> None:
         metrics.update(step=step, samples_seen=samples_seen, epochs=samples_seen / max(n, 1),
                        train_loss=train_loss, best_score=best,
                        tokens_per_s=tokens_seen * world / max(elapsed, 1e-9), train_seconds=elapsed,
-                       stopped_by_patience=stop)
+                       peak_rss_gib=peak_rss_gib(), stopped_by_patience=stop)
         if rank == 0 and improved:
             _save_model(engine.module, tok, Path(loop.best_model_dir), metrics)
-        with tempfile.TemporaryDirectory() as d:
-            # Ray keeps a trial's metrics only with a checkpoint: a small one, the model is saved above.
-            Path(d, "state.json").write_text(json.dumps({"step": step, "score": metrics["score"]}))
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None)
+        report(metrics, rank)
         if stop:
             break
 
 
+def report(metrics: dict, rank: int) -> None:
+    """``ray.train.report`` of one evaluation's metrics from every rank (a sync point), with a small
+    checkpoint from rank 0: Ray keeps a trial's metrics only with one (the model is saved apart)."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as d:
+        Path(d, "state.json").write_text(json.dumps({"step": metrics["step"], "score": metrics["score"]}))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None)
+
+
 def build_engine(loop: TrialLoop, task, device):
-    """(DeepSpeed engine, tokenizer) of one trial: the base model loaded in the training precision
-    (or 4-bit for QLoRA), LoRA adapters where the task's or the config's choice says so, gradient
-    checkpointing, AdamW with weight decay and the learning-rate schedule over the trial's steps."""
+    """(DeepSpeed engine, tokenizer) of one trial: the model of :func:`load_for_training`, AdamW
+    with weight decay and the learning-rate schedule over the trial's steps."""
     import deepspeed
     import torch
     from transformers import get_scheduler
 
+    ft, tr = loop.finetune, loop.finetune.train
+    model, tok = load_for_training(loop, task)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=tr.lr,
+                                  weight_decay=tr.weight_decay)
+    # A torch optimizer, not DeepSpeed's: its fused/CPU Adam ops would compile for minutes.
+    schedule = get_scheduler(tr.lr_scheduler_type, optimizer, num_warmup_steps=math.ceil(tr.warmup_ratio * loop.steps),
+                             num_training_steps=loop.steps)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
+                                           config=deepspeed_config(ft, loop.use_gpu))
+    return engine, tok
+
+
+def load_for_training(loop: TrialLoop, task):
+    """(model, tokenizer) of one trial, for either engine: the base model loaded in the training
+    precision (or 4-bit for QLoRA), gradient checkpointing, LoRA adapters where the task's or the
+    config's choice says so. Under ZeRO-3 with the Trainer, the weights are sharded as they load
+    (``hf_trainer`` builds the ``TrainingArguments`` first)."""
     ft, tr = loop.finetune, loop.finetune.train
     precision = precision_of(ft, loop.use_gpu)
     model, tok = task.load(loop.model_path, loop.label_names, precision=precision, quantization=tr.quantization,
@@ -261,14 +305,7 @@ def build_engine(loop: TrialLoop, task, device):
         model.config.use_cache = False  # a cache is of no use in training and clashes with checkpointing
     if task.uses_lora(ft):
         model = task.with_lora(model, ft.lora)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=tr.lr,
-                                  weight_decay=tr.weight_decay)
-    # A torch optimizer, not DeepSpeed's: its fused/CPU Adam ops would compile for minutes.
-    schedule = get_scheduler(tr.lr_scheduler_type, optimizer, num_warmup_steps=math.ceil(tr.warmup_ratio * loop.steps),
-                             num_training_steps=loop.steps)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
-                                           config=deepspeed_config(ft, loop.use_gpu))
-    return engine, tok
+    return model, tok
 
 
 def _save_model(model, tok, out: Path, metrics: dict) -> None:
