@@ -5,7 +5,7 @@ As Ray's own LLM fine-tuning examples do (``doc/source/train/examples/deepspeed/
 is built, wrapped by ``ray.train.huggingface.transformers.prepare_trainer``, and a
 ``TrainerCallback`` reports to Ray Train (so to Tune's ASHA and the patience rule) with the
 project's metric names and a small checkpoint. The DeepSpeed config of
-:func:`~ray_pipeline.finetune.train.deepspeed_config` goes in through
+:func:`~ray_pipeline.finetune.trial.deepspeed_config` goes in through
 ``TrainingArguments(deepspeed=...)``; the project's training settings map to the
 ``TrainingArguments`` fields of their own names, and ``finetune.train.training_args`` passes any
 other field through.
@@ -15,7 +15,7 @@ already renders chats with the model's template and masks the loss to the assist
 ``SFTTrainer``'s ``assistant_only_loss`` adds), and one tokenization path means both engines
 train on the very same tokens. The batches are the task's (``Task.batch`` as the collator of a
 dataset of row indices); the evaluation is the task's too
-(:func:`~ray_pipeline.finetune.train._evaluate`: token-weighted loss, accuracy, macro-F1).
+(:func:`~ray_pipeline.finetune.trial.evaluate`: token-weighted loss, accuracy, macro-F1).
 
 ZeRO-3: the ``TrainingArguments`` holding a stage-3 config are made *before* ``from_pretrained``,
 so transformers (``HfDeepSpeedConfig``) loads the weights straight into ``deepspeed.zero.Init``
@@ -33,8 +33,8 @@ import time
 from pathlib import Path
 
 from .task import size
-from .train import (TrialLoop, _evaluate, _save_model, deepspeed_config, load_for_training, peak_rss_gib,
-                    precision_of, report, zero_stage_of)
+from .trial import (TrialLoop, deepspeed_config, evaluate, load_for_training, peak_rss_gib, precision_of, report,
+                    save_model, zero_stage_of)
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +63,9 @@ def training_arguments(loop: TrialLoop, output_dir: str):
         per_device_train_batch_size=tr.batch_size, per_device_eval_batch_size=tr.eval_batch_size,
         gradient_accumulation_steps=tr.gradient_accumulation_steps, learning_rate=tr.lr,
         lr_scheduler_type=tr.lr_scheduler_type, warmup_steps=tr.warmup_ratio,  # < 1: a share of the steps
-        weight_decay=tr.weight_decay, max_grad_norm=1.0, gradient_checkpointing=tr.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if tr.gradient_checkpointing else None,
+        weight_decay=tr.weight_decay, max_grad_norm=1.0,
+        activation_checkpointing=tr.gradient_checkpointing,  # transformers 5's name for gradient_checkpointing
+        activation_checkpointing_kwargs={"use_reentrant": False} if tr.gradient_checkpointing else None,
         bf16=precision == "bf16", fp16=precision == "fp16", use_cpu=not loop.use_gpu, seed=loop.seed,
         data_seed=loop.seed, eval_strategy="no", save_strategy="no", logging_strategy="steps",
         logging_steps=tr.eval_every, report_to="none", disable_tqdm=True, remove_unused_columns=False,
@@ -109,7 +110,7 @@ def _callback(loop: TrialLoop, tok, collator: TaskCollator, rank: int, world: in
             if not logs or "loss" not in logs:  # the end-of-training summary, not a window
                 return control
             tr, step = loop.finetune.train, state.global_step
-            metrics = _evaluate(self.trainer.model, tok, loop, rank, world, device)
+            metrics = evaluate(self.trainer.model, tok, loop, rank, world, device)
             improved = metrics["score"] > self.best
             self.best, self.since_best = (metrics["score"], 0) if improved else (self.best, self.since_best + 1)
             stop = self.since_best >= tr.patience
@@ -144,19 +145,22 @@ def fit_with_trainer(loop: TrialLoop, task, rank: int, world: int, device) -> No
         callback = _callback(loop, tok, collator, rank, world, device)
         trainer = Trainer(model=model, args=args, train_dataset=list(range(size(loop.train))),
                           data_collator=collator, callbacks=[callback])
+        # A classifier's loss accepts num_items_in_batch and ignores it: without this, an accumulated
+        # step's gradient would be gradient_accumulation_steps times too large.
+        trainer.model_accepts_loss_kwargs = task.loss_takes_num_items
         trainer = prepare_trainer(trainer)
         callback.trainer = trainer
         trainer.train()
 
 
 def save_best(trainer, loop: TrialLoop, tok, metrics: dict, rank: int) -> None:
-    """The trial's best model into ``loop.best_model_dir`` (``train._save_model``'s layout: a plain
+    """The trial's best model into ``loop.best_model_dir`` (``trial.save_model``'s layout: a plain
     model for ``from_pretrained``, a LoRA adapter beside it in ``adapter/``). Under ZeRO-3 every
     rank takes part (``Trainer.save_model`` gathers the shards onto rank 0); a LoRA adapter saved so
     is merged on rank 0 into the base model read from its files."""
     if zero_stage_of(loop.finetune, loop.use_gpu) != 3:
         if rank == 0:
-            _save_model(trainer.model, tok, Path(loop.best_model_dir), metrics)
+            save_model(trainer.model, tok, Path(loop.best_model_dir), metrics)
         return
     out = Path(loop.best_model_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -171,7 +175,7 @@ def save_best(trainer, loop: TrialLoop, tok, metrics: dict, rank: int) -> None:
         model = PeftModel.from_pretrained(base, str(gathered))
     else:
         model = type(trainer.model).from_pretrained(str(gathered), dtype="auto")
-    _save_model(model, tok, out, metrics)
+    save_model(model, tok, out, metrics)
     shutil.rmtree(gathered, ignore_errors=True)
 
 
