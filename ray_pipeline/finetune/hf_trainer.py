@@ -30,11 +30,12 @@ import math
 import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
-from .task import size
+from .task import size, task_for
 from .trial import (TrialLoop, deepspeed_config, evaluate, load_for_training, peak_rss_gib, precision_of, report,
-                    save_model, zero_stage_of)
+                    save_model, swap_in, zero_stage_of)
 
 log = logging.getLogger(__name__)
 
@@ -156,40 +157,42 @@ def fit_with_trainer(loop: TrialLoop, task, rank: int, world: int, device) -> No
 def save_best(trainer, loop: TrialLoop, tok, metrics: dict, rank: int) -> None:
     """The trial's best model into ``loop.best_model_dir`` (``trial.save_model``'s layout: a plain
     model for ``from_pretrained``, a LoRA adapter beside it in ``adapter/``). Under ZeRO-3 every
-    rank takes part (``Trainer.save_model`` gathers the shards onto rank 0); a LoRA adapter saved so
-    is merged on rank 0 into the base model read from its files."""
+    rank takes part (``Trainer.save_model`` gathers the shards onto rank 0: a collective); a LoRA
+    adapter saved so is merged on rank 0 into the base model, read whole from its files."""
     if zero_stage_of(loop.finetune, loop.use_gpu) != 3:
         if rank == 0:
             save_model(trainer.model, tok, Path(loop.best_model_dir), metrics)
         return
     out = Path(loop.best_model_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
-    gathered = out.parent / f".{out.name}.zero3"
-    trainer.save_model(str(gathered))  # a collective: the shards gathered whole on rank 0
+    gathered = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.zero3-")) if rank == 0 else None
+    trainer.save_model(str(gathered) if gathered else None)  # rank 0 writes; output_dir elsewhere is unused
     if rank != 0:
         return
-    if (gathered / "adapter_config.json").is_file():
-        from peft import PeftModel
+    (gathered / "training_args.bin").unlink(missing_ok=True)
+    if not (gathered / "adapter_config.json").is_file():
+        swap_in(gathered, tok, out, metrics)  # a whole model already
+        return
+    from peft import PeftModel
 
-        base, _ = task_load(loop)
-        model = PeftModel.from_pretrained(base, str(gathered))
-    else:
-        model = type(trainer.model).from_pretrained(str(gathered), dtype="auto")
-    save_model(model, tok, out, metrics)
+    ft = loop.finetune
+    with whole_weights():
+        base, _ = task_for(ft.task).load(loop.model_path, loop.label_names, precision=precision_of(ft, loop.use_gpu),
+                                         trust_remote_code=ft.trust_remote_code)
+    save_model(PeftModel.from_pretrained(base, str(gathered)), tok, out, metrics)
     shutil.rmtree(gathered, ignore_errors=True)
 
 
-def task_load(loop: TrialLoop):
-    """The base model whole on this process (no ZeRO-3 sharding: HfDeepSpeedConfig is bypassed)."""
+@contextmanager
+def whole_weights():
+    """``from_pretrained`` loads whole weights in the block, on this process alone: transformers'
+    ZeRO-3 hook (``HfDeepSpeedConfig``, alive with the ``TrainingArguments``) would otherwise load
+    them into ``zero.Init`` shards, a collective the other ranks do not join."""
     from transformers.integrations import deepspeed as hf_ds
 
-    from .task import task_for
-
-    ft = loop.finetune
     saved = hf_ds._hf_deepspeed_config_weak_ref
-    hf_ds._hf_deepspeed_config_weak_ref = None  # from_pretrained would otherwise shard into zero.Init
+    hf_ds.unset_hf_deepspeed_config()
     try:
-        return task_for(ft.task).load(loop.model_path, loop.label_names, precision=precision_of(ft, loop.use_gpu),
-                                      trust_remote_code=ft.trust_remote_code)
+        yield
     finally:
         hf_ds._hf_deepspeed_config_weak_ref = saved

@@ -207,6 +207,12 @@ def save_model(model, tok, out: Path, metrics: dict) -> None:
         model.save_pretrained(tmp / "adapter", safe_serialization=True)
         model = copy.deepcopy(model).merge_and_unload()
     model.save_pretrained(tmp, safe_serialization=True)
+    swap_in(tmp, tok, out, metrics)
+
+
+def swap_in(tmp: Path, tok, out: Path, metrics: dict) -> None:
+    """The saved model in ``tmp`` (beside ``out``), with its tokenizer and ``metrics.json``,
+    becomes ``out``; the model ``out`` held before is removed."""
     tok.save_pretrained(tmp)
     (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
     old = out.with_name(f".{out.name}.old-{os.getpid()}")
