@@ -124,7 +124,8 @@ def _callback(loop: TrialLoop, tok, collator: TaskCollator, rank: int, world: in
             if improved:
                 save_best(self.trainer, loop, tok, metrics, rank)
             report(metrics, rank)
-            control.should_training_stop = stop
+            if stop:  # never reset: at the last step the Trainer's own flow has set it already
+                control.should_training_stop = True
             return control
 
     return ReportToRay()
