@@ -59,7 +59,7 @@ def training_arguments(loop: TrialLoop, output_dir: str):
 
     ft, tr = loop.finetune, loop.finetune.train
     precision = precision_of(ft, loop.use_gpu)
-    return TrainingArguments(
+    ours = dict(
         output_dir=output_dir, deepspeed=hf_deepspeed_config(loop), max_steps=loop.steps,
         per_device_train_batch_size=tr.batch_size, per_device_eval_batch_size=tr.eval_batch_size,
         gradient_accumulation_steps=tr.gradient_accumulation_steps, learning_rate=tr.lr,
@@ -70,8 +70,9 @@ def training_arguments(loop: TrialLoop, output_dir: str):
         bf16=precision == "bf16", fp16=precision == "fp16", use_cpu=not loop.use_gpu, seed=loop.seed,
         data_seed=loop.seed, eval_strategy="no", save_strategy="no", logging_strategy="steps",
         logging_steps=tr.eval_every, report_to="none", disable_tqdm=True, remove_unused_columns=False,
-        dataloader_num_workers=0, optim="adamw_torch",  # torch's AdamW: DeepSpeed's would compile for minutes
-        **tr.training_args)
+        dataloader_num_workers=0, optim="adamw_torch")  # torch's AdamW: DeepSpeed's would compile for minutes
+    # the pass-through may change the defaults above that no project key owns (max_grad_norm, optim, ...)
+    return TrainingArguments(**{**ours, **tr.training_args})
 
 
 class TaskCollator:

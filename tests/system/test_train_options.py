@@ -121,7 +121,7 @@ def test_the_trainer_gets_the_project_settings_by_their_own_names(tmp_path):
 
     ft = FinetuneConfig(train=TrainSettings(lr=3e-4, batch_size=4, gradient_accumulation_steps=2, warmup_ratio=0.1,
                                             weight_decay=0.05, lr_scheduler_type="cosine", eval_every=5,
-                                            precision="bf16", training_args={"adam_beta2": 0.95}))
+                                            precision="bf16", training_args={"adam_beta2": 0.95, "max_grad_norm": 0.5}))
     loop = TrialLoop(finetune=ft, seed=7, model_path="", label_names=None, train={}, eval={}, use_gpu=False, steps=20,
                      best_model_dir="")
     a = training_arguments(loop, str(tmp_path))
@@ -129,7 +129,7 @@ def test_the_trainer_gets_the_project_settings_by_their_own_names(tmp_path):
         (3e-4, 4, 2, 20)
     assert (a.get_warmup_steps(20), a.weight_decay, a.lr_scheduler_type, a.bf16, a.seed, a.logging_steps) == \
         (2, 0.05, "cosine", True, 7, 5)
-    assert a.adam_beta2 == 0.95 and a.use_cpu and a.save_strategy == "no"
+    assert a.adam_beta2 == 0.95 and a.max_grad_norm == 0.5 and a.use_cpu and a.save_strategy == "no"
     assert hf_deepspeed_config(loop)["zero_optimization"] == {"stage": 0}
     zero3 = replace(loop, finetune=replace(ft, train=replace(ft.train, zero_stage=3)))
     assert hf_deepspeed_config(zero3)["zero_optimization"] == {"stage": 3,
