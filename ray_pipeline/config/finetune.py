@@ -73,9 +73,10 @@ class TrainSettings:
     fp16 needs a GPU. ZeRO-3 (``zero_stage: 3``, trainer engine only) shards the weights over the
     workers from the moment they load, and gathers them whole when the tuned model is saved.
     ``quantization: 4bit``: QLoRA, the frozen base in 4-bit NF4 through bitsandbytes (CUDA only,
-    LoRA only). ``engine``: ``trainer`` (Hugging Face ``Trainer`` inside Ray Train, the DeepSpeed
-    config passed through ``TrainingArguments(deepspeed=...)``) or ``loop`` (the hand-written
-    DeepSpeed loop; benchmarks/bench_trainer.py measures one against the other).
+    LoRA only). ``engine``: ``loop`` (the hand-written DeepSpeed loop, the default: it measured
+    faster, benchmarks/bench_trainer.py) or ``trainer`` (Hugging Face ``Trainer`` inside Ray Train,
+    the DeepSpeed config passed through ``TrainingArguments(deepspeed=...)``; needed for ZeRO-3
+    and ``training_args``).
     ``training_args``: any other ``TrainingArguments`` field, passed through as it is (e.g.
     ``{adam_beta2: 0.95, max_grad_norm: 0.5}``; trainer engine only); the fields this section owns
     are refused there with the key to use instead."""
@@ -97,7 +98,7 @@ class TrainSettings:
     zero_stage: Optional[int] = None
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     quantization: Literal["none", "4bit"] = "none"
-    engine: Literal["trainer", "loop"] = "trainer"
+    engine: Literal["loop", "trainer"] = "loop"
     training_args: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

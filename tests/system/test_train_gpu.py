@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import fit_trial
 
 from ray_pipeline.config import FinetuneConfig, ResourceSettings, TrainSettings
 
@@ -16,27 +17,17 @@ PROMPTS = {"prompts": [f"Question {i}: what is {i} plus {i}?\n" for i in range(1
 
 def fit_on_gpus(ft: FinetuneConfig, out: Path, model_path=None, label_names=None, data=PROMPTS):
     """One trial's worker function on ``ft.resources.num_workers`` GPUs (NCCL); its history."""
-    import ray
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from ray_pipeline.finetune.train import TrialLoop, train_loop_per_worker
+    from ray_pipeline.finetune.train import TrialLoop
     from ray_pipeline.io.models import smollm2_path
 
     loop = TrialLoop(finetune=ft, seed=0, use_gpu=True, steps=ft.train.max_steps,
                      model_path=str(model_path or smollm2_path()), label_names=label_names, train=data, eval=data,
                      best_model_dir=str(out / "best"))
-    workers = ft.resources.num_workers
-    return TorchTrainer(train_loop_per_worker, train_loop_config={"loop": loop},
-                        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=True,
-                                                               resources_per_worker={"CPU": 1, "GPU": 1}),
-                        torch_config=TorchConfig(backend="nccl"),
-                        run_config=ray.train.RunConfig(name=out.name, storage_path=str(out / "store"))
-                        ).fit().metrics_dataframe
+    return fit_trial(loop, out, workers=ft.resources.num_workers).metrics_dataframe
 
 
-def instruction(workers: int = 1, **train) -> FinetuneConfig:
-    settings = dict(lr=2e-3, batch_size=4, max_steps=4, eval_every=2, max_length=32)
+def instruction(workers: int = 1, engine: str = "trainer", **train) -> FinetuneConfig:
+    settings = dict(lr=2e-3, batch_size=4, max_steps=4, eval_every=2, max_length=32, engine=engine)
     settings.update(train)
     return FinetuneConfig(task="instruction", resources=ResourceSettings(num_workers=workers),
                           train=TrainSettings(**settings))
@@ -55,19 +46,24 @@ def saved_dtype(model_dir: Path) -> str:
     return conf.get("dtype", conf.get("torch_dtype"))
 
 
+ENGINES = pytest.mark.parametrize("engine", ["loop", "trainer"])
+
+
 @pytest.mark.gpu
 @pytest.mark.slow
-def test_bf16_weights_with_lora_on_a_gpu(tmp_path, local_ray):
-    h = fit_on_gpus(instruction(precision="bf16", gradient_checkpointing=True), tmp_path / "bf16")
+@ENGINES
+def test_bf16_weights_with_lora_on_a_gpu(engine, tmp_path, local_ray):
+    h = fit_on_gpus(instruction(engine=engine, precision="bf16", gradient_checkpointing=True), tmp_path / "bf16")
     assert list(h["step"]) == [2, 4] and h["eval_loss"].iloc[-1] < h["eval_loss"].iloc[0]
     assert saved_dtype(tmp_path / "bf16" / "best") == "bfloat16"
 
 
 @pytest.mark.gpu
 @pytest.mark.slow
-def test_qlora_trains_lora_adapters_on_a_4bit_base(tmp_path, local_ray):
+@ENGINES
+def test_qlora_trains_lora_adapters_on_a_4bit_base(engine, tmp_path, local_ray):
     pytest.importorskip("bitsandbytes")
-    h = fit_on_gpus(instruction(quantization="4bit", precision="bf16", gradient_checkpointing=True),
+    h = fit_on_gpus(instruction(engine=engine, quantization="4bit", precision="bf16", gradient_checkpointing=True),
                     tmp_path / "qlora")
     assert np.isfinite(h["eval_loss"]).all() and h["eval_loss"].iloc[-1] < h["eval_loss"].iloc[0]
     assert (tmp_path / "qlora" / "best" / "adapter" / "adapter_config.json").is_file()
@@ -75,12 +71,13 @@ def test_qlora_trains_lora_adapters_on_a_4bit_base(tmp_path, local_ray):
 
 @pytest.mark.gpu
 @pytest.mark.slow
-def test_two_gpus_per_trial_share_the_batch(tmp_path, local_ray):
+@ENGINES
+def test_two_gpus_per_trial_share_the_batch(engine, tmp_path, local_ray):
     import torch
 
     if torch.cuda.device_count() < 2:
         pytest.skip("needs two CUDA GPUs")
-    h = fit_on_gpus(instruction(workers=2, precision="bf16", zero_stage=2), tmp_path / "two")
+    h = fit_on_gpus(instruction(workers=2, engine=engine, precision="bf16", zero_stage=2), tmp_path / "two")
     assert list(h["step"]) == [2, 4]
     assert list(h["samples_seen"]) == [2 * 4 * 2, 4 * 4 * 2]  # steps x batch x two workers
 

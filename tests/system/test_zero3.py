@@ -7,19 +7,18 @@ import json
 
 import numpy as np
 import pytest
+from conftest import fit_trial
 
 from ray_pipeline.config import FinetuneConfig, ResourceSettings, TrainSettings
 
 
 @pytest.mark.slow
 def test_zero3_with_two_workers_saves_a_whole_model_that_scores_as_reported(tmp_path, local_ray):
-    import ray.train
     import torch
-    from ray.train.torch import TorchConfig, TorchTrainer
     from safetensors.numpy import load_file
 
     from ray_pipeline.finetune.task import task_for
-    from ray_pipeline.finetune.train import TrialLoop, train_loop_per_worker
+    from ray_pipeline.finetune.train import TrialLoop
     from ray_pipeline.io.models import resolve
 
     texts = [f"sample {i}: {'card' if i % 2 else 'transfer'} question number {i * 7}" for i in range(24)]
@@ -29,10 +28,7 @@ def test_zero3_with_two_workers_saves_a_whole_model_that_scores_as_reported(tmp_
                                             eval_batch_size=8, max_steps=2, eval_every=1, max_length=16))
     loop = TrialLoop(finetune=ft, seed=0, use_gpu=False, steps=2, model_path=resolve("minilm"), label_names=["a", "b"],
                      train=data, eval=data, best_model_dir=str(tmp_path / "best"))
-    result = TorchTrainer(train_loop_per_worker, train_loop_config={"loop": loop},
-                          scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
-                          torch_config=TorchConfig(backend="gloo"),
-                          run_config=ray.train.RunConfig(name="zero3", storage_path=str(tmp_path / "store"))).fit()
+    result = fit_trial(loop, tmp_path / "zero3", workers=2, cpus=0.5)
     history = result.metrics_dataframe
     assert list(history["step"]) == [1, 2]
 
