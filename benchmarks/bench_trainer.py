@@ -16,6 +16,7 @@ that noise, not to the last digit.
 
     .venv/bin/python -m benchmarks.bench_trainer                     # 16 steps of 4 x 128 tokens
     .venv/bin/python -m benchmarks.bench_trainer --steps 32 --batch-size 8
+    .venv/bin/python -m benchmarks.bench_trainer --order trainer,loop   # the Trainer first
 """
 
 from __future__ import annotations
@@ -80,6 +81,8 @@ def main() -> None:
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--threads", type=int, default=1, help="torch threads in the worker")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--order", choices=["loop,trainer", "trainer,loop"], default="loop,trainer",
+                   help="which engine runs first (on a loaded machine, to see the order's effect)")
     args = p.parse_args()
 
     import ray
@@ -91,7 +94,7 @@ def main() -> None:
     ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False)
     try:
         with tempfile.TemporaryDirectory(prefix="bench-trainer-") as d:
-            for engine in ("loop", "trainer"):
+            for engine in args.order.split(","):
                 r = results[engine] = one_engine(engine, train, val, args, use_gpu, Path(d))
                 print(f"{engine:8s}: {r['steps_per_s']:.3f} steps/s ({r['tokens_per_s']:.0f} tokens/s), fit "
                       f"{r['fit_wall_s']:.1f} s, peak RSS {r['peak_rss_gib']:.2f} GiB, validation loss "
@@ -103,7 +106,7 @@ def main() -> None:
           f"{hf['fit_wall_s'] / lo['fit_wall_s']:.2f}x the fit's wall time, "
           f"{hf['peak_rss_gib'] / lo['peak_rss_gib']:.2f}x the peak RSS, validation loss "
           f"{hf['eval_loss']:.4f} vs {lo['eval_loss']:.4f} ({hf['eval_loss'] - lo['eval_loss']:+.4f})")
-    print(f"wrote {save('trainer', {'machine': machine(), 'args': vars(args), 'results': results})}")
+    print(f"wrote {save('trainer' if args.order == 'loop,trainer' else 'trainer-trainer-first', {'machine': machine(), 'args': vars(args), 'results': results})}")
 
 
 if __name__ == "__main__":
