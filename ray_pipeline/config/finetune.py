@@ -73,10 +73,10 @@ class TrainSettings:
     fp16 needs a GPU. ZeRO-3 (``zero_stage: 3``, trainer engine only) shards the weights over the
     workers from the moment they load, and gathers them whole when the tuned model is saved.
     ``quantization: 4bit``: QLoRA, the frozen base in 4-bit NF4 through bitsandbytes (CUDA only,
-    LoRA only). ``engine``: ``loop`` (the hand-written DeepSpeed loop, the default: it measured
-    faster, benchmarks/bench_trainer.py) or ``trainer`` (Hugging Face ``Trainer`` inside Ray Train,
+    LoRA only). ``engine``: ``trainer`` (the default: Hugging Face ``Trainer`` inside Ray Train,
     the DeepSpeed config passed through ``TrainingArguments(deepspeed=...)``; needed for ZeRO-3
-    and ``training_args``).
+    and ``training_args``) or ``loop`` (the hand-written DeepSpeed loop, which
+    benchmarks/bench_trainer.py did not measure as better: the same steps/s in one of two runs).
     ``training_args``: any other ``TrainingArguments`` field, passed through as it is (e.g.
     ``{adam_beta2: 0.95, max_grad_norm: 0.5}``; trainer engine only); the fields this section owns
     are refused there with the key to use instead."""
@@ -98,7 +98,7 @@ class TrainSettings:
     zero_stage: Optional[int] = None
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     quantization: Literal["none", "4bit"] = "none"
-    engine: Literal["loop", "trainer"] = "loop"
+    engine: Literal["trainer", "loop"] = "trainer"
     training_args: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
