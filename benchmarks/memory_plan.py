@@ -24,9 +24,9 @@ MODELS = {
 }
 PLANS = [  # (name, use_lora, zero stage, workers, quantization)
     ("full, ZeRO-2, 1 GPU", False, 2, 1, "none"),
-    ("full, ZeRO-3, 8 GPUs (ZeRO-3 not supported yet)", False, 3, 8, "none"),
+    ("full, ZeRO-3, 8 GPUs", False, 3, 8, "none"),
     ("LoRA r=16, 1 GPU", True, 2, 1, "none"),
-    ("LoRA r=16, ZeRO-3, 8 GPUs (not supported yet)", True, 3, 8, "none"),
+    ("LoRA r=16, ZeRO-3, 8 GPUs", True, 3, 8, "none"),
     ("QLoRA r=16, 1 GPU", True, 2, 1, "4bit"),
 ]
 

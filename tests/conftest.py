@@ -67,3 +67,20 @@ def hub_model(cache: Path, repo_id: str, src: Path, commit: str = "0" * 40, refs
         if not (snap / f.name).exists():
             (snap / f.name).symlink_to(f.resolve(), target_is_directory=f.is_dir())
     return snap
+
+
+def fit_trial(loop, out: Path, *, workers: int = 1, cpus: float = 1.0):
+    """The trial ``loop`` (a ``finetune.train.TrialLoop``) through the real per-worker function in a
+    ``TorchTrainer`` of ``workers`` workers (NCCL and a GPU each where ``loop.use_gpu``, else gloo
+    and ``cpus`` CPUs); Ray Train's result."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from ray_pipeline.finetune.train import train_loop_per_worker
+
+    per_worker = {"CPU": cpus, **({"GPU": 1} if loop.use_gpu else {})}
+    return TorchTrainer(train_loop_per_worker, train_loop_config={"loop": loop},
+                        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=loop.use_gpu,
+                                                               resources_per_worker=per_worker),
+                        torch_config=TorchConfig(backend="nccl" if loop.use_gpu else "gloo"),
+                        run_config=ray.train.RunConfig(name=out.name, storage_path=str(out / "store"))).fit()

@@ -70,10 +70,16 @@ class TrainSettings:
     ``gradient_checkpointing`` recomputes activations in the backward pass (less memory, about a
     third more compute). ``zero_stage``/``precision`` empty/``auto``: ZeRO-2 + bf16 on GPU, ZeRO-0 +
     fp32 on CPU; the weights are loaded in the training precision (bf16/fp16 halve their memory);
-    fp16 needs a GPU. ZeRO-3 is refused for now: the tuned model is saved whole from rank 0, which
-    its shards do not allow yet.
+    fp16 needs a GPU. ZeRO-3 (``zero_stage: 3``, trainer engine only) shards the weights over the
+    workers from the moment they load, and gathers them whole when the tuned model is saved.
     ``quantization: 4bit``: QLoRA, the frozen base in 4-bit NF4 through bitsandbytes (CUDA only,
-    LoRA only)."""
+    LoRA only). ``engine``: ``trainer`` (the default: Hugging Face ``Trainer`` inside Ray Train,
+    the DeepSpeed config passed through ``TrainingArguments(deepspeed=...)``; needed for ZeRO-3
+    and ``training_args``) or ``loop`` (the hand-written DeepSpeed loop, which
+    benchmarks/bench_trainer.py did not measure as better: the same steps/s in one of two runs).
+    ``training_args``: any other ``TrainingArguments`` field, passed through as it is (e.g.
+    ``{adam_beta2: 0.95, max_grad_norm: 0.5}``; trainer engine only); the fields this section owns
+    are refused there with the key to use instead."""
 
     lr: float = 1e-4
     batch_size: int = 16
@@ -92,6 +98,8 @@ class TrainSettings:
     zero_stage: Optional[int] = None
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     quantization: Literal["none", "4bit"] = "none"
+    engine: Literal["trainer", "loop"] = "trainer"
+    training_args: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "gradient_accumulation_steps", "eval_batch_size", "max_steps", "eval_every",
@@ -106,16 +114,59 @@ class TrainSettings:
             fail("finetune.train.lr", self.lr, "a learning rate > 0")
         if self.max_length < 8:
             fail("finetune.train.max_length", self.max_length, "an int >= 8 (tokens)")
-        if self.zero_stage == 3:
-            fail("finetune.train.zero_stage", self.zero_stage, "empty (auto), 0, 1 or 2: ZeRO-3 is not supported yet "
-                 "(the tuned model would be saved from its shards, not whole); ZeRO-2 shards the gradients and "
-                 "optimizer state over the workers, LoRA or QLoRA shrink the rest")
-        if self.zero_stage is not None and self.zero_stage not in (0, 1, 2):
-            fail("finetune.train.zero_stage", self.zero_stage, "empty (auto), 0, 1 or 2")
+        if self.zero_stage == 3 and self.engine != "trainer":
+            fail("finetune.train.zero_stage", self.zero_stage, "empty (auto), 0, 1 or 2 with finetune.train.engine: "
+                 "loop (it cannot save a model from ZeRO-3 shards); use finetune.train.engine: trainer for ZeRO-3")
+        if self.zero_stage is not None and self.zero_stage not in (0, 1, 2, 3):
+            fail("finetune.train.zero_stage", self.zero_stage, "empty (auto), 0, 1, 2 or 3")
+        if self.training_args and self.engine != "trainer":
+            fail("finetune.train.training_args", self.training_args, "empty with finetune.train.engine: loop "
+                 "(TrainingArguments are the trainer engine's)")
+        check_training_args(self.training_args)
         if not 0.0 <= self.warmup_ratio < 1.0:
             fail("finetune.train.warmup_ratio", self.warmup_ratio, "a share of the trial's steps in [0, 1), e.g. 0.05")
         if self.weight_decay < 0:
             fail("finetune.train.weight_decay", self.weight_decay, "a number >= 0, e.g. 0.01")
+
+
+# TrainingArguments fields the project sets itself, and the key that sets each.
+OWNED_TRAINING_ARGS = {
+    "output_dir": "the run's output_dir", "deepspeed": "finetune.train.zero_stage and precision",
+    "max_steps": "finetune.train.max_steps", "num_train_epochs": "finetune.train.max_epochs",
+    "per_device_train_batch_size": "finetune.train.batch_size",
+    "per_device_eval_batch_size": "finetune.train.eval_batch_size",
+    "gradient_accumulation_steps": "finetune.train.gradient_accumulation_steps", "learning_rate": "finetune.train.lr",
+    "lr_scheduler_type": "finetune.train.lr_scheduler_type", "warmup_steps": "finetune.train.warmup_ratio",
+    "weight_decay": "finetune.train.weight_decay",
+    **{k: "finetune.train.gradient_checkpointing" for k in ("gradient_checkpointing", "gradient_checkpointing_kwargs",
+                                                             "activation_checkpointing",
+                                                             "activation_checkpointing_kwargs")},
+    "bf16": "finetune.train.precision", "fp16": "finetune.train.precision", "use_cpu": "finetune.device",
+    "seed": "the run's seed", "data_seed": "the run's seed", "eval_strategy": "finetune.train.eval_every",
+    "eval_steps": "finetune.train.eval_every", "logging_steps": "finetune.train.eval_every",
+    "save_strategy": "finetune.train.patience (the best model is kept by the sweep)",
+    "report_to": "nothing: metrics go to Ray Tune", "remove_unused_columns": "nothing: the task makes the batches",
+}
+
+
+def check_training_args(args: dict) -> None:
+    """Each key of ``finetune.train.training_args`` is a ``TrainingArguments`` field
+    (``dataclasses.fields``) that the project does not set itself (:data:`OWNED_TRAINING_ARGS`).
+    transformers is imported only when the mapping is not empty."""
+    if not args:
+        return
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    names = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
+    for key in args:
+        if key in OWNED_TRAINING_ARGS:
+            raise ConfigError(f"config field 'finetune.train.training_args.{key}' is set by the project; use "
+                              f"{OWNED_TRAINING_ARGS[key]} instead")
+        if key not in names:
+            raise ConfigError(f"config field 'finetune.train.training_args.{key}' is not a field of transformers' "
+                              f"TrainingArguments; see its documentation for the fields")
 
 
 @dataclass(frozen=True)

@@ -167,6 +167,10 @@ def _coerce(tp: Any, value: Any, name: str) -> Any:
         if value not in args:
             fail(name, value, " | ".join(repr(a) for a in args))
         return value
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            fail(name, value, "a mapping of names to values")
+        return dict(value)
     if origin is tuple:
         if isinstance(value, (int, float, str)) and not isinstance(value, bool):
             value = [value]  # a scalar where a list is expected: a list of one

@@ -131,6 +131,9 @@ def fixes(size: ModelSize, *, use_lora: bool, zero_stage: int, gradient_checkpoi
     if zero_stage < 2:
         out.append("finetune.train.zero_stage: 2 with more finetune.resources.num_workers (shards the gradients and "
                    "optimizer state)")
+    if zero_stage < 3:
+        out.append("finetune.train.zero_stage: 3 with more finetune.resources.num_workers (shards the weights too, "
+                   "from the moment they load; finetune.train.engine: trainer)")
     if not gradient_checkpointing:
         out.append("finetune.train.gradient_checkpointing: true")
     if use_lora and quantization == "none":
@@ -147,7 +150,7 @@ def check_memory(cfg: Config, model_path: str, n_labels: Optional[int], *, on_gp
     from transformers import AutoConfig
 
     from .task import task_for
-    from .train import precision_of, zero_stage_of
+    from .trial import precision_of, zero_stage_of
 
     if not on_gpu:
         return None

@@ -48,7 +48,7 @@ from .metrics import ratio_score
 from .progress import SweepProgress
 from .task import task_for
 from .sizing import check_memory, trial_requests
-from .train import TrialLoop, check_device
+from .trial import TrialLoop, check_device
 
 log = logging.getLogger(__name__)
 
@@ -255,7 +255,7 @@ def run_sweep(candidates: list[Candidate], pool: Pool, parts: Parts, cfg: Config
 
     from ..io.models import resolve
     from ..runtime.session import ray_session
-    from .train import step_cap
+    from .trial import step_cap
 
     ft = cfg.finetune
     task = task_for(ft.task)

@@ -70,7 +70,9 @@ class Task:
     ``name``: the config's ``finetune.task``. ``default_model``: the packaged model of
     ``finetune.model: default``. ``default_proxy``: what ``finetune.proxy.kind: auto`` means.
     ``lora_by_default``: LoRA when ``finetune.lora.enabled`` is empty. ``metric``: the test
-    score's name in the verdict; ``is_loss``: the score is minus a loss (shown as the loss)."""
+    score's name in the verdict; ``is_loss``: the score is minus a loss (shown as the loss).
+    ``loss_takes_num_items``: the model's loss divides by the items of a whole accumulated step
+    (``num_items_in_batch``, HF ``Trainer``) rather than averaging each micro-batch."""
 
     name: str
     default_model: str
@@ -79,6 +81,7 @@ class Task:
     lora_task_type: str
     metric: str
     is_loss: bool
+    loss_takes_num_items: bool
 
     def label_names(self, pool) -> Optional[list]:
         """The labels a classifier head is made for (None: the task has no head)."""
@@ -165,8 +168,8 @@ class Classification(Task):
     default_proxy = "probe"
     lora_by_default = False
     lora_task_type = "SEQ_CLS"  # PEFT keeps the new head trainable
-    metric = "test accuracy"
-    is_loss = False
+    metric, is_loss = "test accuracy", False
+    loss_takes_num_items = False  # a sequence classifier's loss ignores it (it accepts **kwargs, though)
 
     def arrays(self, pool, label_names: Optional[list] = None) -> dict:
         if pool.labels is None:
@@ -258,12 +261,10 @@ class CausalLM(Task):
     response tokens, tokens)."""
 
     name = "instruction"
-    default_model = "smollm2"
-    default_proxy = "coverage"
-    lora_by_default = True
-    lora_task_type = "CAUSAL_LM"
-    metric = "test loss"
-    is_loss = True
+    default_model, default_proxy = "smollm2", "coverage"
+    lora_by_default, lora_task_type = True, "CAUSAL_LM"
+    metric, is_loss = "test loss", True
+    loss_takes_num_items = True  # token-weighted over the accumulated micro-batches
 
     def read(self, pool, data, ft):
         """Each sample's turns (a chat column: ``data.chat_column``, or ``messages`` /

@@ -2,169 +2,39 @@
 
 :func:`train_loop_per_worker` is the per-worker training function that Ray Train's
 ``TorchTrainer`` runs (the sweep over candidates is :mod:`~ray_pipeline.finetune.sweep`). It
-uses DeepSpeed (``deepspeed.initialize``; ZeRO stage and precision from the config) over the
-process group Ray Train set up: NCCL on GPUs, gloo and DeepSpeed's CPU accelerator on a machine
-without one. Every ``finetune.train.eval_every`` steps it scores the validation part, reports
-the metrics (with a small checkpoint, which Ray needs to keep them), and rank 0 saves the model
-when the score improved. What differs between a classifier and a causal LM is the task
-strategy's (:mod:`~ray_pipeline.finetune.task`); both use real pretrained weights that install
-offline (MiniLM, SmolLM2-135M-Instruct).
+trains through Hugging Face's ``Trainer`` (``finetune.train.engine: trainer``,
+:mod:`~ray_pipeline.finetune.hf_trainer`) or the hand-written loop here (``loop``: DeepSpeed's
+``deepspeed.initialize``, ZeRO stage and precision from the config), over the process group Ray
+Train set up: NCCL on GPUs, gloo and DeepSpeed's CPU accelerator on a machine without one. Every
+``finetune.train.eval_every`` steps it scores the validation part, reports the metrics (with a
+small checkpoint, which Ray needs to keep them), and rank 0 saves the model when the score
+improved. What both engines share is :mod:`~ray_pipeline.finetune.trial`'s; what differs between
+a classifier and a causal LM is the task strategy's (:mod:`~ray_pipeline.finetune.task`); both
+use real pretrained weights that install offline (MiniLM, SmolLM2-135M-Instruct).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
-import shutil
-import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 
-from ..config import FinetuneConfig
-from ..errors import InputError
 from .task import size, task_for
+from .trial import TrialLoop, deepspeed_config, evaluate, load_for_training, peak_rss_gib, record_placement_group, \
+    report, save_model
+from .trial import check_device, precision_of, step_cap, zero_stage_of  # noqa: F401  (here before trial.py)
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class TrialLoop:
-    """Everything one trial's workers need, built once by the sweep (``sweep._trial``).
-
-    finetune: the run's config section, whole. seed: the run's seed. model_path: the base model's
-    directory. label_names: the classifier's labels (None for a causal LM). train / eval: the
-    task's arrays (``Task.arrays``) of the candidate subset and of the validation part (never the
-    test part). use_gpu: decided once by the sweep's resource plan. steps: this trial's cap
-    (:func:`step_cap`). best_model_dir: where rank 0 keeps the best model. name,
-    placement_group_file, inject_failure: the trial's name, where its placement group is noted
-    (``sweep.release_placement_groups``), and a fault injected by the tests."""
-
-    finetune: FinetuneConfig
-    seed: int
-    model_path: str
-    label_names: Optional[list]
-    train: dict
-    eval: dict
-    use_gpu: bool
-    steps: int
-    best_model_dir: str
-    name: str = ""
-    placement_group_file: Optional[str] = None
-    inject_failure: bool = False
-
-
-def precision_of(ft: FinetuneConfig, on_gpu: bool) -> str:
-    """``fp32``, ``bf16`` or ``fp16``: ``finetune.train.precision``, ``auto`` = bf16 on a GPU, fp32 on a CPU."""
-    return ft.train.precision if ft.train.precision != "auto" else ("bf16" if on_gpu else "fp32")
-
-
-def zero_stage_of(ft: FinetuneConfig, on_gpu: bool) -> int:
-    """``finetune.train.zero_stage``; empty: 2 on GPUs, 0 on CPUs."""
-    return ft.train.zero_stage if ft.train.zero_stage is not None else (2 if on_gpu else 0)
-
-
-def check_device(ft: FinetuneConfig, on_gpu: bool) -> None:
-    """What the training settings need of the device, before any trial: fp16 and a 4-bit base
-    need a CUDA GPU (no silent fallback on a CPU)."""
-    if on_gpu:
-        return
-    if precision_of(ft, on_gpu) == "fp16":
-        raise InputError("finetune.train.precision 'fp16' needs a CUDA GPU and these trials run on CPUs; use "
-                         "'bf16' or 'fp32' (or 'auto'), or a cluster with GPUs")
-    if ft.train.quantization == "4bit":
-        raise InputError("finetune.train.quantization '4bit' (QLoRA through bitsandbytes) needs a CUDA GPU and these "
-                         "trials run on CPUs; use 'none', or a cluster with GPUs")
-
-
-def deepspeed_config(ft: FinetuneConfig, on_gpu: bool) -> dict:
-    """ZeRO-2 + bf16 on a GPU, ZeRO-0 + fp32 on a CPU, unless the config names them; the
-    micro-batch and gradient accumulation of ``finetune.train``."""
-    tr = ft.train
-    precision = precision_of(ft, on_gpu)
-    return {
-        "train_micro_batch_size_per_gpu": tr.batch_size,
-        "gradient_accumulation_steps": tr.gradient_accumulation_steps,
-        "gradient_clipping": 1.0,
-        "zero_optimization": {"stage": zero_stage_of(ft, on_gpu)},
-        "bf16": {"enabled": precision == "bf16"},
-        "fp16": {"enabled": precision == "fp16"},
-        "steps_per_print": 10 ** 9,
-    }
-
-
-def _evaluate(engine, tok, loop: TrialLoop, rank: int, world: int, device) -> dict:
-    """Validation metrics; each rank scores a slice, the sums are all-reduced (a sync point)."""
-    import torch
-    import torch.distributed as dist
-
-    task, tr = task_for(loop.finetune.task), loop.finetune.train
-    ev = loop.eval
-    mine = np.arange(rank, size(ev), world)
-    loss_sum = torch.zeros(1, dtype=torch.float64)
-    count = torch.zeros(1, dtype=torch.float64)
-    preds, trues = [], []
-    engine.eval()
-    with torch.inference_mode():
-        for lo in range(0, len(mine), tr.eval_batch_size):
-            idx = mine[lo:lo + tr.eval_batch_size]
-            batch = task.batch(tok, ev, idx, tr.max_length)
-            out = engine(**{k: v.to(device) for k, v in batch.items()})
-            part, n, pred = task.eval_sums(out, batch)
-            loss_sum += part
-            count += n
-            if pred is not None:
-                preds.append(pred)
-                trues.append(np.asarray(ev["labels"])[idx])
-    engine.train()
-    if world > 1:  # sync point: every rank must reach this
-        dist.all_reduce(loss_sum)
-        dist.all_reduce(count)
-    p = np.concatenate(preds) if preds else None
-    t = np.concatenate(trues) if trues else None
-    if p is not None and world > 1:
-        # gather predictions to compute macro-F1 over the whole validation part (sync point)
-        gathered_p, gathered_t = [None] * world, [None] * world
-        dist.all_gather_object(gathered_p, p)
-        dist.all_gather_object(gathered_t, t)
-        p, t = np.concatenate(gathered_p), np.concatenate(gathered_t)
-    return task.eval_metrics(float(loss_sum / count.clamp(min=1)), p, t, len(loop.label_names or ()))
-
-
-def step_cap(ft: FinetuneConfig, subset_size: int) -> int:
-    """A trial's most steps: ``max_epochs`` passes over its subset, at most ``max_steps``; one rule
-    for every trial, so a small subset and the full pool both train until patience or this cap.
-
-    Example:
-        >>> from ray_pipeline.config import TrainSettings
-        >>> ft = FinetuneConfig(train=TrainSettings(batch_size=16, max_epochs=10, max_steps=400))
-        >>> step_cap(ft, 200), step_cap(ft, 10_000)
-        (125, 400)
-    """
-    per_step = ft.train.batch_size * ft.train.gradient_accumulation_steps * ft.resources.num_workers
-    return max(1, min(ft.train.max_steps, math.ceil(ft.train.max_epochs * subset_size / per_step)))
-
-
-def record_placement_group(path: str) -> None:
-    """Append the placement group this worker runs in to ``path`` (one hex id per line), so that
-    the sweep can release it when the trial ends (:func:`sweep.release_placement_groups`)."""
-    import ray
-
-    pg = ray.util.get_current_placement_group()
-    if pg is not None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a") as f:
-            f.write(pg.id.hex() + "\n")
-
-
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train worker: fine-tune ``loop.model_path`` on ``loop.train`` with DeepSpeed, where
-    ``loop = config["loop"]`` is the trial's :class:`TrialLoop`.
+    ``loop = config["loop"]`` is the trial's :class:`TrialLoop`: through Hugging Face's
+    ``Trainer`` (``finetune.train.engine: trainer``, :mod:`~ray_pipeline.finetune.hf_trainer`) or
+    the hand-written loop (``loop``), the same reports either way.
 
     Trains until ``patience`` evaluations in a row did not improve the validation score, or the
     cap. Reports after every evaluation: step, samples_seen, epochs, train_loss, validation
@@ -186,7 +56,18 @@ def train_loop_per_worker(config: dict) -> None:
     device = torch.device(f"cuda:{ctx.get_local_rank()}" if loop.use_gpu else "cpu")
     if loop.inject_failure:  # fault injection (tests): this trial's worker raises
         raise RuntimeError(f"injected failure in trial {loop.name}")
+    if tr.engine == "trainer":
+        from .hf_trainer import fit_with_trainer
 
+        return fit_with_trainer(loop, task, rank, world, device)
+    _hand_loop(loop, task, rank, world, device)
+
+
+def _hand_loop(loop: TrialLoop, task, rank: int, world: int, device) -> None:
+    """``finetune.train.engine: loop``: the hand-written DeepSpeed loop."""
+    import torch
+
+    tr = loop.finetune.train
     torch.manual_seed(loop.seed)
     engine, tok = build_engine(loop, task, device)
     n = size(loop.train)
@@ -216,7 +97,7 @@ def train_loop_per_worker(config: dict) -> None:
         window = (step - 1) % tr.eval_every + 1
         train_loss = float(loss_sum) / (window * tr.gradient_accumulation_steps)
         loss_sum.zero_()
-        metrics = _evaluate(engine, tok, loop, rank, world, device)
+        metrics = evaluate(engine, tok, loop, rank, world, device)
         improved = metrics["score"] > best
         if improved:
             best, since_best = metrics["score"], 0
@@ -228,39 +109,23 @@ def train_loop_per_worker(config: dict) -> None:
         metrics.update(step=step, samples_seen=samples_seen, epochs=samples_seen / max(n, 1),
                        train_loss=train_loss, best_score=best,
                        tokens_per_s=tokens_seen * world / max(elapsed, 1e-9), train_seconds=elapsed,
-                       stopped_by_patience=stop)
+                       peak_rss_gib=peak_rss_gib(), stopped_by_patience=stop)
         if rank == 0 and improved:
-            _save_model(engine.module, tok, Path(loop.best_model_dir), metrics)
-        with tempfile.TemporaryDirectory() as d:
-            # Ray keeps a trial's metrics only with a checkpoint: a small one, the model is saved above.
-            Path(d, "state.json").write_text(json.dumps({"step": step, "score": metrics["score"]}))
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None)
+            save_model(engine.module, tok, Path(loop.best_model_dir), metrics)
+        report(metrics, rank)
         if stop:
             break
 
 
 def build_engine(loop: TrialLoop, task, device):
-    """(DeepSpeed engine, tokenizer) of one trial: the base model loaded in the training precision
-    (or 4-bit for QLoRA), LoRA adapters where the task's or the config's choice says so, gradient
-    checkpointing, AdamW with weight decay and the learning-rate schedule over the trial's steps."""
+    """(DeepSpeed engine, tokenizer) of one trial: the model of :func:`load_for_training`, AdamW
+    with weight decay and the learning-rate schedule over the trial's steps."""
     import deepspeed
     import torch
     from transformers import get_scheduler
 
     ft, tr = loop.finetune, loop.finetune.train
-    precision = precision_of(ft, loop.use_gpu)
-    model, tok = task.load(loop.model_path, loop.label_names, precision=precision, quantization=tr.quantization,
-                           trust_remote_code=ft.trust_remote_code)
-    if tr.quantization == "4bit":
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=tr.gradient_checkpointing)
-    elif tr.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if tr.gradient_checkpointing:
-        model.config.use_cache = False  # a cache is of no use in training and clashes with checkpointing
-    if task.uses_lora(ft):
-        model = task.with_lora(model, ft.lora)
+    model, tok = load_for_training(loop, task)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=tr.lr,
                                   weight_decay=tr.weight_decay)
     # A torch optimizer, not DeepSpeed's: its fused/CPU Adam ops would compile for minutes.
@@ -269,24 +134,3 @@ def build_engine(loop: TrialLoop, task, device):
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
                                            config=deepspeed_config(ft, loop.use_gpu))
     return engine, tok
-
-
-def _save_model(model, tok, out: Path, metrics: dict) -> None:
-    """save_pretrained into a temporary directory beside ``out``, then swap it in. A LoRA model
-    is saved merged (a plain model for ``from_pretrained``) with its adapter in ``adapter/``."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    if hasattr(model, "merge_and_unload"):  # a PEFT model
-        import copy
-
-        model.save_pretrained(tmp / "adapter", safe_serialization=True)
-        model = copy.deepcopy(model).merge_and_unload()
-    model.save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
-    (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    if out.exists():
-        os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
-

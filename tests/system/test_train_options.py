@@ -4,10 +4,12 @@ cannot do refused up front, and the GPU memory plan refusing what cannot fit."""
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import fit_trial
 
 from ray_pipeline.config import Config, FinetuneConfig, ResourceSettings, TrainSettings
 from ray_pipeline.errors import ConfigError, InputError
@@ -16,18 +18,11 @@ from ray_pipeline.finetune.train import check_device, step_cap
 
 def fit(model_path, data, labels, ft, out: Path):
     """One trial's worker on ``data`` (train and validation alike), one worker on the CPU."""
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from ray_pipeline.finetune.train import TrialLoop, train_loop_per_worker
+    from ray_pipeline.finetune.train import TrialLoop
 
     loop = TrialLoop(finetune=ft, seed=0, use_gpu=False, steps=ft.train.max_steps, model_path=str(model_path),
                      label_names=labels, train=data, eval=data, best_model_dir=str(out / "best"))
-    result = TorchTrainer(train_loop_per_worker, train_loop_config={"loop": loop},
-                          scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
-                          torch_config=TorchConfig(backend="gloo"),
-                          run_config=ray.train.RunConfig(name=out.name, storage_path=str(out / "store"))).fit()
-    return result.metrics_dataframe
+    return fit_trial(loop, out).metrics_dataframe
 
 
 def weights(model_dir: Path) -> dict:
@@ -94,8 +89,47 @@ def test_what_a_cpu_cannot_do_is_refused_before_any_trial():
         check_device(FinetuneConfig(train=TrainSettings(quantization="4bit")), on_gpu=False)
     check_device(FinetuneConfig(train=TrainSettings(precision="fp16", quantization="4bit")), on_gpu=True)
     check_device(FinetuneConfig(train=TrainSettings(precision="bf16")), on_gpu=False)  # bf16 runs on CPUs
-    with pytest.raises(ConfigError, match="ZeRO-3 is not supported yet"):
-        TrainSettings(zero_stage=3)
+    with pytest.raises(ConfigError, match="use finetune.train.engine: trainer for ZeRO-3"):
+        TrainSettings(zero_stage=3, engine="loop")
+    assert TrainSettings(zero_stage=3, engine="trainer").zero_stage == 3  # ZeRO-3 through the Trainer
+
+
+def test_training_args_pass_through_and_are_checked_against_the_dataclass():
+    cfg = Config.from_dict({"finetune": {"train": {"engine": "trainer",
+                                                       "training_args": {"adam_beta2": 0.95, "max_grad_norm": 0.5}}}})
+    assert cfg.finetune.train.training_args == {"adam_beta2": 0.95, "max_grad_norm": 0.5}
+    with pytest.raises(ConfigError, match=r"'finetune.train.training_args.adam_beta3' is not a field of transformers"):
+        Config.from_dict({"finetune": {"train": {"engine": "trainer", "training_args": {"adam_beta3": 0.9}}}})
+    for key, use in (("max_steps", "finetune.train.max_steps"), ("deepspeed", "finetune.train.zero_stage"),
+                     ("learning_rate", "finetune.train.lr"), ("output_dir", "the run's output_dir")):
+        with pytest.raises(ConfigError, match=rf"training_args.{key}' is set by the project; use {use}"):
+            Config.from_dict({"finetune": {"train": {"engine": "trainer", "training_args": {key: 1}}}})
+    with pytest.raises(ConfigError, match="training_args.*a mapping"):
+        Config.from_dict({"finetune": {"train": {"engine": "trainer", "training_args": [1, 2]}}})
+    with pytest.raises(ConfigError, match="empty with finetune.train.engine: loop"):
+        Config.from_dict({"finetune": {"train": {"engine": "loop", "training_args": {"adam_beta2": 0.95}}}})
+
+
+def test_the_trainer_gets_the_project_settings_by_their_own_names(tmp_path):
+    from ray_pipeline.finetune.hf_trainer import hf_deepspeed_config, training_arguments
+    from ray_pipeline.finetune.train import TrialLoop
+
+    ft = FinetuneConfig(train=TrainSettings(lr=3e-4, batch_size=4, gradient_accumulation_steps=2, warmup_ratio=0.1,
+                                            weight_decay=0.05, lr_scheduler_type="cosine", eval_every=5,
+                                            precision="bf16", engine="trainer",
+                                            training_args={"adam_beta2": 0.95, "max_grad_norm": 0.5}))
+    loop = TrialLoop(finetune=ft, seed=7, model_path="", label_names=None, train={}, eval={}, use_gpu=False, steps=20,
+                     best_model_dir="")
+    a = training_arguments(loop, str(tmp_path))
+    assert (a.learning_rate, a.per_device_train_batch_size, a.gradient_accumulation_steps, a.max_steps) == \
+        (3e-4, 4, 2, 20)
+    assert (a.get_warmup_steps(20), a.weight_decay, a.lr_scheduler_type, a.bf16, a.seed, a.logging_steps) == \
+        (2, 0.05, "cosine", True, 7, 5)
+    assert a.adam_beta2 == 0.95 and a.max_grad_norm == 0.5 and a.use_cpu and a.save_strategy == "no"
+    assert hf_deepspeed_config(loop)["zero_optimization"] == {"stage": 0}
+    zero3 = replace(loop, finetune=replace(ft, train=replace(ft.train, zero_stage=3)))
+    assert hf_deepspeed_config(zero3)["zero_optimization"] == {"stage": 3,
+                                                               "stage3_gather_16bit_weights_on_model_save": True}
 
 
 def test_a_step_takes_the_accumulated_micro_batches():

@@ -1,0 +1,222 @@
+"""What both training engines share: one trial's description (:class:`TrialLoop`), its
+precision, ZeRO stage and DeepSpeed config, the model loaded for training, the task's validation
+(:func:`evaluate`, all-reduced over the ranks), the report to Ray Train and the saved best model.
+The engines are :mod:`~ray_pipeline.finetune.train` (the hand-written DeepSpeed loop, and the
+per-worker function that picks the engine) and :mod:`~ray_pipeline.finetune.hf_trainer`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from ..config import FinetuneConfig
+from ..errors import InputError
+from .task import size, task_for
+
+
+@dataclass(frozen=True)
+class TrialLoop:
+    """Everything one trial's workers need, built once by the sweep (``sweep._trial``).
+
+    finetune: the run's config section, whole. seed: the run's seed. model_path: the base model's
+    directory. label_names: the classifier's labels (None for a causal LM). train / eval: the
+    task's arrays (``Task.arrays``) of the candidate subset and of the validation part (never the
+    test part). use_gpu: decided once by the sweep's resource plan. steps: this trial's cap
+    (:func:`step_cap`). best_model_dir: where rank 0 keeps the best model. name,
+    placement_group_file, inject_failure: the trial's name, where its placement group is noted
+    (``sweep.release_placement_groups``), and a fault injected by the tests."""
+
+    finetune: FinetuneConfig
+    seed: int
+    model_path: str
+    label_names: Optional[list]
+    train: dict
+    eval: dict
+    use_gpu: bool
+    steps: int
+    best_model_dir: str
+    name: str = ""
+    placement_group_file: Optional[str] = None
+    inject_failure: bool = False
+
+
+def precision_of(ft: FinetuneConfig, on_gpu: bool) -> str:
+    """``fp32``, ``bf16`` or ``fp16``: ``finetune.train.precision``, ``auto`` = bf16 on a GPU, fp32 on a CPU."""
+    return ft.train.precision if ft.train.precision != "auto" else ("bf16" if on_gpu else "fp32")
+
+
+def zero_stage_of(ft: FinetuneConfig, on_gpu: bool) -> int:
+    """``finetune.train.zero_stage``; empty: 2 on GPUs, 0 on CPUs."""
+    return ft.train.zero_stage if ft.train.zero_stage is not None else (2 if on_gpu else 0)
+
+
+def check_device(ft: FinetuneConfig, on_gpu: bool) -> None:
+    """What the training settings need of the device, before any trial: fp16 and a 4-bit base
+    need a CUDA GPU (no silent fallback on a CPU)."""
+    if on_gpu:
+        return
+    if precision_of(ft, on_gpu) == "fp16":
+        raise InputError("finetune.train.precision 'fp16' needs a CUDA GPU and these trials run on CPUs; use "
+                         "'bf16' or 'fp32' (or 'auto'), or a cluster with GPUs")
+    if ft.train.quantization == "4bit":
+        raise InputError("finetune.train.quantization '4bit' (QLoRA through bitsandbytes) needs a CUDA GPU and these "
+                         "trials run on CPUs; use 'none', or a cluster with GPUs")
+
+
+def deepspeed_config(ft: FinetuneConfig, on_gpu: bool) -> dict:
+    """ZeRO-2 + bf16 on a GPU, ZeRO-0 + fp32 on a CPU, unless the config names them; the
+    micro-batch and gradient accumulation of ``finetune.train``."""
+    tr = ft.train
+    precision = precision_of(ft, on_gpu)
+    return {
+        "train_micro_batch_size_per_gpu": tr.batch_size,
+        "gradient_accumulation_steps": tr.gradient_accumulation_steps,
+        "gradient_clipping": 1.0,
+        "zero_optimization": {"stage": zero_stage_of(ft, on_gpu)},
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16"},
+        "steps_per_print": 10 ** 9,
+    }
+
+
+def evaluate(engine, tok, loop: TrialLoop, rank: int, world: int, device) -> dict:
+    """Validation metrics; each rank scores a slice, the sums are all-reduced (a sync point)."""
+    import torch
+    import torch.distributed as dist
+
+    task, tr = task_for(loop.finetune.task), loop.finetune.train
+    ev = loop.eval
+    mine = np.arange(rank, size(ev), world)
+    loss_sum = torch.zeros(1, dtype=torch.float64)
+    count = torch.zeros(1, dtype=torch.float64)
+    preds, trues = [], []
+    # Every rank runs the same number of forward passes: under ZeRO-3 each one gathers the weights
+    # from all ranks (a collective), so a rank with a shorter slice runs a spare batch it discards.
+    passes = math.ceil(math.ceil(size(ev) / world) / tr.eval_batch_size)
+    engine.eval()
+    with torch.inference_mode():
+        for lo in range(0, passes * tr.eval_batch_size, tr.eval_batch_size):
+            idx = mine[lo:lo + tr.eval_batch_size]
+            batch = task.batch(tok, ev, idx if len(idx) else [0], tr.max_length)
+            out = engine(**{k: v.to(device) for k, v in batch.items()})
+            if not len(idx):
+                continue
+            part, n, pred = task.eval_sums(out, batch)
+            loss_sum += part
+            count += n
+            if pred is not None:
+                preds.append(pred)
+                trues.append(np.asarray(ev["labels"])[idx])
+    engine.train()
+    if world > 1:  # sync point: every rank must reach this
+        dist.all_reduce(loss_sum)
+        dist.all_reduce(count)
+    p = np.concatenate(preds) if preds else None
+    t = np.concatenate(trues) if trues else None
+    if p is not None and world > 1:
+        # gather predictions to compute macro-F1 over the whole validation part (sync point)
+        gathered_p, gathered_t = [None] * world, [None] * world
+        dist.all_gather_object(gathered_p, p)
+        dist.all_gather_object(gathered_t, t)
+        p, t = np.concatenate(gathered_p), np.concatenate(gathered_t)
+    return task.eval_metrics(float(loss_sum / count.clamp(min=1)), p, t, len(loop.label_names or ()))
+
+
+def step_cap(ft: FinetuneConfig, subset_size: int) -> int:
+    """A trial's most steps: ``max_epochs`` passes over its subset, at most ``max_steps``; one rule
+    for every trial, so a small subset and the full pool both train until patience or this cap.
+
+    Example:
+        >>> from ray_pipeline.config import TrainSettings
+        >>> ft = FinetuneConfig(train=TrainSettings(batch_size=16, max_epochs=10, max_steps=400))
+        >>> step_cap(ft, 200), step_cap(ft, 10_000)
+        (125, 400)
+    """
+    per_step = ft.train.batch_size * ft.train.gradient_accumulation_steps * ft.resources.num_workers
+    return max(1, min(ft.train.max_steps, math.ceil(ft.train.max_epochs * subset_size / per_step)))
+
+
+def record_placement_group(path: str) -> None:
+    """Append the placement group this worker runs in to ``path`` (one hex id per line), so that
+    the sweep can release it when the trial ends (:func:`sweep.release_placement_groups`)."""
+    import ray
+
+    pg = ray.util.get_current_placement_group()
+    if pg is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            f.write(pg.id.hex() + "\n")
+
+
+def peak_rss_gib() -> float:
+    """This worker process's peak resident memory so far (GiB; Linux reports KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+
+
+def report(metrics: dict, rank: int) -> None:
+    """``ray.train.report`` of one evaluation's metrics from every rank (a sync point), with a small
+    checkpoint from rank 0: Ray keeps a trial's metrics only with one (the model is saved apart)."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as d:
+        Path(d, "state.json").write_text(json.dumps({"step": metrics["step"], "score": metrics["score"]}))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None)
+
+
+def load_for_training(loop: TrialLoop, task):
+    """(model, tokenizer) of one trial, for either engine: the base model loaded in the training
+    precision (or 4-bit for QLoRA), gradient checkpointing, LoRA adapters where the task's or the
+    config's choice says so. Under ZeRO-3 with the Trainer, the weights are sharded as they load
+    (``hf_trainer`` builds the ``TrainingArguments`` first)."""
+    ft, tr = loop.finetune, loop.finetune.train
+    precision = precision_of(ft, loop.use_gpu)
+    model, tok = task.load(loop.model_path, loop.label_names, precision=precision, quantization=tr.quantization,
+                           trust_remote_code=ft.trust_remote_code)
+    if tr.quantization == "4bit":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=tr.gradient_checkpointing)
+    elif tr.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if tr.gradient_checkpointing:
+        model.config.use_cache = False  # a cache is of no use in training and clashes with checkpointing
+    if task.uses_lora(ft):
+        model = task.with_lora(model, ft.lora)
+    return model, tok
+
+
+def save_model(model, tok, out: Path, metrics: dict) -> None:
+    """save_pretrained into a temporary directory beside ``out``, then swap it in. A LoRA model
+    is saved merged (a plain model for ``from_pretrained``) with its adapter in ``adapter/``."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    if hasattr(model, "merge_and_unload"):  # a PEFT model
+        import copy
+
+        model.save_pretrained(tmp / "adapter", safe_serialization=True)
+        model = copy.deepcopy(model).merge_and_unload()
+    model.save_pretrained(tmp, safe_serialization=True)
+    swap_in(tmp, tok, out, metrics)
+
+
+def swap_in(tmp: Path, tok, out: Path, metrics: dict) -> None:
+    """The saved model in ``tmp`` (beside ``out``), with its tokenizer and ``metrics.json``,
+    becomes ``out``; the model ``out`` held before is removed."""
+    tok.save_pretrained(tmp)
+    (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
