@@ -12,7 +12,8 @@ second: the driver's RSS, and per node the PSS (shared object-store pages divide
 processes mapping them) of its raylet and every process under it; the head also counts its GCS.
 Wall time and the driver's CPU seconds per N, the growth exponent, and per-stage seconds go to
 ``benchmarks/results/tenm-{cpu,gpu}.json``. ``--driver-upto N`` also runs the driver engine on
-the same vectors up to that N and checks the two selections agree index for index.
+the same vectors up to that N and checks the two selections agree index for index;
+``--driver-only`` runs the driver engine alone (no cluster), to ``tenm-driver-{cpu,gpu}.json``.
 
     .venv/bin/python -m benchmarks.bench_tenm --ns 1000000 3000000 10000000 --dir /work/tmp_tenm/data
 """
@@ -196,6 +197,29 @@ def run_one(paths: list[str], n: int, cfg: Config, raylets: dict, extra: dict) -
     return r, sel
 
 
+def driver_only(ns: list[int], args) -> None:
+    """The driver engine on the same shards, loaded whole into this process (float32)."""
+    cfg = Config.from_dict({"select": {"budgets": ["1%"], "random_seeds": [], "stratify": "none"}})
+    out = {"machine": machine(), "d": D, "engine": "driver", "load_average_at_start": os.getloadavg(), "runs": []}
+    for i, n in enumerate(ns):
+        write_nested_shards(ns[:i + 1], args.shard_rows, args.dir / "shards")
+        if n < args.from_n:
+            continue
+        paths = sorted(str(q) for q in (args.dir / "shards").glob("shard-*.parquet"))[:n // args.shard_rows]
+        r: dict = {"n": n}
+        with timed(r, "load"):
+            x = load_all(paths, n)
+        cpu0 = time.process_time()
+        with timed(r, "select"):
+            sel = select_candidates(x, cfg, rng=np.random.default_rng(0))
+        del x
+        r["cpu_s"] = round(time.process_time() - cpu0, 1)
+        r["stages_s"] = {f"{s.method}_k{s.k}": {k: round(v, 1) for k, v in s.seconds.items()} for s in sel.per_k}
+        print(f"  n={n:>11,} driver engine: {r}", flush=True)
+        out["runs"].append(r)
+        save("tenm-driver", out)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks.bench_tenm", description=__doc__.split("\n\n")[0])
     p.add_argument("--ns", nargs="+", type=int, default=[1_000_000, 3_000_000, 10_000_000])
@@ -206,8 +230,13 @@ def main() -> None:
     p.add_argument("--store-gib", type=float, default=2.0, help="--object-store-memory per node")
     p.add_argument("--port", type=int, default=6491)
     p.add_argument("--driver-upto", type=int, default=0, help="also run the driver engine up to this N")
+    p.add_argument("--driver-only", action="store_true",
+                   help="no cluster: the driver engine alone (all vectors in this process), to tenm-driver-*.json")
+    p.add_argument("--from-n", type=int, default=0, help="run only the sizes >= this (smaller tiers still written)")
     args = p.parse_args()
     ns = sorted(args.ns)
+    if args.driver_only:
+        return driver_only(ns, args)
     cfg = Config.from_dict({"select": {"budgets": ["1%"], "random_seeds": [], "stratify": "none"}})
     out = {"machine": machine(), "d": D, "dtype": "float16", "shard_rows": args.shard_rows, "nodes": 2,
            "cpus_per_node": args.cpus, "memory_gib_per_node": args.memory_gib,
