@@ -236,7 +236,7 @@ class SelectConfig:
     (this share of them) are never picked (0: off). ``engine``: ``driver`` (all vectors in the
     driver's memory) or ``ray`` (tasks over the embedding stage's shards; the same selection, index
     for index, for pools whose vectors do not fit one machine; ``groups`` splits the clusters into
-    that many tasks, 0: twice the cluster's CPUs). ``dedup_threshold``: remove near-duplicates
+    that many tasks, 0: twice the cluster's CPUs and at least one per 250k rows). ``dedup_threshold``: remove near-duplicates
     before clustering, SemDeDup-style (a sample within this cosine similarity of another in its
     neighbourhood; empty: off). ``stratify``: ``label`` splits every budget and K over the labels
     by their share of the pool and selects inside each label (needs labels); ``auto`` (default):

@@ -55,10 +55,21 @@ def kmeans(x: np.ndarray, k: int, *, seed: int, niter: int = 20,
     n, d = x.shape
     if not 1 <= k <= n:
         raise InputError(f"cannot make k={k} clusters of n={n} samples; choose 1 <= k <= {n}")
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    rows = training_rows(n, k, seed=seed, max_points_per_centroid=max_points_per_centroid)
-    centroids = train_centroids(x if rows is None else x[rows], k, seed=seed, niter=niter, gpus=gpus)
-    assign_, sim = assign(x, centroids, gpus=gpus)
+    return _kmeans_of_rows(np.ascontiguousarray(x, dtype=np.float32), None, k, seed=seed, niter=niter,
+                           max_points_per_centroid=max_points_per_centroid, gpus=gpus)
+
+
+def _kmeans_of_rows(x: np.ndarray, rows: np.ndarray | None, k: int, *, seed: int, niter: int,
+                    max_points_per_centroid: int, gpus: int) -> KMeansResult:
+    """:func:`kmeans` of ``x[rows]`` (rows: (r,) int64, None for all of x) without gathering it:
+    only the training sample is copied, the assignment gathers ``batch_rows`` rows at a time. The
+    same bits as gathering first (the same rows, batches and sample), at O(sample) memory
+    instead of O(r d) per tree node."""
+    n = len(x) if rows is None else len(rows)
+    sample = training_rows(n, k, seed=seed, max_points_per_centroid=max_points_per_centroid)
+    pick = sample if rows is None else (rows if sample is None else rows[sample])
+    centroids = train_centroids(x if pick is None else x[pick], k, seed=seed, niter=niter, gpus=gpus)
+    assign_, sim = assign(x, centroids, gpus=gpus, rows=rows)
     return KMeansResult(centroids=centroids, assign=assign_, sim=sim)
 
 
@@ -85,9 +96,10 @@ def train_centroids(sample: np.ndarray, k: int, *, seed: int, niter: int = 20, g
     return np.ascontiguousarray(km.centroids, dtype=np.float32)
 
 
-def assign(x: np.ndarray, centroids: np.ndarray, *, gpus: int = 0,
-           batch_rows: int = 1 << 16) -> tuple[np.ndarray, np.ndarray]:
-    """Each row's nearest centroid by inner product: (assign (n,) int64, sim (n,) float32).
+def assign(x: np.ndarray, centroids: np.ndarray, *, gpus: int = 0, batch_rows: int = 1 << 16,
+           rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's nearest centroid by inner product: (assign (n,) int64, sim (n,) float32);
+    ``rows`` ((n,) int64): assign ``x[rows]`` instead of x, gathered a batch at a time.
 
     For unit vectors and the unit centroids of spherical k-means the similarity is the cosine.
     Rows are searched in batches of ``batch_rows`` (bounded temporaries). A BLAS product's last
@@ -103,20 +115,23 @@ def assign(x: np.ndarray, centroids: np.ndarray, *, gpus: int = 0,
     centroids = np.ascontiguousarray(centroids, dtype=np.float32)
     index.add(centroids)
     top = min(2, len(centroids))
-    n = len(x)
+    n = len(x) if rows is None else len(rows)
     out_a = np.empty(n, dtype=np.int64)
     out_s = np.empty(n, dtype=np.float32)
     for lo in range(0, n, batch_rows):
         hi = min(lo + batch_rows, n)
-        xb = np.ascontiguousarray(x[lo:hi], dtype=np.float32)
+        xb = np.ascontiguousarray(x[lo:hi] if rows is None else x[rows[lo:hi]], dtype=np.float32)
         _, idx = index.search(xb, top)
-        sims = np.stack([np.einsum("ij,ij->i", xb, centroids[idx[:, j]]) for j in range(top)], axis=1)
+        sims = np.empty((hi - lo, top), dtype=np.float32)
+        for c0 in range(0, hi - lo, 4096):  # one row at a time in any case; 4096 keeps the gather in cache
+            for j in range(top):
+                sims[c0:c0 + 4096, j] = np.einsum("ij,ij->i", xb[c0:c0 + 4096], centroids[idx[c0:c0 + 4096, j]])
         best = np.argmax(sims, axis=1)  # first of equal maxima; make that the lower centroid
         if top == 2:
             tie = sims[:, 0] == sims[:, 1]
             best[tie] = np.argmin(idx[tie], axis=1)
-        rows = np.arange(hi - lo)
-        out_a[lo:hi], out_s[lo:hi] = idx[rows, best], sims[rows, best]
+        at = np.arange(hi - lo)
+        out_a[lo:hi], out_s[lo:hi] = idx[at, best], sims[at, best]
     return out_a, out_s
 
 
@@ -199,15 +214,13 @@ def subtree(x: np.ndarray, k: int, *, path: tuple, niter: int = 20, max_points_p
     stack = [(np.arange(n), k, tuple(path))]  # (rows, clusters asked of the node, path); depth-first, in order
     while stack:
         rows, k_here, path = stack.pop()
-        seed_here = node_seed(path)
-        xs = x[rows]
+        kw = dict(seed=node_seed(path), niter=niter, max_points_per_centroid=max_points_per_centroid, gpus=gpus)
         fan = node_branching(k_here, branching)
-        split = None if k_here <= branching else kmeans(xs, fan, seed=seed_here, niter=niter,
-                                                        max_points_per_centroid=max_points_per_centroid, gpus=gpus)
+        # x[rows] is never gathered whole: a node copies its training sample and a batch at a time
+        split = None if k_here <= branching else _kmeans_of_rows(x, rows, fan, **kw)
         if split is None or int((split.sizes > 0).sum()) == 1:  # a leaf node, or one that would not split
             k_here = min(k_here, len(rows))
-            r = kmeans(xs, k_here, seed=seed_here, niter=niter, max_points_per_centroid=max_points_per_centroid,
-                       gpus=gpus)
+            r = _kmeans_of_rows(x, rows, k_here, **kw)
             assign[rows] = r.assign + sum(len(c) for c in centroids)
             sim[rows] = r.sim
             centroids.append(r.centroids)

@@ -46,7 +46,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-Piece = tuple[np.ndarray, np.ndarray]  # (rows (r,) int64 pool rows, x (r, d) float32 their vectors)
+Piece = tuple[np.ndarray, np.ndarray]  # (rows (r,) int64 pool rows, x (r, d) their vectors as the shard holds them)
+GROUP_ROWS = 250_000  # groups=0: at least one group per this many rows, so a group task holds ~0.4 GB at d=384
 
 
 # ----------------------------------------------------------------------------------------------
@@ -60,12 +61,21 @@ def read_shard(path: str, row_map: Optional[np.ndarray] = None,
     normalised as :func:`io.pool.load_embeddings` normalises the whole stage for the driver engine
     (row by row, so the same bits): without it a tie between two members that the driver's copy
     breaks one way can break the other way here."""
+    rows, x = _read_raw(path, row_map, rows_wanted)
+    return rows, check_vectors(x, path) if len(x) else x.astype(np.float32)
+
+
+def _read_raw(path: str, row_map: Optional[np.ndarray] = None,
+              rows_wanted: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`read_shard` before the check: x (r, d) as the file holds it (float16 or float32),
+    not normalised. What the partition ships, so a float16 stage crosses the object store at half
+    the bytes; :func:`_group_arrays` checks and normalises it there (row by row: the same bits)."""
     import pyarrow.parquet as pq
 
     t = pq.read_table(path, columns=["row", "embedding"])
     rows = t.column("row").to_numpy().astype(np.int64)
     emb = t.column("embedding").combine_chunks()
-    x = check_vectors(emb.values.to_numpy(zero_copy_only=False).reshape(len(t), -1), path)
+    x = emb.values.to_numpy(zero_copy_only=False).reshape(len(t), -1)
     keep = np.ones(len(rows), dtype=bool)
     if row_map is not None:
         rows = row_map[rows]
@@ -84,11 +94,12 @@ def cluster_groups(sizes: np.ndarray, groups: int) -> np.ndarray:
 
 
 def _group_arrays(pieces: list[Piece]) -> Piece:
-    """The pieces of one group (one from each shard) as one, its rows ascending (pool order)."""
+    """The pieces of one group (one from each shard) as one, its rows ascending (pool order), x
+    checked and normalised to float32 (the pieces are :func:`_read_raw`'s)."""
     rows = np.concatenate([p[0] for p in pieces])
-    x = np.concatenate([p[1] for p in pieces])
     order = np.argsort(rows, kind="stable")
-    return rows[order], x[order]
+    x = np.concatenate([p[1] for p in pieces])[order]
+    return rows[order], check_vectors(x, "a cluster group of the shards") if len(x) else x.astype(np.float32)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -120,7 +131,7 @@ def _partition_shard(path: str, row_map: Optional[np.ndarray], assign: np.ndarra
     cluster (``assign``) is in g (``group_of_cluster``: (k,) int64 in [0, groups)). One return
     value per group (the task runs with ``num_returns=groups``), so a group's task fetches only
     its own pieces."""
-    rows, x = read_shard(path, row_map)
+    rows, x = _read_raw(path, row_map)
     g = group_of_cluster[assign[rows]]
     out = tuple((rows[g == i], x[g == i]) for i in range(groups))
     return out if groups > 1 else out[0]  # one return value per group
@@ -192,7 +203,8 @@ class Sharded:
 
     shards: files with ``row`` (the sample's position once renumbered by ``row_map``: 0 <= row
     < n, -1 drops it) and ``embedding`` (L2-normalised, fixed-size lists). groups: how many groups
-    the clusters are cut into for the per-cluster tasks (0: twice the cluster's CPUs).
+    the clusters are cut into for the per-cluster tasks (0: twice the cluster's CPUs, and at least
+    one per ``GROUP_ROWS`` rows).
     """
 
     def __init__(self, shards: list[str], n: int, cfg: Config, devices: Devices, *,
@@ -200,7 +212,7 @@ class Sharded:
         import ray
 
         self.shards, self.n, self.cfg, self.devices, self.row_map = shards, n, cfg, devices, row_map
-        self.groups = groups or max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
+        self.groups = groups or max(2, 2 * int(ray.cluster_resources().get("CPU", 1)), -(-n // GROUP_ROWS))
         self._row_map_ref = None
 
     @classmethod
@@ -257,7 +269,7 @@ class Sharded:
         row scored by a task per shard."""
         import ray
 
-        rows_t, x_t = _group_arrays(self._per_shard(read_shard, ray.put(np.sort(train))))
+        rows_t, x_t = _group_arrays(self._per_shard(_read_raw, ray.put(np.sort(train))))
         probe = ray.put(fit_probe(x_t, np.asarray(labels)[rows_t]))
         margin = np.ones(self.n, np.float32)
         for rows, mg in self._per_shard(_margin_shard, probe):
@@ -284,7 +296,7 @@ class Sharded:
         n, c = self.n, self.cfg.cluster
         wanted = training_rows(n, k, seed=seed, max_points_per_centroid=c.max_points_per_centroid)
         wanted = np.arange(n) if wanted is None else wanted  # None: k-means trains on every row
-        rows_s, x_s = _group_arrays(self._per_shard(read_shard, ray.put(wanted)))
+        rows_s, x_s = _group_arrays(self._per_shard(_read_raw, ray.put(wanted)))
         if len(rows_s) != len(wanted):
             raise InputError(f"the shards hold {len(rows_s)} of the {len(wanted)} rows k-means needs; the shards "
                              f"do not cover rows 0..{n - 1} once each")
