@@ -17,6 +17,7 @@ from .console import WORKER_LOG, Console
 from .capacity import configure, wait_reachable
 from .interrupt import rearm
 from ..config.ray_settings import RaySettings
+from ..errors import ClusterError
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +52,7 @@ def ray_session(address: Optional[str] = None, *, num_cpus: Optional[int] = None
                 wait_reachable(address, (settings or RaySettings()).wait_timeout_s)
                 ray.init(address=address, log_to_driver=True)
             else:
-                ctx = ray.init(num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
-                               log_to_driver=True)
+                ctx = _start_local(num_cpus, dashboard)
                 started = True
                 url = getattr(ctx, "dashboard_url", None)
                 log.info("started a local Ray%s", f"; dashboard at http://{url}" if url else "")
@@ -68,6 +68,29 @@ def ray_session(address: Optional[str] = None, *, num_cpus: Optional[int] = None
         finally:
             if started:
                 ray.shutdown()
+
+
+LOCAL_START_TRIES = 3
+
+
+def _start_local(num_cpus: Optional[int], dashboard: bool, tries: int = LOCAL_START_TRIES):
+    """``ray.init`` of a local Ray, tried again when its raylet misses Ray's fixed 30 s to register
+    (seen on an overloaded machine: "The current node timed out during startup"); a
+    :class:`ClusterError` after ``tries``, not Ray's traceback."""
+    import ray
+
+    for attempt in range(1, tries + 1):
+        try:
+            return ray.init(num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
+                            log_to_driver=True)
+        except Exception as e:  # Ray raises a bare Exception for this
+            if "timed out during startup" not in str(e):
+                raise
+            ray.shutdown()
+            log.warning("the local Ray did not start in time (try %d of %d): %s", attempt, tries, e)
+    raise ClusterError(f"a local Ray did not start: its node missed Ray's 30 s to register, {tries} times "
+                       "(is the machine overloaded?); free some CPU or memory and run again, or pass "
+                       "--address of a running Ray cluster")
 
 
 @contextmanager
