@@ -48,7 +48,7 @@ from .metrics import ratio_score
 from .progress import SweepProgress
 from .task import task_for
 from .sizing import check_memory, trial_requests
-from .trial import TrialLoop, check_device
+from .trial import TrialLoop, check_device, remove_unfinished_saves
 
 log = logging.getLogger(__name__)
 
@@ -309,8 +309,11 @@ def run_sweep(candidates: list[Candidate], pool: Pool, parts: Parts, cfg: Config
                                                      SweepProgress(console.bars, task)]),
             )
         t0 = time.perf_counter()
-        with _tune_output(console.ray_bars), tune_fit():  # an interrupt: Tune stops, then Interrupted
-            grid = tuner.fit()
+        try:
+            with _tune_output(console.ray_bars), tune_fit():  # an interrupt: Tune stops, then Interrupted
+                grid = tuner.fit()
+        finally:  # a worker stopped mid-save (an interrupt) leaves a temporary model directory
+            remove_unfinished_saves(out / "trials")
         sweep_s = time.perf_counter() - t0
     trials = [_trial_record(r, ft, plan) for r in grid]
     for t in trials:

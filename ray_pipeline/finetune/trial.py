@@ -210,6 +210,15 @@ def save_model(model, tok, out: Path, metrics: dict) -> None:
     swap_in(tmp, tok, out, metrics)
 
 
+def remove_unfinished_saves(trials_dir: Path) -> list[Path]:
+    """The temporary directories :func:`save_model` left under ``trials_dir`` when a worker was
+    stopped mid-save (an interrupted sweep): removed, never taken for a model. Returns them."""
+    left = sorted(Path(trials_dir).glob("*/.*.tmp-*"))
+    for p in left:
+        shutil.rmtree(p, ignore_errors=True)
+    return left
+
+
 def swap_in(tmp: Path, tok, out: Path, metrics: dict) -> None:
     """The saved model in ``tmp`` (beside ``out``), with its tokenizer and ``metrics.json``,
     becomes ``out``; the model ``out`` held before is removed."""

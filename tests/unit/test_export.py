@@ -179,3 +179,18 @@ def test_a_run_json_with_paths_as_given_reads_from_where_it_was_started(chat_run
     monkeypatch.chdir(tmp_path)
     assert main(["export", "copy", "--candidate", "k6_m12", "--output", "k6.jsonl"]) == 0
     assert len((tmp_path / "k6.jsonl").read_text().splitlines()) == 12
+
+
+def test_a_save_cut_short_is_removed_and_a_finished_model_kept(tmp_path):
+    """What an interrupted sweep leaves when a worker is stopped inside save_model: its temporary
+    directory beside best_model, removed after Tune stops; the models already swapped in stay."""
+    from ray_pipeline.finetune.trial import remove_unfinished_saves
+
+    trial = tmp_path / "trials" / "k4_m16"
+    (trial / "best_model").mkdir(parents=True)
+    (trial / "best_model" / "config.json").write_text("{}")
+    (trial / ".best_model.tmp-rz2baf26").mkdir()
+    (trial / ".best_model.tmp-rz2baf26" / "model.safetensors").write_bytes(b"half")
+    assert remove_unfinished_saves(tmp_path / "trials") == [trial / ".best_model.tmp-rz2baf26"]
+    assert sorted(p.name for p in trial.iterdir()) == ["best_model"]
+    assert remove_unfinished_saves(tmp_path / "trials") == []
