@@ -148,6 +148,9 @@ def build(cls: type, raw: Any, prefix: str) -> Any:
     return cls(**kwargs)
 
 
+YAML11_EXPONENT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
+
+
 def _coerce(tp: Any, value: Any, name: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
@@ -184,6 +187,8 @@ def _coerce(tp: Any, value: Any, name: str) -> Any:
             fail(name, value, "an int")
         return value
     if tp is float:
+        if isinstance(value, str) and YAML11_EXPONENT.match(value.strip()):
+            return float(value)  # 1e-4: YAML 1.1 (PyYAML) reads an exponent without a dot as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             fail(name, value, "a number")
         return float(value)

@@ -116,3 +116,13 @@ def test_flat_finetune_keys_are_refused_with_their_new_place():
         Config().override(["finetune.max_steps=3"])
     cfg = Config().override(["finetune.train.max_steps=30", "finetune.sweep.grace_period=2"])
     assert cfg.finetune.train.max_steps == 30 and cfg.finetune.sweep.grace_period == 2
+
+
+def test_an_exponent_without_a_dot_is_a_number(tmp_path):
+    # PyYAML (YAML 1.1) reads `lr: 1e-4` as the string '1e-4'; a float field takes it as the number
+    path = tmp_path / "c.yaml"
+    path.write_text("finetune:\n  train:\n    lr: 1e-4\n")
+    assert Config.from_yaml(path).finetune.train.lr == 1e-4
+    assert Config().override(["finetune.train.lr=5E-3"]).finetune.train.lr == 5e-3
+    with pytest.raises(ConfigError, match="finetune.train.lr"):
+        Config().override(["finetune.train.lr=1e-4x"])
