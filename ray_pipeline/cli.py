@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 import yaml
 
 from .config import Config
-from .errors import Interrupted, OutputError, PipelineError
+from .errors import InputError, Interrupted, OutputError, PipelineError
 from .runtime.console import Logs
 
 log = logging.getLogger("ray_pipeline")
@@ -107,6 +107,8 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--input", required=True, help="samples: .jsonl, .json, .csv, .parquet or .txt")
     pr.add_argument("--text-column", help="column holding the text (default: text)")
     pr.add_argument("--text-template", help="text built from fields, e.g. '{instruction}\\n{input}\\n'")
+    pr.add_argument("--audio-column", help="column holding a recording (a path relative to --input, or bytes): "
+                                           "for a model tuned on speech")
     pr.add_argument("--id-column", help="column holding ids (default: row-<n>)")
     pr.add_argument("--output", help="output JSONL (default: <input>.predictions.jsonl)")
     pr.add_argument("-v", "--verbose", action="store_true")
@@ -190,12 +192,19 @@ def _predict(args: argparse.Namespace) -> int:
     from .io.pool import read_pool
     from .finetune.infer import predict
 
+    from .finetune.task import saved_task
+
+    speech = saved_task(args.model).modality == "audio"
+    if speech != bool(args.audio_column):
+        raise InputError(f"--model {args.model!r} was tuned on " + (
+            "recordings: name the column that holds them with --audio-column" if speech else
+            "text, not recordings: leave --audio-column out (--text-column names the text)"))
     pool = read_pool(DataConfig(path=args.input, text_column=args.text_column, text_template=args.text_template,
-                                id_column=args.id_column))
+                                audio_column=args.audio_column, id_column=args.id_column))
     out = Path(args.output or f"{args.input}.predictions.jsonl")
     if out.is_dir():
         raise OutputError(f"--output {str(out)!r} is a directory; give a file name such as predictions.jsonl")
-    rows = predict(args.model, _prompts(args.input, pool))
+    rows = predict(args.model, list(pool.audios) if speech else _prompts(args.input, pool))
     with atomic_path(out) as tmp:
         tmp.write_text("".join(json.dumps({"id": i, **r}) + "\n" for i, r in zip(pool.ids, rows)))
     print(f"{len(rows)} predictions written to {out}")

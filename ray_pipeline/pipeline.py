@@ -126,7 +126,7 @@ def tune_stage(pool: Pool, parts, select_dir: Path, cfg: Config, run: Run, *, re
     t0 = time.perf_counter()
     ft = cfg.finetune
     selection = pq.read_table(select_dir / "selection.parquet")
-    task = task_for(ft.task)
+    task = task_for(ft.task, pool.modality)
     task_pool = _in_selection_order(task.read(pool, cfg.data, ft), selection, cfg, parts)
     # keyed by the config as run.json holds it (locations absolute): the same key from any directory
     stored = run.info["config"]
@@ -252,12 +252,8 @@ def _check_held_out(cfg: Config, pool: Pool):
     from .io.models import resolve
 
     ft = cfg.finetune
-    if pool.texts is None and any(m is not None for m in (pool.images, pool.audios, pool.videos)):
-        raise ConfigError("fine-tuning trains a text model, and this pool's samples have no text (only images, "
-                          "recordings or clips): fine-tuning their own encoders is not supported yet; run "
-                          "`ray-pipeline select` (embed and select), or give data.text_column for a text model")
-    task = task_for(ft.task)
-    check_base_model(ft)
+    task = task_for(ft.task, pool.modality)  # a pair that cannot be tuned: one line here
+    check_base_model(ft, pool.modality)
     model_path = resolve(ft.model, task.default_model, revision=ft.revision)
     parts = read_parts(cfg)
     ho = ft.heldout
@@ -284,8 +280,8 @@ def _check_trial_device(cfg: Config, pool: Pool, model_path: str) -> None:
     if local or ft.device == "cpu":
         check_device(ft, on_gpu)
     if ft.resources.gpu_memory_gb or (local and on_gpu):
-        names = task_for(ft.task).label_names(pool)
-        check_memory(cfg, model_path, None if names is None else len(names), on_gpu=True)
+        names = task_for(ft.task, pool.modality).label_names(pool)
+        check_memory(cfg, model_path, None if names is None else len(names), on_gpu=True, modality=pool.modality)
 
 
 def _read_pool(cfg: Config) -> Pool:

@@ -79,7 +79,10 @@ class TrainSettings:
     benchmarks/bench_trainer.py did not measure as better: the same steps/s in one of two runs).
     ``training_args``: any other ``TrainingArguments`` field, passed through as it is (e.g.
     ``{adam_beta2: 0.95, max_grad_norm: 0.5}``; trainer engine only); the fields this section owns
-    are refused there with the key to use instead."""
+    are refused there with the key to use instead. ``head_init``: ``auto`` starts a speech
+    classifier's new head as the linear probe of its encoder's vectors on the trial's own samples
+    (LP-FT, Kumar et al. 2022; the packaged GE2E; not under ZeRO-3), ``random`` as transformers
+    initialises it (a text classifier's head always)."""
 
     lr: float = 1e-4
     batch_size: int = 16
@@ -100,6 +103,7 @@ class TrainSettings:
     quantization: Literal["none", "4bit"] = "none"
     engine: Literal["trainer", "loop"] = "trainer"
     training_args: dict[str, Any] = field(default_factory=dict)
+    head_init: Literal["auto", "random"] = "auto"
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "gradient_accumulation_steps", "eval_batch_size", "max_steps", "eval_every",
@@ -275,9 +279,10 @@ class FinetuneConfig:
 
     ``task``: ``classification`` (labels from data.label_column; score = held-out accuracy) or
     ``instruction`` (loss on the response tokens; score = -held-out loss). ``model``:
-    ``default`` (MiniLM for classification, SmolLM2-135M-Instruct for instruction), ``minilm``,
-    ``smollm2``, a local directory or a Hugging Face Hub id ``ORG/NAME`` (a causal LM for
-    instruction, any model with a sequence-classification head for classification), at
+    ``default`` (MiniLM for classification, the packaged GE2E on a pool of recordings,
+    SmolLM2-135M-Instruct for instruction), ``minilm``, ``smollm2``, ``ge2e``, a local directory or
+    a Hugging Face Hub id ``ORG/NAME`` (a causal LM for instruction; for classification any model
+    with a sequence-classification head, or on recordings an audio-classification one), at
     ``revision`` (a Hub id's branch, tag or commit); ``trust_remote_code``: let it run the code its
     repository ships (off unless set). ``device``: ``auto`` (a GPU where a trial is given one) or
     ``cpu``. The sections: :class:`HeldoutSettings`, :class:`InstructionSettings`,

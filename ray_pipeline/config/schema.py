@@ -105,9 +105,10 @@ class EmbedConfig:
     ``audio_model``: ``"resemblyzer"`` (the packaged GE2E speaker encoder, 256-d, 16 kHz) or a
     Hugging Face audio model by directory or Hub id (``AutoModel`` + ``AutoFeatureExtractor``, its
     last hidden states mean-pooled over time). ``max_seconds``: the first seconds of a recording or
-    clip that are decoded and embedded. ``video_fps`` / ``video_frames``: frames sampled per
-    second and at most how many, each through the image encoder, averaged; ``video_audio``: a
-    video's audio track through the speech encoder too, fused with its frames.
+    clip that are decoded and embedded (and trained on, fine-tuning a speech model).
+    ``video_fps`` / ``video_frames``: frames sampled per second and at most how many, each through
+    the image encoder, averaged; ``video_audio``: a video's audio track through the speech encoder
+    too, fused with its frames.
     ``engine``: ``ray`` (Ray Data actors over shards of ``shard_size`` rows, resumable) or
     ``local`` (one in-process loop). ``actors``/``threads_per_actor``: empty = sized from the
     cluster (one actor per GPU; on CPUs, actors of up to 4 threads). ``dtype``: how vectors are

@@ -72,7 +72,8 @@ def label_counts(labels: Optional[np.ndarray]) -> Optional[dict[str, int]]:
 def read_task_pool(data: DataConfig, cfg: Config) -> Pool:
     """The pool (or held-out set) with what the task trains on (``Task.read``): for a causal LM
     each sample's turns or its prompt and response."""
-    return task_for(cfg.finetune.task).read(read_pool(data), data, cfg.finetune)
+    pool = read_pool(data, max_seconds=cfg.embed.max_seconds)
+    return task_for(cfg.finetune.task, pool.modality).read(pool, data, cfg.finetune)
 
 
 def eval_data_config(cfg: Config, which: str = "eval") -> DataConfig:

@@ -33,7 +33,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from .task import size, task_for
+from .task import size, task_for, units
 from .trial import (TrialLoop, deepspeed_config, evaluate, load_for_training, peak_rss_gib, precision_of, report,
                     save_model, swap_in, zero_stage_of)
 
@@ -84,7 +84,7 @@ class TaskCollator:
 
     def __call__(self, idx: list) -> dict:
         batch = self.task.batch(self.tok, self.data, idx, self.max_length)
-        self.tokens += int(batch["attention_mask"].sum())
+        self.tokens += units(batch)
         return batch
 
 
@@ -179,8 +179,9 @@ def save_best(trainer, loop: TrialLoop, tok, metrics: dict, rank: int) -> None:
 
     ft = loop.finetune
     with whole_weights():
-        base, _ = task_for(ft.task).load(loop.model_path, loop.label_names, precision=precision_of(ft, loop.use_gpu),
-                                         trust_remote_code=ft.trust_remote_code)
+        base, _ = task_for(ft.task, loop.modality).load(loop.model_path, loop.label_names,
+                                                        precision=precision_of(ft, loop.use_gpu),
+                                                        trust_remote_code=ft.trust_remote_code)
     save_model(PeftModel.from_pretrained(base, str(gathered)), tok, out, metrics)
     shutil.rmtree(gathered, ignore_errors=True)
 

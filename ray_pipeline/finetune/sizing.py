@@ -142,11 +142,12 @@ def fixes(size: ModelSize, *, use_lora: bool, zero_stage: int, gradient_checkpoi
     return out
 
 
-def check_memory(cfg: Config, model_path: str, n_labels: Optional[int], *, on_gpu: bool) -> Optional[dict]:
+def check_memory(cfg: Config, model_path: str, n_labels: Optional[int], *, on_gpu: bool,
+                 modality: str = "text") -> Optional[dict]:
     """The memory plan of one trial worker's GPU (``finetune.sizing``), logged; a plan that cannot
     fit ``finetune.resources.gpu_memory_gb`` (else the driver's GPU) is an InputError saying what to
     change. None on CPUs (host memory is not planned). n_labels: a classifier's labels, None for
-    a causal LM."""
+    a causal LM. modality: the pool's (``Pool.modality``); only text models are planned."""
     from transformers import AutoConfig
 
     from .task import task_for
@@ -155,7 +156,10 @@ def check_memory(cfg: Config, model_path: str, n_labels: Optional[int], *, on_gp
     if not on_gpu:
         return None
     ft, tr = cfg.finetune, cfg.finetune.train
-    task = task_for(ft.task)
+    task = task_for(ft.task, modality)
+    if task.modality != "text":
+        log.info("memory plan: not made for a %s model (the formulas are a transformer's over tokens)", modality)
+        return None
     lora = task.uses_lora(ft)
     config = AutoConfig.from_pretrained(model_path, trust_remote_code=ft.trust_remote_code)
     size = count_parameters(config, ft.lora if lora else None, n_labels)

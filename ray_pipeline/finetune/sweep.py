@@ -46,7 +46,7 @@ from ..runtime.interrupt import tune_fit
 from .heldout import Parts
 from .metrics import ratio_score
 from .progress import SweepProgress
-from .task import task_for
+from .task import take, task_for
 from .sizing import check_memory, trial_requests
 from .trial import TrialLoop, check_device, remove_unfinished_saves
 
@@ -202,8 +202,7 @@ def _trial(config: dict, shared: SweepData) -> None:
 
     cand = config["candidate"]
     rows = shared.rows[cand["name"]]
-    train = {k: (np.asarray(v)[rows] if k == "labels" else [v[i] for i in rows])
-             for k, v in shared.train.items() if k != "label_names"}
+    train = take(shared.train, rows)
     trial_dir = Path(shared.trials_dir) / cand["name"]
     loop = replace(shared.loop, train=train, steps=cand["steps"], name=cand["name"],
                    inject_failure=cand.get("inject_failure", False), best_model_dir=str(trial_dir / "best_model"),
@@ -258,7 +257,7 @@ def run_sweep(candidates: list[Candidate], pool: Pool, parts: Parts, cfg: Config
     from .trial import step_cap
 
     ft = cfg.finetune
-    task = task_for(ft.task)
+    task = task_for(ft.task, pool.modality)
     out = Path(out).resolve()
     train = task.arrays(pool)
     ev = task.arrays(parts.validation, train.get("label_names"))
@@ -270,8 +269,8 @@ def run_sweep(candidates: list[Candidate], pool: Pool, parts: Parts, cfg: Config
         ensure_fits(trial_requests(plan, cfg))  # one node holds each: no trial pending forever
         model_path = resolve(ft.model, task.default_model, revision=ft.revision)
         plan["memory_gb_per_gpu"] = check_memory(cfg, model_path, len(train.get("label_names") or []) or None,
-                                                 on_gpu=plan["use_gpu"])
-        loop = TrialLoop(finetune=ft, seed=cfg.seed, model_path=model_path,
+                                                 on_gpu=plan["use_gpu"], modality=pool.modality)
+        loop = TrialLoop(finetune=ft, seed=cfg.seed, model_path=model_path, modality=task.modality,
                          label_names=train.get("label_names"), train={}, eval=ev, use_gpu=plan["use_gpu"], steps=0,
                          best_model_dir="")
         shared = SweepData(loop=loop, train=train, rows={c.name: c.rows for c in candidates},
@@ -363,7 +362,7 @@ def _score_on_test(trials: list[dict], out: Path, cfg: Config, test_pool: Pool, 
     part is read here and nowhere before."""
     from .infer import per_sample_values
 
-    task = task_for(cfg.finetune.task)
+    task = task_for(cfg.finetune.task, test_pool.modality)
     data = task.arrays(test_pool, label_names)
     values = {}
     t0 = time.perf_counter()

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .task import size, task_for
+from .task import size, task_for, units
 from .trial import TrialLoop, deepspeed_config, evaluate, load_for_training, peak_rss_gib, record_placement_group, \
     report, save_model
 from .trial import check_device, precision_of, step_cap, zero_stage_of  # noqa: F401  (here before trial.py)
@@ -46,7 +46,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     loop: TrialLoop = config["loop"]
     ft, tr = loop.finetune, loop.finetune.train
-    task = task_for(ft.task)
+    task = task_for(ft.task, loop.modality)
     if ft.resources.threads_per_worker:
         torch.set_num_threads(ft.resources.threads_per_worker)
     ctx = ray.train.get_context()
@@ -86,7 +86,7 @@ def _hand_loop(loop: TrialLoop, task, rank: int, world: int, device) -> None:
             idx = order[pos:pos + micro]
             pos += micro
             batch = task.batch(tok, loop.train, idx, tr.max_length)
-            tokens_seen += int(batch["attention_mask"].sum())
+            tokens_seen += units(batch)
             out = engine(**{k: v.to(device) for k, v in batch.items()})
             engine.backward(out.loss)  # scaled by 1 / gradient_accumulation_steps
             engine.step()

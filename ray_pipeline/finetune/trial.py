@@ -33,7 +33,8 @@ class TrialLoop:
     test part). use_gpu: decided once by the sweep's resource plan. steps: this trial's cap
     (:func:`step_cap`). best_model_dir: where rank 0 keeps the best model. name,
     placement_group_file, inject_failure: the trial's name, where its placement group is noted
-    (``sweep.release_placement_groups``), and a fault injected by the tests."""
+    (``sweep.release_placement_groups``), and a fault injected by the tests. modality: what the
+    samples are (``Pool.modality``), with ``finetune.task`` the trial's task (``task_for``)."""
 
     finetune: FinetuneConfig
     seed: int
@@ -47,6 +48,7 @@ class TrialLoop:
     name: str = ""
     placement_group_file: Optional[str] = None
     inject_failure: bool = False
+    modality: str = "text"
 
 
 def precision_of(ft: FinetuneConfig, on_gpu: bool) -> str:
@@ -93,7 +95,7 @@ def evaluate(engine, tok, loop: TrialLoop, rank: int, world: int, device) -> dic
     import torch
     import torch.distributed as dist
 
-    task, tr = task_for(loop.finetune.task), loop.finetune.train
+    task, tr = task_for(loop.finetune.task, loop.modality), loop.finetune.train
     ev = loop.eval
     mine = np.arange(rank, size(ev), world)
     loss_sum = torch.zeros(1, dtype=torch.float64)
@@ -176,13 +178,16 @@ def report(metrics: dict, rank: int) -> None:
 
 def load_for_training(loop: TrialLoop, task):
     """(model, tokenizer) of one trial, for either engine: the base model loaded in the training
-    precision (or 4-bit for QLoRA), gradient checkpointing, LoRA adapters where the task's or the
-    config's choice says so. Under ZeRO-3 with the Trainer, the weights are sharded as they load
+    precision (or 4-bit for QLoRA), its new head warm-started where the task can
+    (``Task.warm_start``, ``finetune.train.head_init``), gradient checkpointing, LoRA adapters where
+    the task's or the config's choice says so. Under ZeRO-3 with the Trainer, the weights are sharded as they load
     (``hf_trainer`` builds the ``TrainingArguments`` first)."""
     ft, tr = loop.finetune, loop.finetune.train
     precision = precision_of(ft, loop.use_gpu)
     model, tok = task.load(loop.model_path, loop.label_names, precision=precision, quantization=tr.quantization,
                            trust_remote_code=ft.trust_remote_code)
+    if tr.head_init == "auto" and loop.label_names and zero_stage_of(ft, loop.use_gpu) != 3:
+        task.warm_start(model, tok, loop.train, tr.eval_batch_size)  # the same on every rank: same samples
     if tr.quantization == "4bit":
         from peft import prepare_model_for_kbit_training
 

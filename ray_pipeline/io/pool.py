@@ -33,7 +33,8 @@ class Pool:
     """ids: (n,) str, unique. texts: (n,) str ("" where a sample has only an image) or None
     (embeddings given). labels: (n,) or None. images: (n,) object array of absolute paths (str),
     bytes or None, or None for a text-only pool; audios, videos: the same for speech and video
-    (``io.media`` decodes them). embeddings: (n, d) float32 or None.
+    (``io.media`` decodes them), read up to ``max_seconds`` (``embed.max_seconds``) of each.
+    embeddings: (n, d) float32 or None.
     skipped: reason -> number of rows dropped under ``embed.on_bad_rows: skip``. records: the
     data file's rows as read (every original field), row for row with ``ids``, or None (vectors
     only): kept so that the task, the export and predict read the file once per command."""
@@ -49,9 +50,20 @@ class Pool:
     skipped: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)  # task columns, e.g. prompts and responses
     records: Optional[pa.Table] = None
+    max_seconds: float = 30.0
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    @property
+    def modality(self) -> str:
+        """What a model fine-tuned on this pool reads: ``text`` wherever samples have text (a text
+        model, images and recordings beside it or not), else ``audio``, ``image`` or ``video``
+        (the one kind of media the pool holds), or ``none`` (vectors only)."""
+        if self.texts is not None:
+            return "text"
+        kinds = [k for k, v in (("audio", self.audios), ("image", self.images), ("video", self.videos)) if v is not None]
+        return kinds[0] if len(kinds) == 1 else "none" if not kinds else "+".join(kinds)
 
     def take(self, rows: np.ndarray) -> "Pool":
         """The samples at ``rows`` (an int index or a bool mask), every per-sample field with them.
@@ -69,7 +81,8 @@ class Pool:
                     embeddings=pick(self.embeddings), source=self.source, images=pick(self.images),
                     audios=pick(self.audios), videos=pick(self.videos),
                     skipped=dict(self.skipped), extra={k: v[rows] for k, v in self.extra.items()},
-                    records=None if self.records is None else self.records.take(pa.array(at, pa.int64())))
+                    records=None if self.records is None else self.records.take(pa.array(at, pa.int64())),
+                    max_seconds=self.max_seconds)
 
     def positions(self, ids) -> np.ndarray:
         """(len(ids),) int64 row of each id in this pool, -1 where it is not here."""
@@ -164,7 +177,7 @@ def _images(table: pa.Table, cfg: DataConfig, path: str, role: str = "image") ->
     """Absolute paths (str) or bytes per row of the ``role`` column (image, audio, video); None
     where a row has none."""
     raw = _column(table, getattr(cfg, f"{role}_column"), path, role)
-    base = Path(path).parent
+    base = Path(path).absolute().parent  # absolute: Ray Tune runs each trial in a directory of its own
     out = []
     for v in raw:
         if v is None or (isinstance(v, (str, bytes)) and not v):
@@ -370,7 +383,7 @@ def read_pool(cfg: DataConfig, *, skip_bad_rows: bool = False, max_seconds: floa
     return Pool(ids=ids[keep], texts=_kept([t or "" for t in texts] if texts is not None else None, keep),
                 labels=_kept(labels, keep), embeddings=None, source=path, images=_kept(images, keep),
                 audios=_kept(audios, keep), videos=_kept(videos, keep),
-                skipped={k: len(v) for k, v in bad.items()},
+                skipped={k: len(v) for k, v in bad.items()}, max_seconds=max_seconds,
                 records=table if keep.all() else table.filter(pa.array(keep)))
 
 

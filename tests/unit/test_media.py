@@ -257,11 +257,18 @@ def test_cli_refuses_a_bad_recording_before_any_work(tmp_path, capsys):
     assert not (out / "embeddings").exists()
 
 
-def test_run_on_a_speech_only_pool_says_fine_tuning_is_not_there_yet(tmp_path, capsys, shared_data):
+def test_run_on_a_speech_pool_passes_the_preflight_with_the_packaged_speech_model(tmp_path, capsys, shared_data):
     from ray_pipeline.cli import main
 
-    rc = main(["run", "configs/fsdd.yaml", "--data", str(shared_data / "fsdd" / "train.csv"),
-               "--eval", str(shared_data / "fsdd" / "test.csv"), "--set", "data.limit=20", "--budgets", "4", "8",
-               "--out", str(tmp_path / "out"), "--check"])
-    err = capsys.readouterr().err.strip()
-    assert rc == 2 and "fine-tuning trains a text model" in err and "ray-pipeline select" in err
+    args = ["run", "configs/fsdd.yaml", "--data", str(shared_data / "fsdd" / "train.csv"), "--eval",
+            str(shared_data / "fsdd" / "test.csv"), "--budgets", "4", "8",
+            "--out", str(tmp_path / "out"), "--check"]
+    assert main(args) == 0
+    assert "input checked, nothing written" in capsys.readouterr().out + capsys.readouterr().err
+    # a text model for recordings, or a causal LM: one line each, exit 2, before anything is written
+    assert main(args + ["--set", "finetune.model=minilm"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("ray-pipeline: error:") and "AutoModelForAudioClassification" in err and "recordings" in err
+    assert main(args + ["--set", "finetune.task=instruction", "--set", "finetune.proxy.kind=coverage"]) == 2
+    assert "instruction tunes a causal LM on text" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

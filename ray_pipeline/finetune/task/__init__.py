@@ -1,4 +1,5 @@
-"""The task strategy: what differs between fine-tuning a classifier and a causal LM, decided once.
+"""The task strategy: what differs between fine-tuning a classifier (of texts or of recordings) and
+a causal LM, decided once.
 
 :func:`task_for` turns ``finetune.task`` into a :class:`Task` (``classification``: a sequence
 classifier, score = accuracy; ``instruction``: a causal LM, loss on the response tokens, score =
@@ -11,53 +12,76 @@ task it is.
 
 The arrays (:meth:`Task.arrays`) are plain dicts of lists, so they travel to Ray Train workers
 as they are: ``texts`` + ``labels`` (int indices into ``label_names``) for a classifier;
-``prompts`` + ``responses``, or ``chats`` (lists of turns), for a causal LM.
+``prompts`` + ``responses``, or ``chats`` (lists of turns), for a causal LM; ``audio`` (the
+recordings' sources) + ``labels`` + ``max_seconds`` for an audio classifier. A task is one of
+``finetune.task`` on one kind of sample (``Pool.modality``): one module each, ``text``,
+``causal``, ``audio``.
 """
 
 from __future__ import annotations
 
 from ...errors import InputError
 from ...io.models import check_model
-from .base import Task, size, torch_dtype
+from .base import SETTINGS, Task, size, take, torch_dtype, units
+from .audio import AudioClassification
 from .causal import CLASSIFIER_HEADS, CausalLM, chat_prompt, instruction_batch, padded
 from .text import Classification
 
-__all__ = ["Task", "Classification", "CausalLM", "size", "torch_dtype", "task_for", "check_base_model",
-           "saved_task", "CLASSIFIER_HEADS", "chat_prompt", "instruction_batch", "padded"]
+__all__ = ["Task", "Classification", "CausalLM", "AudioClassification", "SETTINGS", "size", "take", "units",
+           "torch_dtype", "task_for", "check_base_model", "saved_task", "CLASSIFIER_HEADS", "chat_prompt",
+           "instruction_batch", "padded"]
 
-TASKS = {t.name: t for t in (Classification(), CausalLM())}
+TASKS = {(t.name, t.modality): t for t in (Classification(), CausalLM(), AudioClassification())}
 
 
-def task_for(name: str) -> Task:
-    """The strategy of ``finetune.task``.
+def task_for(name: str, modality: str = "text") -> Task:
+    """The strategy of ``finetune.task`` on a pool of ``modality`` (``Pool.modality``); an
+    InputError for a pair that cannot be tuned.
 
     Example:
         >>> task_for("instruction").metric, task_for("classification").default_proxy
         ('test loss', 'probe')
+        >>> task_for("classification", "audio").default_model
+        'ge2e'
     """
-    return TASKS[name]
+    if (name, modality) in TASKS:
+        return TASKS[(name, modality)]
+    if name == "instruction":
+        raise InputError(f"finetune.task: instruction tunes a causal LM on text, and this pool's samples are "
+                         f"{modality} only; give data.text_column (e.g. transcripts or captions), or set "
+                         f"finetune.task: classification")
+    raise InputError(f"fine-tuning a model on {modality} samples is not supported yet (text and speech are); run "
+                     f"`ray-pipeline select` to embed and select them, or give data.text_column for a text model")
 
 
-def check_base_model(ft) -> None:
+def check_base_model(ft, modality: str = "text") -> None:
     """Before any stage: the base model ``ft`` (``FinetuneConfig``) names resolves, holds a config,
-    safetensors and a tokenizer (``io.models.check_model``) and fits ``ft.task``
+    safetensors and a tokenizer or feature extractor (``io.models.check_model``) and fits the task
     (:meth:`Task.check_model`); no weights are read."""
-    task = task_for(ft.task)
-    config = check_model("finetune.model", ft.model, revision=ft.revision, trust_remote_code=ft.trust_remote_code,
-                         default=task.default_model, safetensors_only=True)
-    task.check_model(config, ft.model)
+    task = task_for(ft.task, modality)
+    if task.processor == "feature_extractor":
+        from ...io import ge2e  # noqa: F401  (the packaged speech model's config, registered)
+    check_model("finetune.model", ft.model, revision=ft.revision, trust_remote_code=ft.trust_remote_code,
+                default=task.default_model, safetensors_only=True, processor=task.processor,
+                fits=lambda config: task.check_model(config, ft.model))
 
 
 def saved_task(model_dir: str, *, trust_remote_code: bool = False) -> Task:
-    """The task of a model a run saved (``target/model``), read from its saved architecture."""
+    """The task of a model a run saved (``target/model``), read from its saved config: an audio
+    classifier, a text classifier or a causal LM."""
     from pathlib import Path
 
     from transformers import AutoConfig
 
+    from ...io import ge2e  # noqa: F401  (a tuned GE2E's config, registered)
+    from ...io.models import loads_with
+
     if not (Path(model_dir) / "config.json").is_file():
         raise InputError(f"model {model_dir!r} is not a model directory (no config.json); pass the "
                          f"target/model directory a tune run wrote")
-    arch = " ".join(AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code).architectures or [])
-    return TASKS["classification" if "SequenceClassification" in arch else "instruction"]
-
-
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    if loads_with(config, "AutoModelForAudioClassification") and not loads_with(
+            config, "AutoModelForSequenceClassification"):
+        return TASKS[("classification", "audio")]
+    arch = " ".join(config.architectures or [])
+    return TASKS[("classification" if "SequenceClassification" in arch else "instruction", "text")]

@@ -8,9 +8,31 @@ from typing import Optional
 import numpy as np
 
 
+# Keys of a task's arrays that are settings, not one value per sample.
+SETTINGS = ("label_names", "max_seconds")
+
+
 def size(data: dict) -> int:
-    """How many samples a task's arrays hold (texts, prompts or chats)."""
-    return len(next(data[k] for k in ("texts", "prompts", "chats") if k in data))
+    """How many samples a task's arrays hold (texts, prompts, chats or recordings)."""
+    return len(next(data[k] for k in ("texts", "prompts", "chats", "audio") if k in data))
+
+
+def units(batch: dict) -> int:
+    """What a batch holds, for throughput: its attention mask's sum (tokens; an audio model's
+    frames or partials), else its samples."""
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None else len(next(iter(batch.values())))
+
+
+def take(data: dict, rows) -> dict:
+    """The samples ``rows`` of a task's arrays, with its settings but ``label_names``.
+
+    Example:
+        >>> take({"texts": ["a", "b", "c"], "labels": np.array([0, 1, 0]), "label_names": ["x", "y"]}, [2, 0])
+        {'texts': ['c', 'a'], 'labels': array([0, 0])}
+    """
+    return {k: (v if k in SETTINGS else np.asarray(v)[rows] if k == "labels" else [v[i] for i in rows])
+            for k, v in data.items() if k != "label_names"}
 
 
 def _tokenizer(path: str, trust_remote_code: bool = False):
@@ -48,7 +70,9 @@ def torch_dtype(precision: str):
 class Task:
     """The interface; :class:`Classification` and :class:`CausalLM` fill it in.
 
-    ``name``: the config's ``finetune.task``. ``default_model``: the packaged model of
+    ``name``: the config's ``finetune.task``; ``modality``: what the samples are (``Pool.modality``:
+    text, audio); ``processor``: what turns them into model inputs (``tokenizer`` or an audio
+    model's ``feature_extractor``). ``default_model``: the packaged model of
     ``finetune.model: default``. ``default_proxy``: what ``finetune.proxy.kind: auto`` means.
     ``lora_by_default``: LoRA when ``finetune.lora.enabled`` is empty. ``metric``: the test
     score's name in the verdict; ``is_loss``: the score is minus a loss (shown as the loss).
@@ -56,6 +80,8 @@ class Task:
     (``num_items_in_batch``, HF ``Trainer``) rather than averaging each micro-batch."""
 
     name: str
+    modality: str = "text"
+    processor: str = "tokenizer"
     default_model: str
     default_proxy: str
     lora_by_default: bool
@@ -111,6 +137,12 @@ class Task:
         targets = "all-linear" if tuple(lora.target_modules) == ("all-linear",) else list(lora.target_modules)
         return get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
                                                 target_modules=targets, task_type=self.lora_task_type))
+
+    def warm_start(self, model, tok, data: dict, batch_size: int) -> bool:
+        """Start the new head from what the trial's samples ``data`` (its arrays) say, before any
+        step (``finetune.train.head_init: auto``); False where this task does not (the head as
+        transformers initialised it)."""
+        return False
 
     def check_heldout(self, pool, parts: dict) -> None:
         """Before any stage: what this task needs of the pool and the held-out parts (``parts``:

@@ -25,16 +25,22 @@ class Classification(Task):
     loss_takes_num_items = False  # a sequence classifier's loss ignores it (it accepts **kwargs, though)
 
     def arrays(self, pool, label_names: Optional[list] = None) -> dict:
-        if pool.labels is None:
-            raise InputError("classification needs labels: set data.label_column (or data.labels_path)")
         if pool.texts is None:
             raise InputError("fine-tuning needs the samples' texts; give data.path, not only embeddings")
+        names, codes = self.codes(pool, label_names)
+        return {"texts": pool.texts.tolist(), "labels": codes, "label_names": names}
+
+    @staticmethod
+    def codes(pool, label_names: Optional[list] = None) -> tuple[list, np.ndarray]:
+        """(label names, the pool's labels as indices into them); every label must be one of them."""
+        if pool.labels is None:
+            raise InputError("classification needs labels: set data.label_column (or data.labels_path)")
         names, codes = pool.label_codes(label_names)
         if (codes < 0).any():
             missing = sorted({str(v) for v in pool.labels[codes < 0]})
             raise InputError(f"the held-out set has label(s) {missing[:5]} that the pool does not have; "
                              f"a classifier cannot learn them")
-        return {"texts": pool.texts.tolist(), "labels": codes, "label_names": names}
+        return names, codes
 
     def label_names(self, pool) -> Optional[list]:
         return None if pool.labels is None else pool.label_codes()[0]
