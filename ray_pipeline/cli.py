@@ -109,6 +109,8 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--text-template", help="text built from fields, e.g. '{instruction}\\n{input}\\n'")
     pr.add_argument("--audio-column", help="column holding a recording (a path relative to --input, or bytes): "
                                            "for a model tuned on speech")
+    pr.add_argument("--image-column", help="column holding an image (a path relative to --input, or bytes): "
+                                           "for a model tuned on images")
     pr.add_argument("--id-column", help="column holding ids (default: row-<n>)")
     pr.add_argument("--output", help="output JSONL (default: <input>.predictions.jsonl)")
     pr.add_argument("-v", "--verbose", action="store_true")
@@ -194,17 +196,21 @@ def _predict(args: argparse.Namespace) -> int:
 
     from .finetune.task import saved_task
 
-    speech = saved_task(args.model).modality == "audio"
-    if speech != bool(args.audio_column):
-        raise InputError(f"--model {args.model!r} was tuned on " + (
-            "recordings: name the column that holds them with --audio-column" if speech else
-            "text, not recordings: leave --audio-column out (--text-column names the text)"))
+    modality = saved_task(args.model).modality
+    column = {"audio": args.audio_column, "image": args.image_column}
+    for kind, given in column.items():
+        if (modality == kind) != bool(given):
+            raise InputError(f"--model {args.model!r} was tuned on {modality} samples: " + (
+                f"name the column that holds them with --{kind}-column" if modality == kind else
+                f"leave --{kind}-column out"))
     pool = read_pool(DataConfig(path=args.input, text_column=args.text_column, text_template=args.text_template,
-                                audio_column=args.audio_column, id_column=args.id_column))
+                                audio_column=args.audio_column, image_column=args.image_column,
+                                id_column=args.id_column))
     out = Path(args.output or f"{args.input}.predictions.jsonl")
     if out.is_dir():
         raise OutputError(f"--output {str(out)!r} is a directory; give a file name such as predictions.jsonl")
-    rows = predict(args.model, list(pool.audios) if speech else _prompts(args.input, pool))
+    media = {"audio": pool.audios, "image": pool.images}.get(modality)
+    rows = predict(args.model, list(media) if media is not None else _prompts(args.input, pool))
     with atomic_path(out) as tmp:
         tmp.write_text("".join(json.dumps({"id": i, **r}) + "\n" for i, r in zip(pool.ids, rows)))
     print(f"{len(rows)} predictions written to {out}")

@@ -93,3 +93,25 @@ def truncated(src: Path, dst: Path, keep: float = 0.5) -> Path:
     data = src.read_bytes()
     dst.write_bytes(data[: int(len(data) * keep)])
     return dst
+
+
+def write_photo_crops(d: Path, per_photo: int, size: int = 96, seed: int = 0) -> list[dict]:
+    """Labelled image files for an image pool: ``per_photo`` random crops (some mirrored) of each of
+    the two real photographs scikit-learn ships, as JPEG and PNG; rows ``{id, image, photo}``."""
+    from PIL import Image
+    from sklearn.datasets import load_sample_image
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for name in ("china.jpg", "flower.jpg"):
+        photo = load_sample_image(name)  # (427, 640, 3)
+        for i in range(per_photo):
+            side = int(rng.integers(160, 400))
+            y, x = int(rng.integers(0, photo.shape[0] - side)), int(rng.integers(0, photo.shape[1] - side))
+            crop = Image.fromarray(photo[y:y + side, x:x + side]).resize((size, size))
+            if i % 2:
+                crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
+            file = f"{name[:-4]}_{i}.{'png' if i % 3 == 0 else 'jpg'}"
+            crop.save(d / file)
+            rows.append({"id": f"{name[:-4]}-{i}", "image": file, "photo": name[:-4]})
+    return rows

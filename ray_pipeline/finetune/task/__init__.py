@@ -25,13 +25,16 @@ from ...io.models import check_model
 from .base import SETTINGS, Task, size, take, torch_dtype, units
 from .audio import AudioClassification
 from .causal import CLASSIFIER_HEADS, CausalLM, chat_prompt, instruction_batch, padded
+from .image import ImageClassification
+from .media import register_packaged
 from .text import Classification
 
-__all__ = ["Task", "Classification", "CausalLM", "AudioClassification", "SETTINGS", "size", "take", "units",
-           "torch_dtype", "task_for", "check_base_model", "saved_task", "CLASSIFIER_HEADS", "chat_prompt",
+__all__ = ["Task", "Classification", "CausalLM", "AudioClassification", "ImageClassification", "SETTINGS", "size",
+           "take", "units", "torch_dtype", "task_for", "check_base_model", "saved_task", "CLASSIFIER_HEADS", "chat_prompt",
            "instruction_batch", "padded"]
 
-TASKS = {(t.name, t.modality): t for t in (Classification(), CausalLM(), AudioClassification())}
+TASKS = {(t.name, t.modality): t for t in (Classification(), CausalLM(), AudioClassification(),
+                                            ImageClassification())}
 
 
 def task_for(name: str, modality: str = "text") -> Task:
@@ -50,7 +53,8 @@ def task_for(name: str, modality: str = "text") -> Task:
         raise InputError(f"finetune.task: instruction tunes a causal LM on text, and this pool's samples are "
                          f"{modality} only; give data.text_column (e.g. transcripts or captions), or set "
                          f"finetune.task: classification")
-    raise InputError(f"fine-tuning a model on {modality} samples is not supported yet (text and speech are); run "
+    raise InputError(f"fine-tuning a model on {modality} samples is not supported yet (text, speech and images "
+                     f"are); run "
                      f"`ray-pipeline select` to embed and select them, or give data.text_column for a text model")
 
 
@@ -59,8 +63,8 @@ def check_base_model(ft, modality: str = "text") -> None:
     safetensors and a tokenizer or feature extractor (``io.models.check_model``) and fits the task
     (:meth:`Task.check_model`); no weights are read."""
     task = task_for(ft.task, modality)
-    if task.processor == "feature_extractor":
-        from ...io import ge2e  # noqa: F401  (the packaged speech model's config, registered)
+    if task.processor != "tokenizer":
+        register_packaged()
     check_model("finetune.model", ft.model, revision=ft.revision, trust_remote_code=ft.trust_remote_code,
                 default=task.default_model, safetensors_only=True, processor=task.processor,
                 fits=lambda config: task.check_model(config, ft.model))
@@ -68,20 +72,23 @@ def check_base_model(ft, modality: str = "text") -> None:
 
 def saved_task(model_dir: str, *, trust_remote_code: bool = False) -> Task:
     """The task of a model a run saved (``target/model``), read from its saved config: an audio
-    classifier, a text classifier or a causal LM."""
+    or image classifier, a text classifier or a causal LM."""
     from pathlib import Path
 
     from transformers import AutoConfig
 
-    from ...io import ge2e  # noqa: F401  (a tuned GE2E's config, registered)
     from ...io.models import loads_with
+
+    register_packaged()
 
     if not (Path(model_dir) / "config.json").is_file():
         raise InputError(f"model {model_dir!r} is not a model directory (no config.json); pass the "
                          f"target/model directory a tune run wrote")
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-    if loads_with(config, "AutoModelForAudioClassification") and not loads_with(
-            config, "AutoModelForSequenceClassification"):
-        return TASKS[("classification", "audio")]
+    if not loads_with(config, "AutoModelForSequenceClassification"):
+        for modality, auto in (("audio", "AutoModelForAudioClassification"),
+                               ("image", "AutoModelForImageClassification")):
+            if loads_with(config, auto):
+                return TASKS[("classification", modality)]
     arch = " ".join(config.architectures or [])
     return TASKS[("classification" if "SequenceClassification" in arch else "instruction", "text")]

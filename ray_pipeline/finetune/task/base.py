@@ -13,8 +13,8 @@ SETTINGS = ("label_names", "max_seconds")
 
 
 def size(data: dict) -> int:
-    """How many samples a task's arrays hold (texts, prompts, chats or recordings)."""
-    return len(next(data[k] for k in ("texts", "prompts", "chats", "audio") if k in data))
+    """How many samples a task's arrays hold (texts, prompts, chats, recordings or images)."""
+    return len(next(data[k] for k in ("texts", "prompts", "chats", "audio", "image") if k in data))
 
 
 def units(batch: dict) -> int:
@@ -60,6 +60,25 @@ def _load_kwargs(precision: str = "fp32", quantization: str = "none", trust_remo
     return kw
 
 
+def label_tensor(data: dict, idx, labels: bool = True) -> dict:
+    """``{"labels": (len(idx),) int64}`` of a classifier's arrays, or ``{}`` without ``labels``."""
+    if not labels:
+        return {}
+    import torch
+
+    return {"labels": torch.as_tensor(np.asarray(data["labels"], dtype=np.int64)[np.asarray(idx, dtype=np.int64)])}
+
+
+def with_new_head(auto, path: str, label_names: Optional[list], **kw):
+    """``auto.from_pretrained(path)`` (an ``AutoModelFor...Classification``) with a new head for
+    ``label_names``; None: a tuned classifier, with its own labels."""
+    if label_names is None:
+        return auto.from_pretrained(path, **kw)
+    return auto.from_pretrained(path, num_labels=len(label_names), id2label=dict(enumerate(label_names)),
+                                label2id={v: i for i, v in enumerate(label_names)}, ignore_mismatched_sizes=True,
+                                **kw)
+
+
 def torch_dtype(precision: str):
     """The torch dtype of a precision name (``fp32``, ``bf16``, ``fp16``)."""
     import torch
@@ -71,8 +90,8 @@ class Task:
     """The interface; :class:`Classification` and :class:`CausalLM` fill it in.
 
     ``name``: the config's ``finetune.task``; ``modality``: what the samples are (``Pool.modality``:
-    text, audio); ``processor``: what turns them into model inputs (``tokenizer`` or an audio
-    model's ``feature_extractor``). ``default_model``: the packaged model of
+    text, audio, image); ``processor``: what turns them into model inputs (``tokenizer``, an audio
+    model's ``feature_extractor``, an image model's ``image_processor``). ``default_model``: the packaged model of
     ``finetune.model: default``. ``default_proxy``: what ``finetune.proxy.kind: auto`` means.
     ``lora_by_default``: LoRA when ``finetune.lora.enabled`` is empty. ``metric``: the test
     score's name in the verdict; ``is_loss``: the score is minus a loss (shown as the loss).

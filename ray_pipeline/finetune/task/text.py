@@ -9,7 +9,7 @@ import numpy as np
 from ...errors import InputError
 from ...io.models import loads_with
 from ..metrics import macro_f1
-from .base import Task, _load_kwargs, _tokenizer
+from .base import Task, _load_kwargs, _tokenizer, label_tensor, size, with_new_head
 
 
 class Classification(Task):
@@ -42,6 +42,43 @@ class Classification(Task):
                              f"a classifier cannot learn them")
         return names, codes
 
+    def warm_start(self, model, fe, data: dict, batch_size: int) -> bool:
+        """LP-FT (Kumar et al., ICLR 2022): the head starts as the logistic regression (the linear
+        probe of ``finetune.proxy``) fit on the frozen encoder's vectors of the trial's own
+        samples, so fine-tuning begins where the probe ends instead of distorting the features
+        with a random head's gradients. For a model with an ``embed`` method and a
+        ``UnitVectorHead`` (``io.packaged``: the packaged GE2E and EfficientNet-Lite0; a text model's
+        head starts random); every rank fits the same probe from the same samples."""
+        import torch
+
+        from ...io.packaged import UnitVectorHead
+        from ...select.boundary import fit_probe
+
+        embed, head = getattr(model, "embed", None), getattr(model, "head", None)
+        if embed is None or not isinstance(head, UnitVectorHead):
+            return False
+        scale, head = head.scale, head.classifier
+        with torch.no_grad():
+            x = np.concatenate([embed(**self.batch(fe, data, range(lo, min(lo + batch_size, size(data))), 0,
+                                                   labels=False)).float().cpu().numpy()
+                                for lo in range(0, size(data), batch_size)])
+        y = np.asarray(data["labels"])
+        w = np.zeros(tuple(head.weight.shape), np.float64)
+        b = np.full(head.out_features, -20.0)  # a label the samples lack is never predicted
+        probe = fit_probe(x, y)
+        if probe is None:  # one label: predict it
+            b[y[0]] = 0.0
+        elif len(probe.classes_) == 2:  # sklearn's one logit z for the second class: split it +-z/2
+            lo, hi = probe.classes_
+            w[hi], w[lo] = probe.coef_[0] / 2, -probe.coef_[0] / 2
+            b[hi], b[lo] = probe.intercept_[0] / 2, -probe.intercept_[0] / 2
+        else:
+            w[probe.classes_], b[probe.classes_] = probe.coef_, probe.intercept_
+        with torch.no_grad():
+            head.weight.copy_(torch.as_tensor(w / scale, dtype=head.weight.dtype))
+            head.bias.copy_(torch.as_tensor(b, dtype=head.bias.dtype))
+        return True
+
     def label_names(self, pool) -> Optional[list]:
         return None if pool.labels is None else pool.label_codes()[0]
 
@@ -60,26 +97,19 @@ class Classification(Task):
                                  f"data.label_column")
 
     def batch(self, tok, data: dict, idx, max_length: int, *, labels: bool = True) -> dict:
-        import torch
-
         enc = tok([data["texts"][i] for i in idx], padding=True, truncation=True, max_length=max_length,
                   return_tensors="pt")
-        if labels:
-            enc["labels"] = torch.as_tensor(np.asarray(data["labels"], dtype=np.int64)[np.asarray(idx, dtype=np.int64)])
-        return enc
+        return {**enc, **label_tensor(data, idx, labels)}
 
     def load(self, path: str, label_names: Optional[list] = None, *, precision: str = "fp32",
              quantization: str = "none", trust_remote_code: bool = False):
         from transformers import AutoModelForSequenceClassification
 
         tok = _tokenizer(path, trust_remote_code)
-        kw = _load_kwargs(precision, quantization, trust_remote_code)
-        if label_names is None:  # a tuned classifier, with its own labels
-            return AutoModelForSequenceClassification.from_pretrained(path, **kw), tok
-        model = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=len(label_names), id2label=dict(enumerate(label_names)),
-            label2id={v: i for i, v in enumerate(label_names)}, ignore_mismatched_sizes=True, **kw)
-        model.config.pad_token_id = tok.pad_token_id
+        model = with_new_head(AutoModelForSequenceClassification, path, label_names,
+                              **_load_kwargs(precision, quantization, trust_remote_code))
+        if label_names is not None:
+            model.config.pad_token_id = tok.pad_token_id
         return model, tok
 
     def check_model(self, config, model: str) -> None:
@@ -106,7 +136,12 @@ class Classification(Task):
 
     def predict(self, model, tok, chunk, max_length, max_new_tokens):
         enc = tok(list(chunk), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-        p, i = model(**enc).logits.softmax(-1).max(-1)
+        return self.labelled(model, model(**enc).logits)
+
+    @staticmethod
+    def labelled(model, logits) -> list[dict]:
+        """Each row's most probable label and its probability."""
+        p, i = logits.softmax(-1).max(-1)
         return [{"label": model.config.id2label[int(j)], "probability": float(q)} for q, j in zip(p, i)]
 
     def test_fields(self, score):

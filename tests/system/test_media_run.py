@@ -1,13 +1,18 @@
-"""`ray-pipeline run` on a speech pool: FSDD recordings embedded by GE2E, selected, and the packaged
-GE2E fine-tuned with a classification head under the same Ray Train trials, Tune sweep,
-validation/test split and verdict as text."""
+"""`ray-pipeline run` on pools without text: FSDD recordings embedded by GE2E, selected, and the
+packaged GE2E fine-tuned with a classification head; photographs through EfficientNet-Lite0 the
+same way: the same Ray Train trials, Tune sweep, validation/test split and verdict as text."""
 
 import csv
 import json
+import sys
+from pathlib import Path
 
 import pytest
 
-from ray_pipeline.cli import main
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from media_files import write_photo_crops  # noqa: E402
+
+from ray_pipeline.cli import main  # noqa: E402
 
 pytest.importorskip("resemblyzer")
 pytestmark = pytest.mark.slow
@@ -53,3 +58,25 @@ def test_a_speech_pool_is_fine_tuned_and_judged(tmp_path, shared_data):
     said = [json.loads(line) for line in preds.read_text().splitlines()]
     assert len(said) == 60 and {s["label"] for s in said} <= set(model.config.id2label.values())
     assert main(["predict", "--model", str(out / "target" / "model"), "--input", str(held)]) == 2  # no --audio-column
+
+
+def test_an_image_pool_is_fine_tuned_and_judged(tmp_path):
+    rows = write_photo_crops(tmp_path, 24, size=64)  # 48 crops of two photographs
+    pool, held = tmp_path / "pool.jsonl", tmp_path / "held.jsonl"
+    pool.write_text("".join(json.dumps(r) + "\n" for r in rows[:16] + rows[24:40]))
+    held.write_text("".join(json.dumps(r) + "\n" for r in rows[16:24] + rows[40:]))
+    out = tmp_path / "out"
+    assert main(["run", "--data", str(pool), "--image-column", "image", "--label-column", "photo", "--id-column", "id",
+                 "--eval", str(held), "--k", "2", "--budgets", "4", "--set", "select.random_seeds=[0]",
+                 "--set", "finetune.proxy.top_candidates=1", "--set", "finetune.train.max_steps=2",
+                 "--set", "finetune.train.eval_every=1", "--set", "finetune.train.batch_size=4",
+                 "--set", "finetune.sweep.include_full=false", "--engine", "local", "--out", str(out),
+                 "--no-progress"]) == 0
+    tuned = json.loads(next((out / "tune").glob("*/candidates.json")).read_text())
+    assert {t["kind"] for t in tuned["trials"]} == {"selection", "random"}
+    assert all(t["steps"] >= 1 for t in tuned["trials"]), [(t["name"], t.get("error")) for t in tuned["trials"]]
+    assert "test accuracy" in " ".join(tuned["summary"]["verdict"]["lines"])
+    preds = tmp_path / "p.jsonl"
+    assert main(["predict", "--model", str(out / "target" / "model"), "--input", str(held), "--image-column", "image",
+                 "--output", str(preds)]) == 0
+    assert {json.loads(line)["label"] for line in preds.read_text().splitlines()} <= {"china", "flower"}
