@@ -232,7 +232,10 @@ def proxy_choice(cands: dict, among: list) -> dict:
             "candidates": {k: {"validation": v["validation"], "test": v["test"]} for k, v in pool.items()}}
 
 
-def run_quality(name: str, pcts: list[float], seeds: int, peers: tuple = ("apricot",), max_gib: float = 3.0) -> dict:
+def run_quality(name: str, pcts: list[float], seeds: int, peers: tuple = ("apricot", "kernel-per-label"),
+                max_gib: float = 3.0, partial=None) -> dict:
+    """The quality table of one set; ``partial(result)`` is called after each budget with what
+    is done so far (a long run keeps its small budgets)."""
     t0 = time.perf_counter()
     x, labels, y, xe, ye, val, test, n_cls = load(name)
     n = len(y)
@@ -264,7 +267,8 @@ def run_quality(name: str, pcts: list[float], seeds: int, peers: tuple = ("apric
     add("random", lambda: [prefix(np.random.default_rng(s).permutation(n)) for s in range(seeds)])
     if "apricot" in peers:
         add("apricot FL", lambda: [prefix(apricot_fl(x, max(ms)))])
-    add("FL per label (apricot's greedy)", lambda: [fl_per_label(x, y, ms)])
+    if "kernel-per-label" in peers:
+        add("FL per label (apricot's greedy)", lambda: [fl_per_label(x, y, ms)])
     if "submodlib" in peers:
         add("submodlib FL", lambda: [prefix(submodlib_fl(x, max(ms)))])
     if "apricot-per-label" in peers:
@@ -287,6 +291,9 @@ def run_quality(name: str, pcts: list[float], seeds: int, peers: tuple = ("apric
         for label, among in PIPELINES.items():
             row[label] = proxy_choice(cands, among)
         table[f"{p:g}%"] = row
+        if partial is not None:
+            partial({"n": n, "labels": n_cls, "budgets": table, "peer_seconds": secs, "not_run": not_run,
+                     "done": False})
         print(f"  {p:g}% (M={m}): " + "; ".join(f"{k} {100 * v['mean']:.1f}" for k, v in row.items()), flush=True)
     full = probe(np.arange(n))
     return {"n": n, "labels": n_cls, "full": full, "budgets": table, "peer_seconds": secs, "not_run": not_run,
@@ -420,8 +427,12 @@ def main() -> None:
     p.add_argument("--max-gib", type=float, default=3.0, help="a peer needing more (projected) is not run")
     p.add_argument("--max-seconds", type=float, default=600.0, help="a peer that would take longer at the next "
                    "size (10x its time) is not run there")
-    p.add_argument("--peers", nargs="*", default=["apricot"], choices=["apricot", "submodlib", "apricot-per-label"],
-                   help="the library peers of the quality table (slow here: apricot compiles numba code per fit)")
+    p.add_argument("--peers", nargs="*", default=["apricot", "kernel-per-label"],
+                   choices=["apricot", "submodlib", "apricot-per-label", "kernel-per-label"],
+                   help="the facility-location peers of the quality table: apricot on the whole pool, submodlib, "
+                   "apricot label by label (apricot compiles numba code per fit: seconds a label), and the same "
+                   "per label through select/facility.py's dense greedy (no compile, but O(sum n_l^2 b_l): "
+                   "hours for a 9,000-row label; apricot's lazy greedy is the one for large labels)")
     p.add_argument("--cost-peers", nargs="*", default=list(COST_PEERS), choices=list(COST_PEERS))
     p.add_argument("--skip-quality", action="store_true")
     p.add_argument("--skip-cost", action="store_true")
@@ -434,9 +445,11 @@ def main() -> None:
     results: dict = {"machine": machine(), "args": vars(args)}
     if not args.skip_quality:
         results["quality"] = {}
-        for d in args.datasets:  # saved after each set: a long run keeps what it finished
-            results["quality"][d] = run_quality(d, args.budgets, args.seeds, tuple(args.peers), args.max_gib)
-            save(args.name, results)
+        for d in args.datasets:  # saved after each budget: a long run keeps what it finished
+            def partial(r, d=d):
+                results["quality"][d] = r
+                save(args.name, results)
+            partial(run_quality(d, args.budgets, args.seeds, tuple(args.peers), args.max_gib, partial))
     if not args.skip_cost:
         results["cost"] = run_cost(args.sizes, args.max_gib, args.max_seconds, args.cost_peers, args.name)
     print()
