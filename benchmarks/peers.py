@@ -300,7 +300,13 @@ def run_quality(name: str, pcts: list[float], seeds: int, peers: tuple = ("apric
             "seconds": time.perf_counter() - t0}
 
 
+def is_peer(row: str) -> bool:
+    """A peer's row, not the pipeline's (its choice, or one of its candidate families alone)."""
+    return not row.startswith("pipeline") and row not in {f"{m} K={k}" for m, k in SINGLE}
+
+
 def quality_markdown(name: str, r: dict) -> str:
+    """The set's table, bold where a row is at or above the best peer at that budget."""
     budgets = list(r["budgets"])
     rows = list(next(iter(r["budgets"].values())))
     lines = [f"| {name}, {r['n']:,} samples, {r['labels']} labels | " + " | ".join(budgets) + " |",
@@ -309,7 +315,7 @@ def quality_markdown(name: str, r: dict) -> str:
         cells = []
         for b in budgets:
             v = r["budgets"][b][meth]
-            best = max(u["mean"] for k, u in r["budgets"][b].items() if not k.startswith("pipeline"))
+            best = max(u["mean"] for k, u in r["budgets"][b].items() if is_peer(k))
             cell = f"{100 * v['mean']:.1f}" + (f" ± {100 * v['std']:.1f}" if len(v.get("seeds", [])) > 1 else "")
             cells.append(f"**{cell}**" if v["mean"] >= best else cell)
         lines.append(f"| {meth} | " + " | ".join(cells) + " |")
