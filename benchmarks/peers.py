@@ -43,25 +43,29 @@ import time
 import numpy as np
 
 from benchmarks._common import PeakRSS, machine, save
-from benchmarks.quality import DATASETS, TWEET, coded, pipeline_choice, vectors
+from benchmarks.quality import DATASETS, coded, vectors
 
-from ray_pipeline.config import Config, DataConfig
+from ray_pipeline.config import Config
+from ray_pipeline.config.typed import parse_k
 from ray_pipeline.finetune.proxy import linear_probe
 from ray_pipeline.select.engine import select_candidates
 from ray_pipeline.select.kernels import proportional_budgets, semantic_duplicates
 from ray_pipeline.select.kmeans import kmeans
 
-# tweeteval_emoji: the first 12,000 training tweets (the file is not sorted by label) and 4,000
-# test tweets, so that embedding fits a loaded 2-core machine; banking77 whole.
-PEER_DATA = {
-    "banking77": DATASETS["banking77"],
-    "tweeteval_emoji": (DataConfig(path=str(TWEET / "train_text.txt"), labels_path=str(TWEET / "train_labels.txt"),
-                                   limit=12_000),
-                        DataConfig(path=str(TWEET / "test_text.txt"), labels_path=str(TWEET / "test_labels.txt"),
-                                   limit=4_000)),
-    "20newsgroups": DATASETS["20newsgroups"],
+# The three sets whole, as quality.py reads them (tweeteval_emoji: all 45,000 training tweets and the
+# first 10,000 test tweets), so the two benchmarks share one embedding cache.
+PEER_DATA = {name: DATASETS[name] for name in ("banking77", "20newsgroups", "tweeteval_emoji")}
+# The pipeline's candidates the quality table measures: one select_candidates call per budget with
+# every K spec and method below; the pipeline rows are the proxy's choice among a subset of them.
+KS, METHODS = ("M/8", "M/4", "M/2", "M"), ("kcenter", "centroid", "facility")
+PIPELINES = {  # row -> the (method, K spec) candidates the proxy chooses among
+    "pipeline": [(m, k) for m in ("kcenter", "centroid") for k in ("M/2", "M")],  # the default grid
+    "pipeline + facility": [(m, k) for m in METHODS for k in ("M/2", "M")],
+    "pipeline + facility to M/8": [(m, k) for m in ("kcenter", "centroid") for k in ("M/2", "M")]
+    + [("facility", k) for k in KS],
+    "pipeline, every method at M/8-M": [(m, k) for m in METHODS for k in KS],
 }
-CACHE_NAME = {"tweeteval_emoji": "tweeteval_emoji-peers"}
+SINGLE = [("facility", k) for k in ("M/8", "M/4", "M/2")]  # candidate families reported alone
 
 
 # ----------------------------------------------------------------------------------------------
@@ -183,25 +187,77 @@ def top_by_score(score: np.ndarray) -> np.ndarray:
 
 def load(name: str):
     train, held = PEER_DATA[name]
-    x, labels = vectors(CACHE_NAME.get(name, name), 0, train)
-    y, xe, ye, val, test, classes = coded(labels, *vectors(CACHE_NAME.get(name, name), 1, held))
+    x, labels = vectors(name, 0, train)
+    y, xe, ye, val, test, classes = coded(labels, *vectors(name, 1, held))
     return x, labels, y, xe, ye, val, test, len(classes)
 
 
-def run_quality(name: str, pcts: list[float], seeds: int, peers: tuple = ("apricot",)) -> dict:
+# peer -> bytes of the dense similarity it holds, from the pool's size n and its label sizes; a
+# peer whose need is over --max-gib is reported with it instead of run.
+DENSE_NEED = {
+    "apricot FL": (lambda n, sizes: 8.0 * n * n, "a dense N x N float64 similarity"),
+    "submodlib FL": (lambda n, sizes: 4.0 * n * n, "a dense N x N float32 similarity"),
+    "apricot FL, per label": (lambda n, sizes: 8.0 * float(sizes.max()) ** 2, "the largest label's dense float64"),
+    "FL per label (apricot's greedy)": (lambda n, sizes: 8.0 * float(sizes.max()) ** 2,
+                                        "the largest label's float32 similarity and its temporary"),
+}
+
+
+def pipeline_candidates(x, labels, m: int, probe, val, test) -> dict:
+    """Every candidate of KS x METHODS at budget m (one select_candidates call, run seed 0,
+    stratified by label as the default is), each scored on the validation and the test half:
+    (method, K spec) -> {name, validation, test, rows}."""
+    cfg = Config.from_dict({"cluster": {"k": list(KS)}, "select": {"budgets": [m], "random_seeds": [],
+                                                                     "method": list(METHODS)}})
+    sel = select_candidates(x, cfg, rng=np.random.default_rng(0), labels=labels)
+    by = {(s.method, s.k): s for s in sel.per_k}
+    out = {}
+    for method in METHODS:
+        for spec in KS:
+            _, r = parse_k("cluster.k", spec)
+            s = by[(method, max(1, int(round(r * m))))]  # as Config.candidate_grid turns a ratio into K
+            rows = np.flatnonzero(s.members(m))
+            out[(method, spec)] = {"name": s.name(m), "validation": probe(rows, val), "test": probe(rows, test)}
+    return out
+
+
+def proxy_choice(cands: dict, among: list) -> dict:
+    """The proxy's choice among ``among`` (the best validation score, ties: the first listed),
+    reported on test, with the best in hindsight and the regret."""
+    pool = {cands[c]["name"]: cands[c] for c in among}
+    chose = max(pool, key=lambda k: pool[k]["validation"])
+    best = max(pool, key=lambda k: pool[k]["test"])
+    return {"mean": pool[chose]["test"], "std": 0.0, "chose": chose, "best": best,
+            "regret": pool[best]["test"] - pool[chose]["test"],
+            "candidates": {k: {"validation": v["validation"], "test": v["test"]} for k, v in pool.items()}}
+
+
+def run_quality(name: str, pcts: list[float], seeds: int, peers: tuple = ("apricot", "kernel-per-label"),
+                max_gib: float = 3.0, partial=None) -> dict:
+    """The quality table of one set; ``partial(result)`` is called after each budget with what
+    is done so far (a long run keeps its small budgets)."""
     t0 = time.perf_counter()
     x, labels, y, xe, ye, val, test, n_cls = load(name)
     n = len(y)
     ms = [max(1, int(round(p / 100 * n))) for p in pcts]
-    print(f"\n== {name}: pool {n:,}, test half {len(test):,}, {n_cls} labels", flush=True)
+    sizes = np.bincount(y)
+    print(f"\n== {name}: pool {n:,}, validation {len(val):,}, test half {len(test):,}, {n_cls} labels", flush=True)
 
     def probe(rows, on=test):
         return linear_probe(x[rows], y[rows], xe[on], ye[on], n_cls)["accuracy"]
 
     subsets: dict[str, list[dict[int, np.ndarray]]] = {}  # row -> one {m: rows} per seed
     secs: dict[str, float] = {}
+    not_run: dict[str, dict] = {}
 
     def add(label, fn):
+        need = DENSE_NEED.get(label)
+        if need is not None and need[0](n, sizes) / 2 ** 30 > max_gib:
+            gib = need[0](n, sizes) / 2 ** 30
+            not_run[label] = {"projected_gib": gib, "why": f"needs {gib:,.1f} GiB for {need[1]} (over --max-gib "
+                                                          f"{max_gib:g})"}
+            print(f"  {label}: not run, {not_run[label]['why']}", flush=True)
+            return
         t = time.perf_counter()
         subsets[label] = fn()
         secs[label] = time.perf_counter() - t
@@ -211,7 +267,8 @@ def run_quality(name: str, pcts: list[float], seeds: int, peers: tuple = ("apric
     add("random", lambda: [prefix(np.random.default_rng(s).permutation(n)) for s in range(seeds)])
     if "apricot" in peers:
         add("apricot FL", lambda: [prefix(apricot_fl(x, max(ms)))])
-    add("FL per label (apricot's greedy)", lambda: [fl_per_label(x, y, ms)])
+    if "kernel-per-label" in peers:
+        add("FL per label (apricot's greedy)", lambda: [fl_per_label(x, y, ms)])
     if "submodlib" in peers:
         add("submodlib FL", lambda: [prefix(submodlib_fl(x, max(ms)))])
     if "apricot-per-label" in peers:
@@ -219,40 +276,37 @@ def run_quality(name: str, pcts: list[float], seeds: int, peers: tuple = ("apric
     add("SemDeDup + random", lambda: [prefix(semdedup_random(x, max(ms), np.random.default_rng(s))) for s in range(3)])
     add("kMQ", lambda: [kmq(x, ms, np.random.default_rng(s)) for s in range(3)])
     add("ZCore-style", lambda: [prefix(top_by_score(zcore_scores(x, np.random.default_rng(0), probes=20 * n)))])
-
-    def family(method, k="M/2"):
-        out = {}
-        for m in ms:
-            cfg = Config.from_dict({"cluster": {"k": [k]}, "select": {"budgets": [m], "random_seeds": [],
-                                                                      "method": [method]}})
-            sel = select_candidates(x, cfg, rng=np.random.default_rng(0), labels=labels)
-            out[m] = np.flatnonzero(sel.per_k[0].members(m))
-        return [out]
-
-    add("facility K=M/2", lambda: family("facility"))
     table: dict = {}
     for p, m in zip(pcts, ms):
         row = {}
         for label, per_seed in subsets.items():
             accs = [probe(s[m]) for s in per_seed]
             row[label] = {"mean": float(np.mean(accs)), "std": float(np.std(accs)), "seeds": accs}
-        r = pipeline_choice(x, labels, m, {"method": ["kcenter", "centroid", "facility"]}, 0,
-                            lambda rows: probe(rows, val), probe)
-        cand = r["candidates"]
-        default = {k: v for k, v in cand.items() if not k.startswith("facility")}  # the default grid's
-        for label, pool in (("pipeline", default), ("pipeline + facility", cand)):
-            chose = max(pool, key=lambda k: pool[k]["validation"])
-            best = max(pool, key=lambda k: pool[k]["test"])
-            row[label] = {"mean": pool[chose]["test"], "std": 0.0, "chose": chose, "best": best,
-                          "regret": pool[best]["test"] - pool[chose]["test"], "candidates": pool}
+        t = time.perf_counter()
+        cands = pipeline_candidates(x, labels, m, probe, val, test)
+        secs[f"pipeline candidates {p:g}%"] = time.perf_counter() - t
+        for method, spec in SINGLE:
+            c = cands[(method, spec)]
+            row[f"{method} K={spec}"] = {"mean": c["test"], "std": 0.0, "name": c["name"]}
+        for label, among in PIPELINES.items():
+            row[label] = proxy_choice(cands, among)
         table[f"{p:g}%"] = row
+        if partial is not None:
+            partial({"n": n, "labels": n_cls, "budgets": table, "peer_seconds": secs, "not_run": not_run,
+                     "done": False})
         print(f"  {p:g}% (M={m}): " + "; ".join(f"{k} {100 * v['mean']:.1f}" for k, v in row.items()), flush=True)
     full = probe(np.arange(n))
-    return {"n": n, "labels": n_cls, "full": full, "budgets": table, "peer_seconds": secs,
+    return {"n": n, "labels": n_cls, "full": full, "budgets": table, "peer_seconds": secs, "not_run": not_run,
             "seconds": time.perf_counter() - t0}
 
 
+def is_peer(row: str) -> bool:
+    """A peer's row, not the pipeline's (its choice, or one of its candidate families alone)."""
+    return not row.startswith("pipeline") and row not in {f"{m} K={k}" for m, k in SINGLE}
+
+
 def quality_markdown(name: str, r: dict) -> str:
+    """The set's table, bold where a row is at or above the best peer at that budget."""
     budgets = list(r["budgets"])
     rows = list(next(iter(r["budgets"].values())))
     lines = [f"| {name}, {r['n']:,} samples, {r['labels']} labels | " + " | ".join(budgets) + " |",
@@ -261,13 +315,16 @@ def quality_markdown(name: str, r: dict) -> str:
         cells = []
         for b in budgets:
             v = r["budgets"][b][meth]
-            best = max(u["mean"] for k, u in r["budgets"][b].items() if not k.startswith("pipeline"))
+            best = max(u["mean"] for k, u in r["budgets"][b].items() if is_peer(k))
             cell = f"{100 * v['mean']:.1f}" + (f" ± {100 * v['std']:.1f}" if len(v.get("seeds", [])) > 1 else "")
             cells.append(f"**{cell}**" if v["mean"] >= best else cell)
         lines.append(f"| {meth} | " + " | ".join(cells) + " |")
+    for meth, v in r.get("not_run", {}).items():
+        lines.append(f"| {meth} | not run: {v['why']} |" + " |" * (len(budgets) - 1))
     lines.append(f"| full pool | {100 * r['full']:.1f} |" + " |" * (len(budgets) - 1))
-    chose = ", ".join(f"{b}: {r['budgets'][b]['pipeline + facility']['chose']}" for b in budgets)
-    return "\n".join(lines) + f"\n\n`pipeline + facility` chose (on the validation half): {chose}.\n"
+    chose = "\n".join(f"- `{label}`: " + ", ".join(f"{b}: {r['budgets'][b][label]['chose']}" for b in budgets)
+                      for label in PIPELINES)
+    return "\n".join(lines) + f"\n\nThe proxy chose (on the validation half):\n\n{chose}\n"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -376,20 +433,29 @@ def main() -> None:
     p.add_argument("--max-gib", type=float, default=3.0, help="a peer needing more (projected) is not run")
     p.add_argument("--max-seconds", type=float, default=600.0, help="a peer that would take longer at the next "
                    "size (10x its time) is not run there")
-    p.add_argument("--peers", nargs="*", default=["apricot"], choices=["apricot", "submodlib", "apricot-per-label"],
-                   help="the library peers of the quality table (slow here: apricot compiles numba code per fit)")
+    p.add_argument("--peers", nargs="*", default=["apricot", "kernel-per-label"],
+                   choices=["apricot", "submodlib", "apricot-per-label", "kernel-per-label"],
+                   help="the facility-location peers of the quality table: apricot on the whole pool, submodlib, "
+                   "apricot label by label (apricot compiles numba code per fit: seconds a label), and the same "
+                   "per label through select/facility.py's dense greedy (no compile, but O(sum n_l^2 b_l): "
+                   "hours for a 9,000-row label; apricot's lazy greedy is the one for large labels)")
     p.add_argument("--cost-peers", nargs="*", default=list(COST_PEERS), choices=list(COST_PEERS))
     p.add_argument("--skip-quality", action="store_true")
     p.add_argument("--skip-cost", action="store_true")
     p.add_argument("--name", default="peers")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (1 is faster on a loaded 2-core machine)")
     args = p.parse_args()
     import torch
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     results: dict = {"machine": machine(), "args": vars(args)}
     if not args.skip_quality:
-        results["quality"] = {d: run_quality(d, args.budgets, args.seeds, tuple(args.peers)) for d in args.datasets}
-        save(args.name, results)
+        results["quality"] = {}
+        for d in args.datasets:  # saved after each budget: a long run keeps what it finished
+            def partial(r, d=d):
+                results["quality"][d] = r
+                save(args.name, results)
+            partial(run_quality(d, args.budgets, args.seeds, tuple(args.peers), args.max_gib, partial))
     if not args.skip_cost:
         results["cost"] = run_cost(args.sizes, args.max_gib, args.max_seconds, args.cost_peers, args.name)
     print()

@@ -80,15 +80,18 @@ def select_stage(pool: Pool, cfg: Config, run: Run, devices: Devices, *, progres
         meta = json.loads(marker.read_text())
         reused = True
     else:
+        t1 = time.perf_counter()
         vectors = _sharded_vectors(pool, cfg, run, devices) if cfg.select.engine == "ray" else InMemory(x, cfg, devices)
         sel = select_candidates(vectors, cfg, rng=np.random.default_rng(cfg.seed), labels=pool.labels,
                                 progress=progress)
+        select_s = time.perf_counter() - t1  # the selection itself, kept in select.json for a reuse
         write_parquet(selection_table(pool, sel), d / "selection.parquet")
         faults.point("select:written")
         write_parquet(clusters_table(pool, sel), d / "clusters.parquet")
         meta = {"n": len(pool), "dim": int(x.shape[1]), "budgets": list(sel.budgets),
                 "seeds": {"seed": cfg.seed, "random_seeds": list(cfg.select.random_seeds)},
-                "candidates": sel.candidates(), "kernel_seconds": {s.family: s.seconds for s in sel.per_k},
+                "candidates": sel.candidates(), "select_seconds": select_s,
+                "kernel_seconds": {s.family: s.seconds for s in sel.per_k},
                 "engine": cfg.select.engine, "devices": {"select": devices.select, "faiss_gpus": devices.faiss_gpus}}
         write_json(meta, marker)
         reused = False
@@ -118,6 +121,7 @@ def tune_stage(pool: Pool, parts, select_dir: Path, cfg: Config, run: Run, *, re
     """The fine-tuning sweep over every candidate into ``tune/<key>/``; target/ linked at the top.
     parts: the held-out parts (``heldout.Parts``), read and checked before the first stage.
     console: what the sweep shows (Tune's tables, or a bar of trials)."""
+    from .finetune.metrics import selection_to_tuning
     from .finetune.proxy import prune, score_proxy
     from .finetune.sweep import candidates_from_selection, run_sweep
     from .finetune.task import task_for
@@ -155,7 +159,11 @@ def tune_stage(pool: Pool, parts, select_dir: Path, cfg: Config, run: Run, *, re
     if (d / "target").is_dir():
         link(d / "target", run.out / "target")
     summary = result["summary"]
+    # selection time over one full-pool fine-tune (Data Whisperer's ratio); None without a full trial
+    ratio = selection_to_tuning(json.loads((select_dir / "select.json").read_text()).get("select_seconds"),
+                                result["trials"])
     run.stage("tune", seconds=time.perf_counter() - t0, reused=reused, key=d.name, dir=str(d),
+              selection_to_tuning=ratio,
               target=summary["target"], split=summary.get("split"), verdict=summary.get("verdict", {}).get("lines"),
               failed=summary["failed"], stopped_early=summary["stopped_early"],
               proxy_rank_correlation=summary.get("proxy_rank_correlation"))

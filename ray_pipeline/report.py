@@ -209,6 +209,10 @@ def write_report(out: Path, run_info: dict, pool) -> Path:
                       "random, same size (test)": (f"{sign * rnd['test_mean']:.4f} ± {rnd['test_std']:.4f} "
                                                    f"({rnd['n']} seeds)" if "test_mean" in rnd else "–"),
                       "full pool (test)": f"{_fmt(in_metric(full.get('test')))} ({full.get('status', '–')})"})
+    ratio = stages.get("tune", {}).get("selection_to_tuning")
+    if ratio:  # Data Whisperer's selection-to-tuning ratio: below 1, the selection costs less than one fine-tune
+        facts["selection / one full-pool fine-tune"] = (f"{ratio['ratio']:.3g} ({ratio['select_s']:.1f} s / "
+                                                        f"{ratio['full_finetune_s']:.1f} s)")
     parts.append("<h2>Summary</h2>" + _table([facts], list(facts)))
     if summary.get("verdict"):
         parts.append("<h2>Verdict (test part)</h2><p>" + "<br>".join(html.escape(v) for v in summary["verdict"]["lines"])

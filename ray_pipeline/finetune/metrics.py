@@ -44,3 +44,21 @@ def spearman(a: list[float], b: list[float]) -> Optional[float]:
 
     rho = spearmanr(a, b).statistic
     return None if np.isnan(rho) else float(rho)
+
+
+def selection_to_tuning(select_s: Optional[float], trials: list[dict]) -> Optional[dict]:
+    """The selection-to-tuning ratio (Data Whisperer, ACL 2025): the selection's wall time over the
+    wall time of one fine-tune on the full pool, the sweep's ``full`` trial. Below 1 the selection
+    costs less than the fine-tune it is meant to spare. None where either is missing (no full trial,
+    ``finetune.sweep.include_full: false``; the full trial failed; a select stage that did not
+    record its time).
+
+    Example:
+        >>> selection_to_tuning(3.0, [{"kind": "full", "status": "capped", "wall_s": 120.0, "steps": 40}])
+        {'ratio': 0.025, 'select_s': 3.0, 'full_finetune_s': 120.0, 'full_status': 'capped', 'full_steps': 40}
+    """
+    full = next((t for t in trials if t.get("kind") == "full" and t.get("status") != "failed"), None)
+    if select_s is None or full is None or not full.get("wall_s"):
+        return None
+    return {"ratio": select_s / full["wall_s"], "select_s": select_s, "full_finetune_s": full["wall_s"],
+            "full_status": full["status"], "full_steps": full.get("steps")}

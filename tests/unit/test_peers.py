@@ -31,3 +31,33 @@ def test_kmq_takes_each_clusters_share_at_random():
     sub = kmq(x, [20], np.random.default_rng(1), k=4)[20]
     assert len(set(sub.tolist())) == 20
     assert sorted(np.bincount(z[sub], minlength=4).tolist()) == [2, 3, 5, 10]  # 20 * 100/200, 50/200, ...
+
+
+def test_proxy_choice_picks_by_validation_and_reports_the_regret():
+    from benchmarks.peers import proxy_choice
+
+    cands = {("kcenter", "M"): {"name": "k10_m10", "validation": 0.50, "test": 0.70},
+             ("facility", "M"): {"name": "facility_k10_m10", "validation": 0.60, "test": 0.65},
+             ("centroid", "M"): {"name": "centroid_k10_m10", "validation": 0.40, "test": 0.90}}
+    r = proxy_choice(cands, [("kcenter", "M"), ("facility", "M")])
+    assert (r["chose"], r["best"], r["mean"]) == ("facility_k10_m10", "k10_m10", 0.65)
+    assert abs(r["regret"] - 0.05) < 1e-12
+    assert set(r["candidates"]) == {"k10_m10", "facility_k10_m10"}  # the third was not among them
+
+
+def test_pipeline_candidates_name_each_k_spec_as_the_grid_does():
+    from benchmarks.peers import KS, METHODS, PIPELINES, pipeline_candidates
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(600, 16)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    labels = np.array([str(i % 3) for i in range(600)], dtype=object)
+    sizes = []
+    cands = pipeline_candidates(x, labels, 60, lambda rows, on: sizes.append(len(rows)) or 0.0, "val", "test")
+    assert set(cands) == {(m, k) for m in METHODS for k in KS}
+    # K = round(r M) for M = 60: M/8 -> 8 (7.5 rounds to even), M/4 -> 15, M/2 -> 30, M -> 60
+    assert {k: cands[("facility", k)]["name"] for k in KS} == {
+        "M/8": "facility_k8_m60", "M/4": "facility_k15_m60", "M/2": "facility_k30_m60", "M": "facility_k60_m60"}
+    assert cands[("kcenter", "M/2")]["name"] == "k30_m60"
+    assert set(sizes) == {60}  # every candidate holds M rows
+    assert all(m != "facility" for m, _ in PIPELINES["pipeline"])  # the default grid's own candidates
