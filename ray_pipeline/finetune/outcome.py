@@ -25,7 +25,11 @@ from .task import task_for
 log = logging.getLogger(__name__)
 
 
-def trial_record(result, ft, plan: dict) -> dict:
+def trial_record(result, ft, plan: dict, retries: list) -> dict:
+    """One trial's record from its Tune ``Result``: status (``failed``, ``converged``,
+    ``stopped_early`` by ASHA, ``capped``), steps, scores, cost and learning curve. ``retries``:
+    its failed attempts (``sweep.RETRIES``), each run again; the cost counts them too, and a trial
+    that finished after a retry is judged by the attempt that finished, never as stopped early."""
     rec = {k: v for k, v in result.config["candidate"].items() if k != "inject_failure"}
     df = result.metrics_dataframe
     history = []
@@ -44,13 +48,15 @@ def trial_record(result, ft, plan: dict) -> dict:
         rec["status"] = "stopped_early"  # by ASHA (selection candidates only)
     else:
         rec["status"] = "capped"  # reached max_epochs / max_steps
-    wall = float(last.get("time_total_s") or 0.0)
+    # Tune's clock starts again with each attempt: the failed ones' seconds are added
+    wall = float(last.get("time_total_s") or 0.0) + sum(r["attempt_s"] or 0.0 for r in retries)
     device_s = wall * ft.resources.num_workers * (1 if plan["use_gpu"] else ft.resources.cpus_per_worker)
     rec.update(step_cap=rec.pop("steps"), steps=int(last.get("step", 0)), evaluations=len(history),
                samples_seen=int(last.get("samples_seen", 0)), epochs=float(last.get("epochs", 0.0)),
                validation_score=last.get("best_score"), final_validation_score=last.get("score"),
                accuracy=last.get("accuracy"), macro_f1=last.get("macro_f1"), eval_loss=last.get("eval_loss"),
-               tokens_per_s=last.get("tokens_per_s"), wall_s=wall,
+               tokens_per_s=last.get("tokens_per_s"), wall_s=wall, retries=len(retries),
+               retry_errors=[r["error"] for r in retries], resumed_from_step=last.get("resumed_from_step"),
                **{("gpu_seconds" if plan["use_gpu"] else "cpu_seconds"): device_s}, history=history)
     return rec
 
@@ -102,6 +108,9 @@ def choose_and_write(trials: list[dict], values: dict, candidates: list, pool: P
                "proxy_rank_correlation": spearman([t["proxy_score"] for t in with_proxy],
                                                   [t["validation_score"] for t in with_proxy]),
                "failed": [t["name"] for t in trials if t["status"] == "failed"],
+               "retried": {t["name"]: {"retries": t["retries"], "errors": t["retry_errors"],
+                                       "resumed_from_step": t["resumed_from_step"]}
+                           for t in trials if t["retries"]},
                "stopped_early": [t["name"] for t in trials if t["status"] == "stopped_early"]}
     if target is not None:
         cand = next(c for c in candidates if c.name == target["name"])

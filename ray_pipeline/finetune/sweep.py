@@ -23,6 +23,7 @@ the target subset; the pipeline writes its records beside it as ``target/subset.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -40,6 +41,7 @@ from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from ..config import Config
 from ..io.pool import Pool
 from ..errors import InputError
+from ..io.run_dir import write_json
 from ..runtime.console import Console
 from ..runtime.capacity import ensure_fits, gpus_to_grow_to
 from ..runtime.interrupt import tune_fit
@@ -156,6 +158,45 @@ def _release_callback(trials_dir: Path):
     return ReleasePlacementGroups()
 
 
+RETRIES = "retries.json"  # in the sweep's directory: every retry of a trial, kept across a resumed sweep
+
+
+def _retry_callback(path: Path):
+    """A Tune callback that logs and records in ``path`` each retry of a trial (trial name ->
+    ``[{"error", "attempt_s", "last_step"}]``: the error's last line, the failed attempt's
+    seconds, the last step it reported)."""
+    import json
+
+    from ray.tune import Callback
+
+    class RetryLog(Callback):
+        def __init__(self):
+            self.retries = json.loads(path.read_text()) if path.is_file() else {}
+            self.started: dict = {}
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            self.started[trial.trial_id] = time.monotonic()
+
+        on_trial_restore = on_trial_start
+
+        def on_trial_recover(self, iteration, trials, trial, **info):  # failed, and to run again
+            name = trial.config["candidate"]["name"]
+            error = "unknown error"
+            if trial.error_file and Path(trial.error_file).is_file():  # every failure, appended
+                lines = [v for v in Path(trial.error_file).read_text().splitlines() if v.strip()]
+                error = lines[-1].strip()[:300] if lines else error
+            t0 = self.started.get(trial.trial_id)
+            self.retries.setdefault(name, []).append({
+                "error": error, "attempt_s": time.monotonic() - t0 if t0 is not None else None,
+                "last_step": (trial.last_result or {}).get("step")})
+            self.started[trial.trial_id] = time.monotonic()
+            log.warning("trial %s failed (%s); retry %d of %d, from its last checkpoint where it has one", name,
+                        error, len(self.retries[name]), trial.max_failures)
+            write_json(self.retries, path)
+
+    return RetryLog()
+
+
 @contextmanager
 def _tune_output(tables: bool):
     """Tune's own console output for the block: its status tables, or (not ``tables``) none. At
@@ -218,8 +259,11 @@ def _trial(config: dict, shared: SweepData) -> None:
         run_config=ray.train.RunConfig(
             name=cand["name"], storage_path=shared.train_storage, callbacks=[TuneReportCallback()],
             # A trial whose workers cannot start (e.g. resources never freed) fails after a few
-            # tries and is reported, instead of retrying forever (Ray's default).
-            failure_config=ray.train.FailureConfig(max_failures=0, controller_failure_limit=3)),
+            # tries and is reported, instead of retrying forever (Ray's default). A lost worker fails
+            # the fit; Tune then runs the trial again (finetune.sweep.max_retries), and this run, of
+            # the same name and storage, hands the workers its latest checkpoint (Train's snapshot).
+            failure_config=ray.train.FailureConfig(max_failures=0, controller_failure_limit=3),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1)),
     )
     trainer.fit()
 
@@ -249,7 +293,10 @@ def run_sweep(candidates: list[Candidate], pool: Pool, parts: Parts, cfg: Config
     tables (``ray_bars``), or our bars of trials and steps (``bars``).
 
     With ``resume`` and an interrupted sweep in ``out/tune``, Tune restores it: finished trials
-    are kept, unfinished ones run again from their start."""
+    are kept, unfinished ones go on from their last checkpoint (from their start where it holds no
+    training state). A trial that fails (a lost worker or node, an error) is run again up to
+    ``finetune.sweep.max_retries`` times, from its last checkpoint; each retry is in
+    ``retries.json`` and in the trial's record."""
     from ray import tune
     from ray.tune.schedulers import FIFOScheduler
 
@@ -287,15 +334,22 @@ def run_sweep(candidates: list[Candidate], pool: Pool, parts: Parts, cfg: Config
             tuner = tune.Tuner.restore(str(experiment), trainable=trainable, resume_unfinished=True,
                                        resume_errored=False, restart_errored=False)
         else:
-            if experiment.exists():  # a sweep that did not finish, not resumed: start it again
-                shutil.rmtree(experiment)
+            # a sweep that did not finish, not resumed: start it again; Ray Train would hand its
+            # checkpoints to trials of the same name, and its retries are not this sweep's
+            for stale in (experiment, out / "train", out / RETRIES):
+                if stale.is_dir():
+                    shutil.rmtree(stale)
+                elif stale.exists():
+                    stale.unlink()
             sw = ft.sweep
             tuner = tune.Tuner(
                 trainable,
                 param_space={"candidate": tune.grid_search(specs)},
                 tune_config=tune.TuneConfig(
                     metric="score", mode="max",
-                    scheduler=CandidateASHA(time_attr="training_iteration", max_t=max_t,
+                    # in evaluations the trial reports itself: a retried trial's count goes on from
+                    # its checkpoint, where Tune's training_iteration would start again at 1
+                    scheduler=CandidateASHA(time_attr="evaluation", max_t=max_t,
                                             grace_period=min(sw.grace_period, max_t),
                                             reduction_factor=sw.reduction_factor)
                     if sw.early_stopping else FIFOScheduler(),
@@ -304,8 +358,8 @@ def run_sweep(candidates: list[Candidate], pool: Pool, parts: Parts, cfg: Config
                     trial_dirname_creator=lambda t: t.config["candidate"]["name"],
                 ),
                 run_config=tune.RunConfig(name="tune", storage_path=str(out), verbose=1 if console.ray_bars else 0,
-                                          failure_config=tune.FailureConfig(max_failures=0),
-                                          callbacks=[_release_callback(out / "trials"),
+                                          failure_config=tune.FailureConfig(max_failures=sw.max_retries),
+                                          callbacks=[_release_callback(out / "trials"), _retry_callback(out / RETRIES),
                                                      SweepProgress(console.bars, task)]),
             )
         t0 = time.perf_counter()
@@ -315,7 +369,8 @@ def run_sweep(candidates: list[Candidate], pool: Pool, parts: Parts, cfg: Config
         finally:  # a worker stopped mid-save (an interrupt) leaves a temporary model directory
             remove_unfinished_saves(out / "trials")
         sweep_s = time.perf_counter() - t0
-    trials = [trial_record(r, ft, plan) for r in grid]
+    retries = json.loads((out / RETRIES).read_text()) if (out / RETRIES).is_file() else {}
+    trials = [trial_record(r, ft, plan, retries.get(r.config["candidate"]["name"], [])) for r in grid]
     for t in trials:
         if proxy and t["name"] in proxy:
             t["proxy_score"] = proxy[t["name"]]["score"]

@@ -116,3 +116,23 @@ def test_flat_finetune_keys_are_refused_with_their_new_place():
         Config().override(["finetune.max_steps=3"])
     cfg = Config().override(["finetune.train.max_steps=30", "finetune.sweep.grace_period=2"])
     assert cfg.finetune.train.max_steps == 30 and cfg.finetune.sweep.grace_period == 2
+
+
+@pytest.mark.parametrize("value, accepted", [(0, True), (3, True), (-1, False), ("two", False), (True, False)])
+def test_sweep_max_retries_is_an_int_of_at_least_zero(value, accepted):
+    assert Config().finetune.sweep.max_retries == 2  # a spot worker lost twice still finishes its trial
+    raw = {"finetune": {"sweep": {"max_retries": value}}}
+    if accepted:
+        assert Config.from_dict(raw).finetune.sweep.max_retries == value
+        return
+    with pytest.raises(ConfigError, match="finetune.sweep.max_retries"):
+        Config.from_dict(raw)
+
+
+def test_a_bad_max_retries_on_the_command_line_is_one_line_and_exit_2(capsys):
+    from ray_pipeline.cli import main
+
+    assert main(["run", "--set", "finetune.sweep.max_retries=-1", "--check"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["ray-pipeline: error: config field 'finetune.sweep.max_retries' is -1; allowed: an int >= 0 "
+                   "(0: a failed trial is not run again)"], err
