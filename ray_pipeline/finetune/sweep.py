@@ -146,14 +146,17 @@ def release_placement_groups(path: Path, grace_s: float = 5.0) -> list[str]:
 
 
 def _release_callback(trials_dir: Path):
-    """A Tune callback that releases each ended trial's left-behind placement groups."""
+    """A Tune callback that releases the left-behind placement groups of each trial that ended,
+    or failed and is to run again: when a node is lost, Ray moves the failed attempt's workers'
+    group to another node (seen here: onto the replacement node, whose room the retried attempt's
+    own group then waited for, for ever)."""
     from ray.tune import Callback
 
     class ReleasePlacementGroups(Callback):
         def on_trial_complete(self, iteration, trials, trial, **info):  # finished or stopped by ASHA
             release_placement_groups(trials_dir / trial.config["candidate"]["name"] / PLACEMENT_GROUPS)
 
-        on_trial_error = on_trial_complete
+        on_trial_error = on_trial_recover = on_trial_complete
 
     return ReleasePlacementGroups()
 
@@ -222,7 +225,8 @@ class SweepData:
     loop: the trial loop without its per-trial fields (train, steps, name, paths). train: the
     task's arrays of the whole pool, in the selection's order. rows: candidate name -> its rows.
     trials_dir / train_storage: the trials' model directories and Ray Train's storage. plan:
-    :func:`plan_resources`'s."""
+    :func:`plan_resources`'s. wait_s: the longest a trial's workers wait for room to start
+    (``ray.wait_timeout_s``: a replacement node, after one was lost)."""
 
     loop: TrialLoop
     train: dict
@@ -230,6 +234,7 @@ class SweepData:
     trials_dir: str
     train_storage: str
     plan: dict
+    wait_s: float = 600.0
 
 
 def _trial(config: dict, shared: SweepData) -> None:
@@ -250,6 +255,10 @@ def _trial(config: dict, shared: SweepData) -> None:
                    inject_failure=cand.get("inject_failure", False), best_model_dir=str(trial_dir / "best_model"),
                    placement_group_file=str(trial_dir / PLACEMENT_GROUPS))
     use_gpu = shared.plan["use_gpu"]
+    # Ray Train gives up on its workers' placement group after 60 s and tries again, a few times;
+    # a retried trial waits for a replacement node, which a cloud takes minutes to boot. Wait as
+    # long as every other wait on the cluster (read here, in the trial's process; Train passes it on).
+    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(shared.wait_s)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"loop": loop},
@@ -322,7 +331,8 @@ def run_sweep(candidates: list[Candidate], pool: Pool, parts: Parts, cfg: Config
                          label_names=train.get("label_names"), train={}, eval=ev, use_gpu=plan["use_gpu"], steps=0,
                          best_model_dir="")
         shared = SweepData(loop=loop, train=train, rows={c.name: c.rows for c in candidates},
-                           trials_dir=str(out / "trials"), train_storage=str(out / "train"), plan=plan)
+                           trials_dir=str(out / "trials"), train_storage=str(out / "train"), plan=plan,
+                           wait_s=cfg.ray.wait_timeout_s)
         log.info("Tune: %d candidates, %d at a time, %d worker(s) each (%s); every trial until patience or "
                  "%g epochs / %d steps; ASHA among the selection candidates only", len(candidates),
                  plan["max_concurrent_trials"], ft.resources.num_workers, "GPU" if plan["use_gpu"] else "CPU",
