@@ -165,7 +165,7 @@ def tune_stage(pool: Pool, parts, select_dir: Path, cfg: Config, run: Run, *, re
     run.stage("tune", seconds=time.perf_counter() - t0, reused=reused, key=d.name, dir=str(d),
               selection_to_tuning=ratio,
               target=summary["target"], split=summary.get("split"), verdict=summary.get("verdict", {}).get("lines"),
-              failed=summary["failed"], stopped_early=summary["stopped_early"],
+              failed=summary["failed"], stopped_early=summary["stopped_early"], retried=summary.get("retried", {}),
               proxy_rank_correlation=summary.get("proxy_rank_correlation"))
     return result
 

@@ -231,13 +231,16 @@ class SweepSettings:
     """Ray Tune over the candidates. ``early_stopping``: ASHA (``grace_period``,
     ``reduction_factor``, in evaluations) stops clearly worse *selection candidates* earlier; it
     never stops a baseline (false: no ASHA). ``include_full``: also fine-tune the full pool.
-    ``max_concurrent_trials`` empty: as many as the cluster holds."""
+    ``max_concurrent_trials`` empty: as many as the cluster holds. ``max_retries``: how many times a
+    trial that fails (a worker or node lost, as when a spot instance is reclaimed; an error) is
+    run again, from its last checkpoint where it reported one; 0: a failure is final."""
 
     early_stopping: bool = True
     grace_period: int = 1
     reduction_factor: int = 2
     include_full: bool = True
     max_concurrent_trials: Optional[int] = None
+    max_retries: int = 2
 
     def __post_init__(self) -> None:
         if self.grace_period < 1:
@@ -246,6 +249,8 @@ class SweepSettings:
             fail("finetune.sweep.reduction_factor", self.reduction_factor, "an int >= 2")
         if self.max_concurrent_trials is not None and self.max_concurrent_trials < 1:
             fail("finetune.sweep.max_concurrent_trials", self.max_concurrent_trials, "empty or an int >= 1")
+        if self.max_retries < 0:
+            fail("finetune.sweep.max_retries", self.max_retries, "an int >= 0 (0: a failed trial is not run again)")
 
 
 @dataclass(frozen=True)

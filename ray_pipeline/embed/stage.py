@@ -258,6 +258,9 @@ def actor_plan(cpus: float, gpus: float, cfg: EmbedConfig) -> dict:
     return {"actors": n, "num_gpus": 0, "num_cpus": max(0.5, min(float(threads), cpus - 1)), "threads": threads}
 
 
+EMBEDDING_ACTOR = "ShardEmbedder"  # in the class name Ray Data gives its actors: MapWorker(MapBatches(ShardEmbedder))
+
+
 def _unwrap_pipeline_error(exc: BaseException) -> Optional[PipelineError]:
     seen = exc
     for _ in range(10):
@@ -351,6 +354,7 @@ def _embed_with_ray(shard_plan: _ShardPlan, cfg: EmbedConfig, *, progress: bool,
     from tqdm.auto import tqdm
 
     from ..runtime.capacity import Request, ensure_fits, gpus_to_grow_to
+    from ..runtime.retries import actor_retries
     from ..runtime.session import ray_session
 
     with ray_session() as res:
@@ -359,6 +363,8 @@ def _embed_with_ray(shard_plan: _ShardPlan, cfg: EmbedConfig, *, progress: bool,
                              "lower embed.threads_per_actor (an actor's CPUs), or set embed.device: cpu")])
         log.info("Ray Data: %d embedding actor(s), %s CPU / %s GPU each, %d torch threads",
                  plan["actors"], plan["num_cpus"], plan["num_gpus"], plan["threads"])
+        job = ray.get_runtime_context().get_job_id()
+        before = actor_retries(job, EMBEDDING_ACTOR)  # this job's embedding actors so far (an earlier stage's)
         # One block per shard, so the actors share the shards out one at a time.
         blocks = [pa.table(shard_plan.batch([i])) for i in shard_plan.pending]
         ds = ray.data.from_arrow(blocks)
@@ -372,8 +378,9 @@ def _embed_with_ray(shard_plan: _ShardPlan, cfg: EmbedConfig, *, progress: bool,
             num_cpus=plan["num_cpus"],
             num_gpus=plan["num_gpus"] or None,
             # Ray Data's actor pools restart dead actors and retry their tasks by default
-            # (max_restarts=-1, max_task_retries=-1); shard files are written atomically, so a
-            # retried shard cannot leave half a file.
+            # (max_restarts=-1, max_task_retries=-1; ActorPoolMapOperator in Ray 2.60): an actor
+            # lost with its node starts again where the cluster has room (a replacement node);
+            # shard files are written atomically, so a retried shard cannot leave half a file.
         )
         out.context.enable_progress_bars = progress and ray_bars  # this dataset's copy of the DataContext
         try:
@@ -385,7 +392,12 @@ def _embed_with_ray(shard_plan: _ShardPlan, cfg: EmbedConfig, *, progress: bool,
                 raise err from None
             raise
         plan["shard_seconds"] = float(sum(r["seconds"] for r in done))  # time inside the actors
-        log.info("Ray Data wrote %d shards", len(done))
+        retried = actor_retries(job, EMBEDDING_ACTOR, before)
+        plan["retried"] = retried and {k: retried[k] for k in ("actor_restarts", "tasks_retried")}
+        log.info("Ray Data wrote %d shards%s", len(done),
+                 "" if not retried or not retried["actor_restarts"] else
+                 f"; {retried['actor_restarts']} actor restart(s), {retried['tasks_retried']} "
+                 f"shard task(s) retried (a lost worker or node)")
     return plan
 
 

@@ -30,12 +30,12 @@ import math
 import shutil
 import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from .task import size, task_for, units
-from .trial import (TrialLoop, deepspeed_config, evaluate, load_for_training, peak_rss_gib, precision_of, report,
-                    save_model, swap_in, zero_stage_of)
+from .trial import (TrialLoop, deepspeed_config, evaluate, injected_failure, keeps_training_state, load_for_training,
+                    peak_rss_gib, precision_of, report, resume_point, save_model, swap_in, zero_stage_of)
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,9 @@ def hf_deepspeed_config(loop: TrialLoop) -> dict:
 def training_arguments(loop: TrialLoop, output_dir: str):
     """The ``TrainingArguments`` of one trial: the project's settings by their own names, the
     pass-through ``finetune.train.training_args`` over the rest. Evaluation, logging and stopping
-    are the :class:`ReportToRay` callback's; the Trainer saves no checkpoints of its own."""
+    are the :class:`ReportToRay` callback's. Where a trial may be retried
+    (``trial.keeps_training_state``), the Trainer saves its state at each evaluation (the last one
+    kept), which the callback hands to Ray Train as the checkpoint; otherwise it saves none."""
     from transformers import TrainingArguments
 
     ft, tr = loop.finetune, loop.finetune.train
@@ -68,7 +70,9 @@ def training_arguments(loop: TrialLoop, output_dir: str):
         activation_checkpointing=tr.gradient_checkpointing,  # transformers 5's name for gradient_checkpointing
         activation_checkpointing_kwargs={"use_reentrant": False} if tr.gradient_checkpointing else None,
         bf16=precision == "bf16", fp16=precision == "fp16", use_cpu=not loop.use_gpu, seed=loop.seed,
-        data_seed=loop.seed, eval_strategy="no", save_strategy="no", logging_strategy="steps",
+        data_seed=loop.seed, eval_strategy="no", logging_strategy="steps",
+        **(dict(save_strategy="steps", save_steps=tr.eval_every, save_total_limit=1) if keeps_training_state(loop)
+           else dict(save_strategy="no")),
         logging_steps=tr.eval_every, report_to="none", disable_tqdm=True, remove_unused_columns=False,
         dataloader_num_workers=0, optim="adamw_torch")  # torch's AdamW: DeepSpeed's would compile for minutes
     # the pass-through may change the defaults above that no project key owns (max_grad_norm, optim, ...)
@@ -88,20 +92,28 @@ class TaskCollator:
         return batch
 
 
-def _callback(loop: TrialLoop, tok, collator: TaskCollator, rank: int, world: int, device):
+def _callback(loop: TrialLoop, tok, collator: TaskCollator, rank: int, world: int, device, resumed: dict):
     from transformers import TrainerCallback
 
     class ReportToRay(TrainerCallback):
         """Every ``eval_every`` steps (when the Trainer logs the window's mean loss, averaged over
         the ranks) and at the last step: the task's validation metrics, the best model saved,
-        ``ray.train.report`` (a sync point), and the patience rule stops the Trainer."""
+        ``ray.train.report`` (a sync point; once the Trainer has saved its state, where it does),
+        and the patience rule stops the Trainer. ``resumed``: the state.json of the checkpoint a
+        retried trial resumes from (its best score, patience count, seconds and tokens so far)."""
 
         def __init__(self):
             self.trainer = None  # set once the Trainer is built
-            self.best, self.since_best, self.t0 = -math.inf, 0, time.perf_counter()
+            self.best, self.since_best = resumed.get("best", -math.inf), resumed.get("since_best", 0)
+            self.done_s, self.t0 = resumed.get("train_seconds", 0.0), time.perf_counter()
+            self.pending = None  # metrics of this step's evaluation, reported with the state saved after it
+            collator.tokens = resumed.get("tokens", 0)
 
         def on_train_begin(self, args, state, control, **kw):
-            self.t0 = time.perf_counter()
+            self.t0 = time.perf_counter() - self.done_s
+            if self.since_best >= loop.finetune.train.patience:  # lost after its last report: nothing left
+                control.should_training_stop = True
+            return control
 
         def on_step_end(self, args, state, control, **kw):
             if state.global_step == loop.steps:
@@ -118,16 +130,31 @@ def _callback(loop: TrialLoop, tok, collator: TaskCollator, rank: int, world: in
             stop = self.since_best >= tr.patience
             elapsed = time.perf_counter() - self.t0
             samples_seen = step * tr.batch_size * tr.gradient_accumulation_steps * world
-            metrics.update(step=step, samples_seen=samples_seen, epochs=samples_seen / max(size(loop.train), 1),
-                           train_loss=float(logs["loss"]), best_score=self.best,
-                           tokens_per_s=collator.tokens * world / max(elapsed, 1e-9), train_seconds=elapsed,
-                           peak_rss_gib=peak_rss_gib(), stopped_by_patience=stop)
+            metrics.update(step=step, evaluation=math.ceil(step / tr.eval_every), samples_seen=samples_seen,
+                           epochs=samples_seen / max(size(loop.train), 1), train_loss=float(logs["loss"]),
+                           best_score=self.best, tokens_per_s=collator.tokens * world / max(elapsed, 1e-9),
+                           train_seconds=elapsed, peak_rss_gib=peak_rss_gib(), stopped_by_patience=stop,
+                           resumed_from_step=resumed.get("step", 0))
             if improved:
                 save_best(self.trainer, loop, tok, metrics, rank)
-            report(metrics, rank)
+            if control.should_save and keeps_training_state(loop):  # saved next: report in on_save
+                self.pending = metrics
+            else:
+                self._report(metrics)
             if stop:  # never reset: at the last step the Trainer's own flow has set it already
                 control.should_training_stop = True
             return control
+
+        def on_save(self, args, state, control, **kw):
+            if self.pending is not None:
+                metrics, self.pending = self.pending, None
+                self._report(metrics, Path(args.output_dir) / f"checkpoint-{state.global_step}")
+            return control
+
+        def _report(self, metrics: dict, files=None):
+            report(metrics, rank, {"best": self.best, "since_best": self.since_best,
+                                   "train_seconds": metrics["train_seconds"], "tokens": collator.tokens}, files=files)
+            injected_failure(loop, metrics["step"], resumed=bool(resumed))
 
     return ReportToRay()
 
@@ -140,12 +167,14 @@ def fit_with_trainer(loop: TrialLoop, task, rank: int, world: int, device) -> No
     from transformers import Trainer
 
     tr = loop.finetune.train
-    with tempfile.TemporaryDirectory(prefix="hf-trainer-") as out:
+    ckpt, resumed = resume_point()  # a retried trial goes on from its last checkpoint
+    with tempfile.TemporaryDirectory(prefix="hf-trainer-") as out, \
+            (ckpt.as_directory() if ckpt is not None else nullcontext()) as state_dir:
         args = training_arguments(loop, out)  # before from_pretrained: ZeRO-3 loads into shards
         torch.manual_seed(loop.seed)
         model, tok = load_for_training(loop, task)
         collator = TaskCollator(task, tok, loop.train, tr.max_length)
-        callback = _callback(loop, tok, collator, rank, world, device)
+        callback = _callback(loop, tok, collator, rank, world, device, resumed)
         trainer = Trainer(model=model, args=args, train_dataset=list(range(size(loop.train))),
                           data_collator=collator, callbacks=[callback])
         # A classifier's loss accepts num_items_in_batch and ignores it: without this, an accumulated
@@ -153,7 +182,8 @@ def fit_with_trainer(loop: TrialLoop, task, rank: int, world: int, device) -> No
         trainer.model_accepts_loss_kwargs = task.loss_takes_num_items
         trainer = prepare_trainer(trainer)
         callback.trainer = trainer
-        trainer.train()
+        # resumed: weights, optimizer, schedule, RNG and the data order's position (the Trainer's own)
+        trainer.train(resume_from_checkpoint=state_dir)
 
 
 def save_best(trainer, loop: TrialLoop, tok, metrics: dict, rank: int) -> None:

@@ -14,7 +14,8 @@ Three layers, as in Ray's ``train_tune_interop`` example: the per-worker trainin
   trial's best model is scored once on the *test* part, which took no part in any choice, and
   :func:`verdict.judge` compares the target with random and full there, with intervals and costs.
 
-A trial that fails is reported as failed; the sweep goes on. The result, in the run directory:
+A trial that fails is reported as failed; the sweep goes on. The records, the test scoring and the
+choice are :mod:`~ray_pipeline.finetune.outcome`'s. The result, in the run directory:
 ``candidates.json`` (every trial: validation and test scores, status, steps, epochs, samples
 seen, cost, learning curve; the summary with the verdict), ``target/ids.parquet`` (the ids of
 the target subset; the pipeline writes its records beside it as ``target/subset.<pool format>``) and ``target/model/`` (its tuned model; ``from_pretrained`` loads it).
@@ -22,6 +23,7 @@ the target subset; the pipeline writes its records beside it as ``target/subset.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -36,15 +38,15 @@ import numpy as np
 import pyarrow as pa
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
-from ..io.run_dir import write_json, write_parquet
 from ..config import Config
 from ..io.pool import Pool
 from ..errors import InputError
+from ..io.run_dir import write_json
 from ..runtime.console import Console
 from ..runtime.capacity import ensure_fits, gpus_to_grow_to
 from ..runtime.interrupt import tune_fit
 from .heldout import Parts
-from .metrics import ratio_score
+from .outcome import choose_and_write, score_on_test, trial_record
 from .progress import SweepProgress
 from .task import take, task_for
 from .sizing import check_memory, trial_requests
@@ -144,16 +146,58 @@ def release_placement_groups(path: Path, grace_s: float = 5.0) -> list[str]:
 
 
 def _release_callback(trials_dir: Path):
-    """A Tune callback that releases each ended trial's left-behind placement groups."""
+    """A Tune callback that releases the left-behind placement groups of each trial that ended,
+    or failed and is to run again: when a node is lost, Ray moves the failed attempt's workers'
+    group to another node (seen here: onto the replacement node, whose room the retried attempt's
+    own group then waited for, for ever)."""
     from ray.tune import Callback
 
     class ReleasePlacementGroups(Callback):
         def on_trial_complete(self, iteration, trials, trial, **info):  # finished or stopped by ASHA
             release_placement_groups(trials_dir / trial.config["candidate"]["name"] / PLACEMENT_GROUPS)
 
-        on_trial_error = on_trial_complete
+        on_trial_error = on_trial_recover = on_trial_complete
 
     return ReleasePlacementGroups()
+
+
+RETRIES = "retries.json"  # in the sweep's directory: every retry of a trial, kept across a resumed sweep
+
+
+def _retry_callback(path: Path):
+    """A Tune callback that logs and records in ``path`` each retry of a trial (trial name ->
+    ``[{"error", "attempt_s", "last_step"}]``: the error's last line, the failed attempt's
+    seconds, the last step it reported)."""
+    import json
+
+    from ray.tune import Callback
+
+    class RetryLog(Callback):
+        def __init__(self):
+            self.retries = json.loads(path.read_text()) if path.is_file() else {}
+            self.started: dict = {}
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            self.started[trial.trial_id] = time.monotonic()
+
+        on_trial_restore = on_trial_start
+
+        def on_trial_recover(self, iteration, trials, trial, **info):  # failed, and to run again
+            name = trial.config["candidate"]["name"]
+            error = "unknown error"
+            if trial.error_file and Path(trial.error_file).is_file():  # every failure, appended
+                lines = [v for v in Path(trial.error_file).read_text().splitlines() if v.strip()]
+                error = lines[-1].strip()[:300] if lines else error
+            t0 = self.started.get(trial.trial_id)
+            self.retries.setdefault(name, []).append({
+                "error": error, "attempt_s": time.monotonic() - t0 if t0 is not None else None,
+                "last_step": (trial.last_result or {}).get("step")})
+            self.started[trial.trial_id] = time.monotonic()
+            log.warning("trial %s failed (%s); retry %d of %d, from its last checkpoint where it has one", name,
+                        error, len(self.retries[name]), trial.max_failures)
+            write_json(self.retries, path)
+
+    return RetryLog()
 
 
 @contextmanager
@@ -181,7 +225,8 @@ class SweepData:
     loop: the trial loop without its per-trial fields (train, steps, name, paths). train: the
     task's arrays of the whole pool, in the selection's order. rows: candidate name -> its rows.
     trials_dir / train_storage: the trials' model directories and Ray Train's storage. plan:
-    :func:`plan_resources`'s."""
+    :func:`plan_resources`'s. wait_s: the longest a trial's workers wait for room to start
+    (``ray.wait_timeout_s``: a replacement node, after one was lost)."""
 
     loop: TrialLoop
     train: dict
@@ -189,6 +234,7 @@ class SweepData:
     trials_dir: str
     train_storage: str
     plan: dict
+    wait_s: float = 600.0
 
 
 def _trial(config: dict, shared: SweepData) -> None:
@@ -208,6 +254,10 @@ def _trial(config: dict, shared: SweepData) -> None:
                    inject_failure=cand.get("inject_failure", False), best_model_dir=str(trial_dir / "best_model"),
                    placement_group_file=str(trial_dir / PLACEMENT_GROUPS))
     use_gpu = shared.plan["use_gpu"]
+    # Ray Train gives up on its workers' placement group after 60 s and tries again, a few times;
+    # a retried trial waits for a replacement node, which a cloud takes minutes to boot. Wait as
+    # long as every other wait on the cluster (read here, in the trial's process; Train passes it on).
+    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(shared.wait_s)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"loop": loop},
@@ -217,8 +267,11 @@ def _trial(config: dict, shared: SweepData) -> None:
         run_config=ray.train.RunConfig(
             name=cand["name"], storage_path=shared.train_storage, callbacks=[TuneReportCallback()],
             # A trial whose workers cannot start (e.g. resources never freed) fails after a few
-            # tries and is reported, instead of retrying forever (Ray's default).
-            failure_config=ray.train.FailureConfig(max_failures=0, controller_failure_limit=3)),
+            # tries and is reported, instead of retrying forever (Ray's default). A lost worker fails
+            # the fit; Tune then runs the trial again (finetune.sweep.max_retries), and this run, of
+            # the same name and storage, hands the workers its latest checkpoint (Train's snapshot).
+            failure_config=ray.train.FailureConfig(max_failures=0, controller_failure_limit=3),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1)),
     )
     trainer.fit()
 
@@ -248,7 +301,10 @@ def run_sweep(candidates: list[Candidate], pool: Pool, parts: Parts, cfg: Config
     tables (``ray_bars``), or our bars of trials and steps (``bars``).
 
     With ``resume`` and an interrupted sweep in ``out/tune``, Tune restores it: finished trials
-    are kept, unfinished ones run again from their start."""
+    are kept, unfinished ones go on from their last checkpoint (from their start where it holds no
+    training state). A trial that fails (a lost worker or node, an error) is run again up to
+    ``finetune.sweep.max_retries`` times, from its last checkpoint; each retry is in
+    ``retries.json`` and in the trial's record."""
     from ray import tune
     from ray.tune.schedulers import FIFOScheduler
 
@@ -274,7 +330,8 @@ def run_sweep(candidates: list[Candidate], pool: Pool, parts: Parts, cfg: Config
                          label_names=train.get("label_names"), train={}, eval=ev, use_gpu=plan["use_gpu"], steps=0,
                          best_model_dir="")
         shared = SweepData(loop=loop, train=train, rows={c.name: c.rows for c in candidates},
-                           trials_dir=str(out / "trials"), train_storage=str(out / "train"), plan=plan)
+                           trials_dir=str(out / "trials"), train_storage=str(out / "train"), plan=plan,
+                           wait_s=cfg.ray.wait_timeout_s)
         log.info("Tune: %d candidates, %d at a time, %d worker(s) each (%s); every trial until patience or "
                  "%g epochs / %d steps; ASHA among the selection candidates only", len(candidates),
                  plan["max_concurrent_trials"], ft.resources.num_workers, "GPU" if plan["use_gpu"] else "CPU",
@@ -286,15 +343,22 @@ def run_sweep(candidates: list[Candidate], pool: Pool, parts: Parts, cfg: Config
             tuner = tune.Tuner.restore(str(experiment), trainable=trainable, resume_unfinished=True,
                                        resume_errored=False, restart_errored=False)
         else:
-            if experiment.exists():  # a sweep that did not finish, not resumed: start it again
-                shutil.rmtree(experiment)
+            # a sweep that did not finish, not resumed: start it again; Ray Train would hand its
+            # checkpoints to trials of the same name, and its retries are not this sweep's
+            for stale in (experiment, out / "train", out / RETRIES):
+                if stale.is_dir():
+                    shutil.rmtree(stale)
+                elif stale.exists():
+                    stale.unlink()
             sw = ft.sweep
             tuner = tune.Tuner(
                 trainable,
                 param_space={"candidate": tune.grid_search(specs)},
                 tune_config=tune.TuneConfig(
                     metric="score", mode="max",
-                    scheduler=CandidateASHA(time_attr="training_iteration", max_t=max_t,
+                    # in evaluations the trial reports itself: a retried trial's count goes on from
+                    # its checkpoint, where Tune's training_iteration would start again at 1
+                    scheduler=CandidateASHA(time_attr="evaluation", max_t=max_t,
                                             grace_period=min(sw.grace_period, max_t),
                                             reduction_factor=sw.reduction_factor)
                     if sw.early_stopping else FIFOScheduler(),
@@ -303,8 +367,8 @@ def run_sweep(candidates: list[Candidate], pool: Pool, parts: Parts, cfg: Config
                     trial_dirname_creator=lambda t: t.config["candidate"]["name"],
                 ),
                 run_config=tune.RunConfig(name="tune", storage_path=str(out), verbose=1 if console.ray_bars else 0,
-                                          failure_config=tune.FailureConfig(max_failures=0),
-                                          callbacks=[_release_callback(out / "trials"),
+                                          failure_config=tune.FailureConfig(max_failures=sw.max_retries),
+                                          callbacks=[_release_callback(out / "trials"), _retry_callback(out / RETRIES),
                                                      SweepProgress(console.bars, task)]),
             )
         t0 = time.perf_counter()
@@ -314,7 +378,8 @@ def run_sweep(candidates: list[Candidate], pool: Pool, parts: Parts, cfg: Config
         finally:  # a worker stopped mid-save (an interrupt) leaves a temporary model directory
             remove_unfinished_saves(out / "trials")
         sweep_s = time.perf_counter() - t0
-    trials = [_trial_record(r, ft, plan) for r in grid]
+    retries = json.loads((out / RETRIES).read_text()) if (out / RETRIES).is_file() else {}
+    trials = [trial_record(r, ft, plan, retries.get(r.config["candidate"]["name"], [])) for r in grid]
     for t in trials:
         if proxy and t["name"] in proxy:
             t["proxy_score"] = proxy[t["name"]]["score"]
@@ -322,115 +387,5 @@ def run_sweep(candidates: list[Candidate], pool: Pool, parts: Parts, cfg: Config
                             ("coverage", "proxy_coverage"), ("base_loss", "proxy_base_loss")):
                 if k in proxy[t["name"]]:
                     t[name] = proxy[t["name"]][k]
-    values = _score_on_test(trials, out, cfg, parts.test, train.get("label_names"))
-    return _choose_and_write(trials, values, candidates, pool, out, cfg, sweep_s, plan, parts.info)
-
-
-def _trial_record(result, ft, plan: dict) -> dict:
-    rec = {k: v for k, v in result.config["candidate"].items() if k != "inject_failure"}
-    df = result.metrics_dataframe
-    history = []
-    if df is not None and len(df) and "step" in df:
-        cols = [c for c in ("step", "score", "eval_loss", "accuracy", "train_loss") if c in df]
-        # A trial restarted after a crash (or a resumed sweep) reports its steps again: the later
-        # report of a step is the one the trial's final state comes from.
-        history = sorted({r["step"]: r for r in df[cols].to_dict("records")}.values(), key=lambda r: r["step"])
-    last = result.metrics or {}
-    if result.error is not None:
-        rec["status"] = "failed"
-        rec["error"] = str(result.error).strip().splitlines()[-1][:300]
-    elif last.get("stopped_by_patience"):
-        rec["status"] = "converged"  # patience: the validation score stopped improving
-    elif last.get("step", 0) < rec["steps"]:
-        rec["status"] = "stopped_early"  # by ASHA (selection candidates only)
-    else:
-        rec["status"] = "capped"  # reached max_epochs / max_steps
-    wall = float(last.get("time_total_s") or 0.0)
-    device_s = wall * ft.resources.num_workers * (1 if plan["use_gpu"] else ft.resources.cpus_per_worker)
-    rec.update(step_cap=rec.pop("steps"), steps=int(last.get("step", 0)), evaluations=len(history),
-               samples_seen=int(last.get("samples_seen", 0)), epochs=float(last.get("epochs", 0.0)),
-               validation_score=last.get("best_score"), final_validation_score=last.get("score"),
-               accuracy=last.get("accuracy"), macro_f1=last.get("macro_f1"), eval_loss=last.get("eval_loss"),
-               tokens_per_s=last.get("tokens_per_s"), wall_s=wall,
-               **{("gpu_seconds" if plan["use_gpu"] else "cpu_seconds"): device_s}, history=history)
-    return rec
-
-
-def _score_on_test(trials: list[dict], out: Path, cfg: Config, test_pool: Pool, label_names) -> dict:
-    """Each finished trial's best model (best on validation) scored once on the test part: trial
-    name -> (n, 2) values (``verdict``), also saved as ``trials/<name>/test_values.npy``. The test
-    part is read here and nowhere before."""
-    from .infer import per_sample_values
-
-    task = task_for(cfg.finetune.task, test_pool.modality)
-    data = task.arrays(test_pool, label_names)
-    values = {}
-    t0 = time.perf_counter()
-    for t in trials:
-        model = out / "trials" / t["name"] / "best_model"
-        if t["status"] == "failed" or not (model / "config.json").is_file():
-            continue
-        v = per_sample_values(str(model), cfg.finetune, data)
-        values[t["name"]] = v
-        np.save(out / "trials" / t["name"] / "test_values.npy", v)  # per test sample, for later analysis
-        t["test_score"] = ratio_score(v)
-        t.update(task.test_fields(t["test_score"]))
-    log.info("test part: %d trials scored on %d samples in %.1fs", len(values), len(test_pool),
-             time.perf_counter() - t0)
-    return values
-
-
-def _choose_and_write(trials: list[dict], values: dict, candidates: list[Candidate], pool: Pool, out: Path,
-                      cfg: Config, sweep_s: float, plan: dict, split: Optional[dict]) -> dict:
-    from .metrics import spearman
-    from .verdict import judge
-
-    ok = [t for t in trials if t["status"] != "failed" and t["validation_score"] is not None]
-    selected = [t for t in ok if t["kind"] == "selection"]
-    # The choice: validation only, ties to the smaller subset.
-    target = max(selected, key=lambda t: (t["validation_score"], -t["size"])) if selected else None
-    baselines: dict = {"random": {}, "full": None}
-    for t in ok:
-        if t["kind"] == "random":
-            baselines["random"].setdefault(str(t["m"]), []).append(t)
-        if t["kind"] == "full":
-            baselines["full"] = {"validation": t["validation_score"], "test": t.get("test_score"),
-                                 "status": t["status"], "epochs": t["epochs"]}
-    baselines["random"] = {m: _spread(v) for m, v in baselines["random"].items()}
-    with_proxy = [t for t in ok if t.get("proxy_score") is not None]
-    summary = {"target": None, "baselines": baselines, "sweep_seconds": sweep_s, "plan": plan, "split": split,
-               "choice": "the selection candidate with the highest validation score",
-               "proxy_rank_correlation": spearman([t["proxy_score"] for t in with_proxy],
-                                                  [t["validation_score"] for t in with_proxy]),
-               "failed": [t["name"] for t in trials if t["status"] == "failed"],
-               "stopped_early": [t["name"] for t in trials if t["status"] == "stopped_early"]}
-    if target is not None:
-        cand = next(c for c in candidates if c.name == target["name"])
-        src = out / "trials" / target["name"] / "best_model"
-        dst = out / "target" / "model"
-        if dst.exists():
-            shutil.rmtree(dst)
-        shutil.copytree(src, dst)
-        write_parquet(pa.table({"id": pa.array(pool.ids[cand.rows].tolist(), pa.string())}),
-                      out / "target" / "ids.parquet")
-        summary["target"] = {"name": target["name"], "k": target["k"], "m": target["m"], "size": target["size"],
-                             "validation_score": target["validation_score"], "test_score": target.get("test_score"),
-                             "random_same_size": baselines["random"].get(str(target["m"])),
-                             "full": baselines["full"], "model": str(dst.relative_to(out)),
-                             "ids": str((out / "target" / "ids.parquet").relative_to(out))}
-        if target["name"] in values:
-            randoms = [t for t in ok if t["kind"] == "random" and t["m"] == target["m"] and t["name"] in values]
-            full = next((t for t in ok if t["kind"] == "full" and t["name"] in values), None)
-            summary["verdict"] = judge(task_for(cfg.finetune.task), target, values, randoms, full,
-                                       np.random.default_rng([cfg.seed, 11]))
-    write_json({"summary": summary, "trials": trials}, out / "candidates.json")
-    return {"summary": summary, "trials": trials}
-
-
-def _spread(trials: list[dict]) -> dict:
-    val = [t["validation_score"] for t in trials]
-    test = [t["test_score"] for t in trials if t.get("test_score") is not None]
-    out = {"mean": float(np.mean(val)), "std": float(np.std(val)), "n": len(val)}
-    if test:
-        out.update(test_mean=float(np.mean(test)), test_std=float(np.std(test)))
-    return out
+    values = score_on_test(trials, out, cfg, parts.test, train.get("label_names"))
+    return choose_and_write(trials, values, candidates, pool, out, cfg, sweep_s, plan, parts.info)

@@ -17,14 +17,15 @@ from __future__ import annotations
 
 import logging
 import math
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
 from .task import size, task_for, units
-from .trial import TrialLoop, deepspeed_config, evaluate, load_for_training, peak_rss_gib, record_placement_group, \
-    report, save_model
+from .trial import TrialLoop, deepspeed_config, evaluate, injected_failure, keeps_training_state, load_for_training, \
+    peak_rss_gib, record_placement_group, report, resume_point, save_model
 from .trial import check_device, precision_of, step_cap, zero_stage_of  # noqa: F401  (here before trial.py)
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ def train_loop_per_worker(config: dict) -> None:
     if rank == 0 and loop.placement_group_file:
         record_placement_group(loop.placement_group_file)
     device = torch.device(f"cuda:{ctx.get_local_rank()}" if loop.use_gpu else "cpu")
-    if loop.inject_failure:  # fault injection (tests): this trial's worker raises
+    if loop.inject_failure is True:  # fault injection (tests): this trial's worker raises
         raise RuntimeError(f"injected failure in trial {loop.name}")
     if tr.engine == "trainer":
         from .hf_trainer import fit_with_trainer
@@ -70,16 +71,28 @@ def _hand_loop(loop: TrialLoop, task, rank: int, world: int, device) -> None:
     tr = loop.finetune.train
     torch.manual_seed(loop.seed)
     engine, tok = build_engine(loop, task, device)
+    engine.train()  # from_pretrained gives the model in eval mode: dropout from the first step, as after a resume
     n = size(loop.train)
     mine = np.arange(rank, n, world)  # this worker's share of the candidate subset
     rng = np.random.default_rng(loop.seed + rank)
     order, pos = rng.permutation(mine), 0
-    best, since_best = -math.inf, 0
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # summed on the device: no sync a step
-    t0 = time.perf_counter()
+    best, since_best, done_s, start = -math.inf, 0, 0.0, 0
     tokens_seen = 0
+    ckpt, state = resume_point()
+    if ckpt is not None:  # a retried trial: on from its last evaluation, as if never stopped
+        with ckpt.as_directory() as d:
+            engine.load_checkpoint(d, tag="state")  # weights, optimizer, schedule (every rank: a collective)
+            mine_state = torch.load(Path(d, f"rank-{rank}.pt"), weights_only=False)
+        rng.bit_generator.state, order, pos = mine_state["rng"], mine_state["order"], mine_state["pos"]
+        torch.set_rng_state(mine_state["torch_rng"])
+        tokens_seen = mine_state["tokens"]
+        start, best, since_best, done_s = state["step"], state["best"], state["since_best"], state["train_seconds"]
+        if since_best >= tr.patience:  # lost after its last report: nothing left to train
+            start = loop.steps
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # summed on the device: no sync a step
+    t0 = time.perf_counter() - done_s
     micro = tr.batch_size
-    for step in range(1, loop.steps + 1):
+    for step in range(start + 1, loop.steps + 1):
         for _ in range(tr.gradient_accumulation_steps):  # DeepSpeed steps the optimizer on the last one
             if pos + micro > len(order):
                 order, pos = rng.permutation(mine), 0
@@ -106,13 +119,22 @@ def _hand_loop(loop: TrialLoop, task, rank: int, world: int, device) -> None:
         stop = since_best >= tr.patience
         elapsed = time.perf_counter() - t0
         samples_seen = step * micro * tr.gradient_accumulation_steps * world
-        metrics.update(step=step, samples_seen=samples_seen, epochs=samples_seen / max(n, 1),
-                       train_loss=train_loss, best_score=best,
+        metrics.update(step=step, evaluation=math.ceil(step / tr.eval_every), samples_seen=samples_seen,
+                       epochs=samples_seen / max(n, 1), train_loss=train_loss, best_score=best,
                        tokens_per_s=tokens_seen * world / max(elapsed, 1e-9), train_seconds=elapsed,
-                       peak_rss_gib=peak_rss_gib(), stopped_by_patience=stop)
+                       peak_rss_gib=peak_rss_gib(), stopped_by_patience=stop, resumed_from_step=start)
         if rank == 0 and improved:
             save_model(engine.module, tok, Path(loop.best_model_dir), metrics)
-        report(metrics, rank)
+        if keeps_training_state(loop):
+            with tempfile.TemporaryDirectory(prefix="trial-state-") as d:
+                engine.save_checkpoint(d, tag="state")  # every rank writes its part: a collective
+                torch.save({"rng": rng.bit_generator.state, "order": order, "pos": pos, "tokens": tokens_seen,
+                            "torch_rng": torch.get_rng_state()}, Path(d, f"rank-{rank}.pt"))
+                report(metrics, rank, {"best": best, "since_best": since_best, "train_seconds": elapsed},
+                       files=Path(d))
+        else:
+            report(metrics, rank)
+        injected_failure(loop, step, resumed=ckpt is not None)
         if stop:
             break
 

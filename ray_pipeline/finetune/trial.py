@@ -14,7 +14,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 
@@ -33,8 +33,10 @@ class TrialLoop:
     test part). use_gpu: decided once by the sweep's resource plan. steps: this trial's cap
     (:func:`step_cap`). best_model_dir: where rank 0 keeps the best model. name,
     placement_group_file, inject_failure: the trial's name, where its placement group is noted
-    (``sweep.release_placement_groups``), and a fault injected by the tests. modality: what the
-    samples are (``Pool.modality``), with ``finetune.task`` the trial's task (``task_for``)."""
+    (``sweep.release_placement_groups``), and a fault injected by the tests (True: the worker
+    raises at once; an int N: it raises after reporting step N, in an attempt that did not resume:
+    a worker lost mid-trial, once). modality: what the samples are (``Pool.modality``), with
+    ``finetune.task`` the trial's task (``task_for``)."""
 
     finetune: FinetuneConfig
     seed: int
@@ -47,7 +49,7 @@ class TrialLoop:
     best_model_dir: str
     name: str = ""
     placement_group_file: Optional[str] = None
-    inject_failure: bool = False
+    inject_failure: Union[bool, int] = False
     modality: str = "text"
 
 
@@ -166,14 +168,50 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
 
 
-def report(metrics: dict, rank: int) -> None:
-    """``ray.train.report`` of one evaluation's metrics from every rank (a sync point), with a small
-    checkpoint from rank 0: Ray keeps a trial's metrics only with one (the model is saved apart)."""
+def keeps_training_state(loop: TrialLoop) -> bool:
+    """Whether each report's checkpoint holds the training state (weights, optimizer, schedule,
+    data order) a retried trial resumes from: where a trial may be retried
+    (``finetune.sweep.max_retries`` > 0). It costs a save of the model and optimizer per
+    evaluation; without it a checkpoint holds only ``state.json``."""
+    return loop.finetune.sweep.max_retries > 0
+
+
+def report(metrics: dict, rank: int, state: Optional[dict] = None, files: Optional[Path] = None) -> None:
+    """``ray.train.report`` of one evaluation's metrics from every rank (a sync point), with a
+    checkpoint: Ray keeps a trial's metrics only with one (the best model is saved apart). Rank 0
+    writes ``state.json`` (step, score, and ``state``: what a retried trial resumes with); with
+    ``files``, this rank's directory of training state (:func:`keeps_training_state`) is its part
+    of the checkpoint (Ray merges the ranks' parts), and ``state.json`` goes in with it."""
     import ray.train
 
     with tempfile.TemporaryDirectory() as d:
-        Path(d, "state.json").write_text(json.dumps({"step": metrics["step"], "score": metrics["score"]}))
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None)
+        root = Path(files) if files is not None else Path(d)
+        if rank == 0:
+            (root / "state.json").write_text(json.dumps({"step": metrics["step"], "score": metrics["score"],
+                                                         "resumable": files is not None, **(state or {})}))
+        ckpt = ray.train.Checkpoint.from_directory(str(root)) if rank == 0 or files is not None else None
+        ray.train.report(metrics, checkpoint=ckpt)
+
+
+def resume_point():
+    """(checkpoint, its state.json) this attempt of the trial resumes from: Ray Train's latest
+    checkpoint of the trial, there when the trial is retried after a lost worker or error, or its
+    sweep resumed; (None, {}) on a first attempt, or where the checkpoint holds no training state
+    (the attempt then starts over, and reports its steps again)."""
+    import ray.train
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        return None, {}
+    with ckpt.as_directory() as d:
+        state = json.loads(Path(d, "state.json").read_text())
+    return (ckpt, state) if state.get("resumable") else (None, {})
+
+
+def injected_failure(loop: TrialLoop, step: int, resumed: bool) -> None:
+    """The tests' fault (``TrialLoop.inject_failure`` = N): raise after the report of step N, once."""
+    if loop.inject_failure is not True and loop.inject_failure and step == loop.inject_failure and not resumed:
+        raise RuntimeError(f"injected failure in trial {loop.name} after step {step}")
 
 
 def load_for_training(loop: TrialLoop, task):

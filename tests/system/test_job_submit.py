@@ -4,13 +4,16 @@ test started are stopped (never `ray stop`, which would stop every Ray of the us
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Optional
 
 import psutil
 import pytest
@@ -37,31 +40,77 @@ def _pids_of_cluster(marks: tuple[str, ...]) -> set:
     return out
 
 
-@pytest.fixture(scope="module")
-def two_nodes(tmp_path_factory):
+def own_ports() -> list[str]:
+    """Ports of a node's agents: another Ray on the machine (the test session's) holds Ray's defaults."""
+    return [f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+            f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}"]
+
+
+MEMORY = ["--memory", str(2 * 2 ** 30), "--object-store-memory", str(500 * 2 ** 20)]  # each node claims the machine's
+
+
+@contextmanager
+def cluster_head(num_cpus: int = 1, env: Optional[dict] = None):
+    """A head node started with `ray start --head` (dashboard on 127.0.0.1), stopped on exit by the
+    pids of its cluster (:func:`stop_cluster`), nodes added later included. Yields the cluster:
+    ``dashboard``, ``env`` (for the CLI and clients: the same RAY_AUTH_MODE everywhere), ``address``."""
     if not Path(RAY).exists():
         pytest.skip("the ray CLI is not installed beside this Python")
     temp = Path("/tmp") / f"rp-{os.getpid()}"  # short: Ray's socket paths must stay under 108 chars
     # Ray 2.60 turns token auth on once a token exists; head, worker and client must agree.
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", **(env or {})}
     port, dash = _free_port(), _free_port()
     marks = (f"127.0.0.1:{port}", str(temp))
     before = _pids_of_cluster(marks)
-    mem = ["--memory", str(2 * 2 ** 30), "--object-store-memory", str(500 * 2 ** 20)]
-
-    def own_ports():  # another Ray on the machine (the test session's) holds Ray's default agent ports
-        return [f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
-                f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}"]
-
-    subprocess.run([RAY, "start", "--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=true",
-                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--temp-dir={temp}", *mem,
-                    *own_ports()], env=env, check=True, capture_output=True, timeout=120)
     try:
-        subprocess.run([RAY, "start", f"--address=127.0.0.1:{port}", "--num-cpus=1", *mem, *own_ports()],
-                       env=env, check=True, capture_output=True, timeout=120)
+        subprocess.run([RAY, "start", "--head", f"--port={port}", f"--num-cpus={num_cpus}", "--include-dashboard=true",
+                        "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--temp-dir={temp}", *MEMORY,
+                        *own_ports()], env=env, check=True, capture_output=True, timeout=120)
         yield {"dashboard": f"http://127.0.0.1:{dash}", "env": env, "address": f"127.0.0.1:{port}"}
     finally:
         stop_cluster(marks, before, temp)
+
+
+def add_node(cluster: dict, num_cpus: int = 1) -> psutil.Process:
+    """A worker node joined to ``cluster`` (`ray start --address`); its raylet's process."""
+    raylets = _raylets(cluster["address"])
+    for attempt in (1, 2):  # a port picked free may be taken by the time the node binds it: once more
+        proc = subprocess.run([RAY, "start", f"--address={cluster['address']}", f"--num-cpus={num_cpus}", *MEMORY,
+                               *own_ports()], env=cluster["env"], capture_output=True, timeout=180)
+        if proc.returncode == 0:
+            break
+        assert attempt == 1, f"ray start --address failed: {proc.stderr.decode()[-2000:]}"
+        print(f"ray start --address failed once, trying again: {proc.stderr.decode()[-500:]}")
+        time.sleep(2)
+    new = _raylets(cluster["address"]) - raylets
+    assert len(new) == 1, new
+    return psutil.Process(new.pop())
+
+
+def _raylets(address: str) -> set:
+    """The raylets of the cluster at ``address`` (their command lines give the GCS by the node's IP)."""
+    port = address.rsplit(":", 1)[1]
+    return {p.info["pid"] for p in psutil.process_iter(["pid", "name", "cmdline"])
+            if p.info["name"] == "raylet" and re.search(rf"--gcs-address=\S+:{port}\b", " ".join(p.info["cmdline"] or []))}
+
+
+def kill_node(raylet: psutil.Process) -> None:
+    """The node of ``raylet`` lost as a reclaimed spot instance is: SIGKILL to its raylet and every
+    process under it (its workers and agents) at once, nothing shut down."""
+    procs = [raylet, *raylet.children(recursive=True)]
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=15)
+
+
+@pytest.fixture(scope="module")
+def two_nodes():
+    with cluster_head() as cluster:
+        add_node(cluster)
+        yield cluster
 
 
 def stop_cluster(marks: tuple[str, ...], before: set, temp: Path) -> None:

@@ -105,6 +105,9 @@ def test_sweep_stops_the_worse_never_a_baseline_survives_a_failure_and_judges_on
         trials["k2_m40"]["steps"]
     assert all(t["status"] != "stopped_early" for t in trials.values() if t["kind"] != "selection")
     assert trials["k8_m40"]["status"] == "failed" and "injected failure" in trials["k8_m40"]["error"]
+    # run again finetune.sweep.max_retries (2) times, failing each time; no other trial retried
+    assert trials["k8_m40"]["retries"] == 2 and all("injected failure" in e for e in trials["k8_m40"]["retry_errors"])
+    assert [n for n, t in trials.items() if t["retries"]] == ["k8_m40"]
     assert trials["k4_m40"]["samples_seen"] == 12 * 16 and trials["k4_m40"]["epochs"] == pytest.approx(12 * 16 / 40)
     s = result["summary"]
     assert s["target"]["name"] == "k4_m40" and s["failed"] == ["k8_m40"]

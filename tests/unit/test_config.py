@@ -126,3 +126,23 @@ def test_an_exponent_without_a_dot_is_a_number(tmp_path):
     assert Config().override(["finetune.train.lr=5E-3"]).finetune.train.lr == 5e-3
     with pytest.raises(ConfigError, match="finetune.train.lr"):
         Config().override(["finetune.train.lr=1e-4x"])
+
+
+@pytest.mark.parametrize("value, accepted", [(0, True), (3, True), (-1, False), ("two", False), (True, False)])
+def test_sweep_max_retries_is_an_int_of_at_least_zero(value, accepted):
+    assert Config().finetune.sweep.max_retries == 2  # a spot worker lost twice still finishes its trial
+    raw = {"finetune": {"sweep": {"max_retries": value}}}
+    if accepted:
+        assert Config.from_dict(raw).finetune.sweep.max_retries == value
+        return
+    with pytest.raises(ConfigError, match="finetune.sweep.max_retries"):
+        Config.from_dict(raw)
+
+
+def test_a_bad_max_retries_on_the_command_line_is_one_line_and_exit_2(capsys):
+    from ray_pipeline.cli import main
+
+    assert main(["run", "--set", "finetune.sweep.max_retries=-1", "--check"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["ray-pipeline: error: config field 'finetune.sweep.max_retries' is -1; allowed: an int >= 0 "
+                   "(0: a failed trial is not run again)"], err

@@ -1,0 +1,43 @@
+"""What Ray retried of a job's actors, from its state API: the restarts of an actor lost with its
+worker or node, and the tasks run again on it. Ray Data's actor pools ask for both
+(``max_restarts=-1``, ``max_task_retries=-1``), and Ray retries them silently; the stages record
+the counts (``run.json``) so that a run says what a lost node cost it.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+log = logging.getLogger(__name__)
+
+
+def actor_retries(job_id: str, class_part: str, before: Optional[dict] = None) -> Optional[dict]:
+    """``actor_restarts`` and ``tasks_retried`` of job ``job_id``'s actors whose class name holds
+    ``class_part``, counted over those not in ``before`` (this function's answer at an earlier
+    point: its ``actors``, the ids seen), so that a stage counts only its own; None where the state
+    API does not answer (a Ray without its dashboard).
+
+    Example (on a running Ray):
+        >>> before = actor_retries(job, "ShardEmbedder")  # doctest: +SKIP
+        >>> actor_retries(job, "ShardEmbedder", before)  # doctest: +SKIP
+        {'actor_restarts': 1, 'tasks_retried': 6, 'actors': [...]}
+    """
+    from ray.util.state import list_actors, list_tasks
+    from ray.util.state.exception import RayStateApiException
+
+    try:
+        actors = list_actors(filters=[("job_id", "=", job_id)], detail=True, limit=10_000,
+                             raise_on_missing_output=False)
+        seen = set((before or {}).get("actors", ()))
+        actors = [a for a in actors if class_part in (a.class_name or "") and a.actor_id not in seen]
+        # 10,000: the most the API server returns
+        tasks = list_tasks(filters=[("job_id", "=", job_id), ("type", "=", "ACTOR_TASK")], detail=True,
+                           limit=10_000, raise_on_missing_output=False) if actors else []
+    except (RayStateApiException, ConnectionError) as e:
+        log.debug("the state API did not answer (%s): retries not counted", e)
+        return None
+    ids = {a.actor_id for a in actors}
+    return {"actor_restarts": int(sum(a.num_restarts or 0 for a in actors)),
+            "tasks_retried": sum(1 for t in tasks if t.attempt_number and t.actor_id in ids),
+            "actors": sorted(seen | ids)}
