@@ -125,7 +125,11 @@ def test_the_trainer_gets_the_project_settings_by_their_own_names(tmp_path):
         (3e-4, 4, 2, 20)
     assert (a.get_warmup_steps(20), a.weight_decay, a.lr_scheduler_type, a.bf16, a.seed, a.logging_steps) == \
         (2, 0.05, "cosine", True, 7, 5)
-    assert a.adam_beta2 == 0.95 and a.max_grad_norm == 0.5 and a.use_cpu and a.save_strategy == "no"
+    assert a.adam_beta2 == 0.95 and a.max_grad_norm == 0.5 and a.use_cpu
+    # a trial that may be retried (finetune.sweep.max_retries, 2 by default) keeps its training state
+    assert (a.save_strategy, a.save_steps, a.save_total_limit) == ("steps", 5, 1)
+    once = replace(loop, finetune=replace(ft, sweep=replace(ft.sweep, max_retries=0)))
+    assert training_arguments(once, str(tmp_path)).save_strategy == "no"
     assert hf_deepspeed_config(loop)["zero_optimization"] == {"stage": 0}
     zero3 = replace(loop, finetune=replace(ft, train=replace(ft.train, zero_stage=3)))
     assert hf_deepspeed_config(zero3)["zero_optimization"] == {"stage": 3,
