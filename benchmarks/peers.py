@@ -97,12 +97,12 @@ DENSE_NEED = {
 }
 
 
-def pipeline_candidates(x, labels, m: int, probe, val, test) -> dict:
-    """Every candidate of KS x METHODS at budget m (one select_candidates call, run seed 0,
-    stratified by label as the default is), each scored on the validation and the test half:
-    (method, K spec) -> {name, validation, test, rows}."""
+def pipeline_candidates(x, labels, m: int, probe, val, test, seed: int = 0) -> dict:
+    """Every candidate of KS x METHODS at budget m (one select_candidates call with run seed
+    ``seed``: k-means' sampling and initialisation; stratified by label as the default is), each
+    scored on the validation and the test half: (method, K spec) -> {name, validation, test}."""
     cfg = Config.from_dict({"cluster": {"k": list(KS)}, "select": {"budgets": [m], "random_seeds": [],
-                                                                     "method": list(METHODS)}})
+                                                                     "method": list(METHODS)}, "seed": seed})
     sel = select_candidates(x, cfg, rng=np.random.default_rng(0), labels=labels)
     by = {(s.method, s.k): s for s in sel.per_k}
     out = {}
@@ -127,7 +127,7 @@ def proxy_choice(cands: dict, among: list) -> dict:
 
 
 def run_quality(name: str, pcts: list[float], seeds: int, peers: tuple = ("apricot", "kernel-per-label"),
-                max_gib: float = 3.0, partial=None) -> dict:
+                max_gib: float = 3.0, partial=None, run_seed: int = 0) -> dict:
     """The quality table of one set; ``partial(result)`` is called after each budget with what
     is done so far (a long run keeps its small budgets)."""
     t0 = time.perf_counter()
@@ -177,7 +177,7 @@ def run_quality(name: str, pcts: list[float], seeds: int, peers: tuple = ("apric
             accs = [probe(s[m]) for s in per_seed]
             row[label] = {"mean": float(np.mean(accs)), "std": float(np.std(accs)), "seeds": accs}
         t = time.perf_counter()
-        cands = pipeline_candidates(x, labels, m, probe, val, test)
+        cands = pipeline_candidates(x, labels, m, probe, val, test, run_seed)
         secs[f"pipeline candidates {p:g}%"] = time.perf_counter() - t
         for method, spec in SINGLE:
             c = cands[(method, spec)]
@@ -337,6 +337,8 @@ def main() -> None:
     p.add_argument("--skip-quality", action="store_true")
     p.add_argument("--skip-cost", action="store_true")
     p.add_argument("--name", default="peers")
+    p.add_argument("--run-seed", type=int, default=0, help="the pipeline's run seed (its k-means); the peers' "
+                   "rows do not depend on it")
     p.add_argument("--threads", type=int, default=2, help="torch threads (1 is faster on a loaded 2-core machine)")
     args = p.parse_args()
     import torch
@@ -349,7 +351,8 @@ def main() -> None:
             def partial(r, d=d):
                 results["quality"][d] = r
                 save(args.name, results)
-            partial(run_quality(d, args.budgets, args.seeds, tuple(args.peers), args.max_gib, partial))
+            partial(run_quality(d, args.budgets, args.seeds, tuple(args.peers), args.max_gib, partial,
+                                args.run_seed))
     if not args.skip_cost:
         results["cost"] = run_cost(args.sizes, args.max_gib, args.max_seconds, args.cost_peers, args.name)
     print()
