@@ -17,10 +17,16 @@ validation, half), budgets 1, 2, 5, 10, 20% of the pool:
   its size (Yu et al. 2024, "Diversify and conquer"), 3 seeds; our re-implementation;
 - ``ZCore-style``: a label-free coverage-minus-redundancy score (Griffin et al. 2024, zero-shot
   coreset selection), the top-M by score; our re-implementation (:func:`zcore_scores`);
-- ``facility K=M/2``: the pipeline's facility-location family alone (select/facility.py);
-- ``pipeline``: the pipeline's own choice by its proxy among the default grid's candidates, and
-  ``pipeline + facility`` with the facility family among them (``select.method: [kcenter,
-  centroid, facility]``).
+- ``FL per label (apricot's greedy)``: the same per label through select/facility.py's dense
+  greedy (no numba compile; O(sum n_l^2 b_l), too slow for a 9,000-row label: ``--peers``);
+- ``facility K=M/8``, ``M/4``, ``M/2``: the pipeline's facility-location family alone
+  (select/facility.py), label-stratified as the default is;
+- ``pipeline``: the pipeline's own choice by its proxy among the default grid's candidates;
+  ``pipeline + facility``, ``+ facility to M/8`` and ``every method at M/8-M``: the same among
+  more candidates (:data:`PIPELINES`), all from one select_candidates call a budget.
+
+A peer whose dense similarity would pass ``--max-gib`` is reported with its projected need, not
+run. The datasets are quality.py's (tweeteval_emoji: 45,000 tweets), its embedding cache shared.
 
 Cost: selection wall time and peak memory (RSS above the vectors already held) of each peer and
 of the pipeline's default ``select`` (with and without the facility family) on 10k, 100k and 1M
@@ -28,7 +34,8 @@ synthetic clustered 384-d unit vectors at a 1% budget; a peer that cannot run at
 N x N similarity, or one past ``--max-seconds`` at the size below) is given its projected need.
 
     .venv/bin/python -m benchmarks.peers                                 # quality and cost
-    .venv/bin/python -m benchmarks.peers --skip-cost --datasets banking77
+    .venv/bin/python -m benchmarks.peers --skip-cost --datasets banking77 20newsgroups
+    .venv/bin/python -m benchmarks.peers --skip-cost --datasets tweeteval_emoji --peers apricot apricot-per-label
     .venv/bin/python -m benchmarks.peers --skip-quality --sizes 10000 100000
 
 Writes ``benchmarks/results/peers-cpu.json`` and prints Markdown tables.
@@ -43,14 +50,14 @@ import time
 import numpy as np
 
 from benchmarks._common import PeakRSS, machine, save
+from benchmarks.peer_methods import (apricot_fl, apricot_fl_per_label, fl_per_label, kmq, semdedup_random,
+                                     submodlib_fl, top_by_score, zcore_scores)
 from benchmarks.quality import DATASETS, coded, vectors
 
 from ray_pipeline.config import Config
 from ray_pipeline.config.typed import parse_k
 from ray_pipeline.finetune.proxy import linear_probe
 from ray_pipeline.select.engine import select_candidates
-from ray_pipeline.select.kernels import proportional_budgets, semantic_duplicates
-from ray_pipeline.select.kmeans import kmeans
 
 # The three sets whole, as quality.py reads them (tweeteval_emoji: all 45,000 training tweets and the
 # first 10,000 test tweets), so the two benchmarks share one embedding cache.
@@ -66,119 +73,6 @@ PIPELINES = {  # row -> the (method, K spec) candidates the proxy chooses among
     "pipeline, every method at M/8-M": [(m, k) for m in METHODS for k in KS],
 }
 SINGLE = [("facility", k) for k in ("M/8", "M/4", "M/2")]  # candidate families reported alone
-
-
-# ----------------------------------------------------------------------------------------------
-# peers: each returns an order of the pool's rows (the first m are the subset of size m) or, where
-# subsets are not prefixes of one order, {m: rows}
-
-
-def apricot_fl(x: np.ndarray, m_max: int) -> np.ndarray:
-    from apricot import FacilityLocationSelection
-
-    return np.asarray(FacilityLocationSelection(m_max, metric="cosine").fit(x.astype(np.float64)).ranking)
-
-
-def fl_per_label(x: np.ndarray, y: np.ndarray, ms: list[int]) -> dict[int, np.ndarray]:
-    """Facility location label by label with proportional budgets, through the pipeline's kernel
-    (select/facility.py) with each label as one cluster: apricot's greedy, index for index
-    (tests/unit/test_facility.py holds the kernel to apricot), without apricot's per-fit numba
-    compile (seconds per label on this machine, minutes for 77 labels)."""
-    import torch
-
-    from ray_pipeline.select.facility import facility_location
-
-    labels, code = np.unique(y, return_inverse=True)
-    sizes = np.bincount(code)
-    share = {m: proportional_budgets(sizes, m) for m in ms}
-    run_to = np.max(np.stack(list(share.values())), axis=0)
-    rank = facility_location(torch.from_numpy(x), torch.from_numpy(code.astype(np.int64)), torch.from_numpy(run_to),
-                             block_pairs=int(sizes.max()) ** 2).numpy()
-    return {m: np.flatnonzero((rank >= 0) & (rank < share[m][code])) for m in ms}
-
-
-def apricot_fl_per_label(x: np.ndarray, y: np.ndarray, ms: list[int]) -> dict[int, np.ndarray]:
-    """apricot label by label, each label's share of every m by proportional_budgets; one run per
-    label to its largest share, each m the prefixes."""
-    labels, code = np.unique(y, return_inverse=True)
-    sizes = np.bincount(code)
-    share = {m: proportional_budgets(sizes, m) for m in ms}
-    orders = []
-    for lab in range(len(labels)):
-        rows = np.flatnonzero(code == lab)
-        most = max(int(share[m][lab]) for m in ms)
-        orders.append(rows[apricot_fl(x[rows], most)] if most >= 1 and len(rows) > 1 else rows[:most])
-    return {m: np.concatenate([o[:int(share[m][lab])] for lab, o in enumerate(orders)]) for m in ms}
-
-
-def submodlib_fl(x: np.ndarray, m_max: int) -> np.ndarray:
-    from submodlib import FacilityLocationFunction
-
-    f = FacilityLocationFunction(n=len(x), mode="dense", data=x, metric="cosine")
-    return np.array([i for i, _ in f.maximize(budget=m_max, optimizer="LazyGreedy", show_progress=False)])
-
-
-def semdedup_random(x: np.ndarray, m_max: int, rng: np.random.Generator, threshold: float = 0.95) -> np.ndarray:
-    import torch
-
-    k = max(1, int(round(np.sqrt(len(x)))))
-    km = kmeans(x, k, seed=0)
-    dup = semantic_duplicates(torch.from_numpy(x), torch.from_numpy(km.assign), torch.from_numpy(km.sim), k,
-                              threshold).numpy()
-    kept = np.flatnonzero(~dup)
-    return rng.permutation(kept)[:m_max] if len(kept) >= m_max else np.r_[rng.permutation(kept),
-                                                                          rng.permutation(np.flatnonzero(dup))][:m_max]
-
-
-def kmq(x: np.ndarray, ms: list[int], rng: np.random.Generator, k: int | None = None) -> dict[int, np.ndarray]:
-    """k-means into k (default sqrt(N)) clusters; per cluster a random order; cluster c's share of m
-    by proportional_budgets; the subset: each cluster's first share members."""
-    k = k or max(1, int(round(np.sqrt(len(x)))))
-    a = kmeans(x, k, seed=0).assign
-    sizes = np.bincount(a, minlength=k)
-    order = np.lexsort((rng.random(len(x)), a))  # by cluster, random inside
-    start = np.r_[0, np.cumsum(sizes)]
-    return {m: np.concatenate([order[start[c]:start[c] + b] for c, b in enumerate(proportional_budgets(sizes, m))])
-            for m in ms}
-
-
-def zcore_scores(x: np.ndarray, rng: np.random.Generator, *, probes: int, dims: int = 2, subspaces: int = 16,
-                 neighbours: int = 4, redundancy: float = 0.5) -> np.ndarray:
-    """(n,) a ZCore-style score (Griffin et al. 2024), label-free: in each of ``subspaces`` random
-    ``dims``-dimensional coordinate subspaces, ``probes / subspaces`` points are drawn uniformly in
-    the data's bounding box; each probe credits its nearest sample +1 (coverage: samples alone in a
-    large region gather many probes) and charges that sample's ``neighbours`` nearest others
-    ``redundancy`` each (redundancy: a crowded sample's neighbours lose). Our re-implementation of
-    the idea, not the authors' code; :func:`coverage_redundancy` is one subspace's step."""
-    from scipy.spatial import cKDTree
-
-    score = np.zeros(len(x))
-    for _ in range(subspaces):
-        cols = rng.choice(x.shape[1], dims, replace=False)
-        xs = x[:, cols].astype(np.float64)
-        p = rng.uniform(xs.min(0), xs.max(0), size=(max(1, probes // subspaces), dims))
-        score += coverage_redundancy(xs, p, neighbours, redundancy, tree=cKDTree(xs))
-    return score
-
-
-def coverage_redundancy(xs: np.ndarray, probes: np.ndarray, neighbours: int, redundancy: float,
-                        tree=None) -> np.ndarray:
-    """(n,) one subspace's score: +1 to each probe's nearest sample, -``redundancy`` to each of
-    that sample's ``neighbours`` nearest other samples. xs: (n, s), probes: (p, s)."""
-    from scipy.spatial import cKDTree
-
-    tree = tree or cKDTree(xs)
-    _, nn = tree.query(probes, k=1)
-    score = np.bincount(nn, minlength=len(xs)).astype(np.float64)
-    if neighbours and len(xs) > 1:
-        _, near = tree.query(xs[nn], k=min(len(xs), neighbours + 1))
-        near = near[:, 1:].ravel()  # the first is the sample itself
-        score -= redundancy * np.bincount(near, minlength=len(xs))
-    return score
-
-
-def top_by_score(score: np.ndarray) -> np.ndarray:
-    return np.lexsort((np.arange(len(score)), -score))  # highest first, ties: lower row
 
 
 # ----------------------------------------------------------------------------------------------
@@ -203,12 +97,12 @@ DENSE_NEED = {
 }
 
 
-def pipeline_candidates(x, labels, m: int, probe, val, test) -> dict:
-    """Every candidate of KS x METHODS at budget m (one select_candidates call, run seed 0,
-    stratified by label as the default is), each scored on the validation and the test half:
-    (method, K spec) -> {name, validation, test, rows}."""
+def pipeline_candidates(x, labels, m: int, probe, val, test, seed: int = 0) -> dict:
+    """Every candidate of KS x METHODS at budget m (one select_candidates call with run seed
+    ``seed``: k-means' sampling and initialisation; stratified by label as the default is), each
+    scored on the validation and the test half: (method, K spec) -> {name, validation, test}."""
     cfg = Config.from_dict({"cluster": {"k": list(KS)}, "select": {"budgets": [m], "random_seeds": [],
-                                                                     "method": list(METHODS)}})
+                                                                     "method": list(METHODS)}, "seed": seed})
     sel = select_candidates(x, cfg, rng=np.random.default_rng(0), labels=labels)
     by = {(s.method, s.k): s for s in sel.per_k}
     out = {}
@@ -233,7 +127,7 @@ def proxy_choice(cands: dict, among: list) -> dict:
 
 
 def run_quality(name: str, pcts: list[float], seeds: int, peers: tuple = ("apricot", "kernel-per-label"),
-                max_gib: float = 3.0, partial=None) -> dict:
+                max_gib: float = 3.0, partial=None, run_seed: int = 0) -> dict:
     """The quality table of one set; ``partial(result)`` is called after each budget with what
     is done so far (a long run keeps its small budgets)."""
     t0 = time.perf_counter()
@@ -283,7 +177,7 @@ def run_quality(name: str, pcts: list[float], seeds: int, peers: tuple = ("apric
             accs = [probe(s[m]) for s in per_seed]
             row[label] = {"mean": float(np.mean(accs)), "std": float(np.std(accs)), "seeds": accs}
         t = time.perf_counter()
-        cands = pipeline_candidates(x, labels, m, probe, val, test)
+        cands = pipeline_candidates(x, labels, m, probe, val, test, run_seed)
         secs[f"pipeline candidates {p:g}%"] = time.perf_counter() - t
         for method, spec in SINGLE:
             c = cands[(method, spec)]
@@ -443,6 +337,8 @@ def main() -> None:
     p.add_argument("--skip-quality", action="store_true")
     p.add_argument("--skip-cost", action="store_true")
     p.add_argument("--name", default="peers")
+    p.add_argument("--run-seed", type=int, default=0, help="the pipeline's run seed (its k-means); the peers' "
+                   "rows do not depend on it")
     p.add_argument("--threads", type=int, default=2, help="torch threads (1 is faster on a loaded 2-core machine)")
     args = p.parse_args()
     import torch
@@ -455,7 +351,8 @@ def main() -> None:
             def partial(r, d=d):
                 results["quality"][d] = r
                 save(args.name, results)
-            partial(run_quality(d, args.budgets, args.seeds, tuple(args.peers), args.max_gib, partial))
+            partial(run_quality(d, args.budgets, args.seeds, tuple(args.peers), args.max_gib, partial,
+                                args.run_seed))
     if not args.skip_cost:
         results["cost"] = run_cost(args.sizes, args.max_gib, args.max_seconds, args.cost_peers, args.name)
     print()

@@ -1,4 +1,5 @@
-"""benchmarks/peers.py's own re-implementations of peers that have no library: hand cases."""
+"""The peers' re-implementations (benchmarks/peer_methods.py) on hand cases, and the harness's (benchmarks/peers.py)
+proxy choice and candidate naming."""
 
 import sys
 from pathlib import Path
@@ -9,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # benchmarks/ is not installed; `python -m pytest` from the root has it
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.peers import coverage_redundancy, kmq, top_by_score  # noqa: E402
+from benchmarks.peer_methods import coverage_redundancy, kmq, top_by_score  # noqa: E402
 
 
 def test_zcore_coverage_redundancy_by_hand():
