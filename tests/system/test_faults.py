@@ -72,7 +72,8 @@ def vectors(tmp_path_factory):
 def _select_outputs(out: Path) -> dict:
     files = {name: (out / name).read_bytes() for name in ("selection.parquet", "clusters.parquet")}
     stage = json.loads((out / "run.json").read_text())["stages"]["select"]
-    files["select"] = {k: v for k, v in stage.items() if k not in ("seconds", "kernel_seconds", "reused", "dir")}
+    files["select"] = {k: v for k, v in stage.items()
+                       if k not in ("seconds", "kernel_seconds", "select_seconds", "reused", "dir")}
     return files
 
 
