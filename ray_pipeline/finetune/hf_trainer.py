@@ -153,7 +153,8 @@ def _callback(loop: TrialLoop, tok, collator: TaskCollator, rank: int, world: in
 
         def _report(self, metrics: dict, files=None):
             report(metrics, rank, {"best": self.best, "since_best": self.since_best,
-                                   "train_seconds": metrics["train_seconds"], "tokens": collator.tokens}, files=files)
+                                   "train_seconds": metrics["train_seconds"], "tokens": collator.tokens}, files=files,
+                   history_file=loop.history_file)
             injected_failure(loop, metrics["step"], resumed=bool(resumed))
 
     return ReportToRay()

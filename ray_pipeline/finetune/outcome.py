@@ -7,6 +7,7 @@ runs the trials and calls these; nothing here starts Ray.
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import time
@@ -20,24 +21,29 @@ from ..config import Config
 from ..io.pool import Pool
 from ..io.run_dir import write_json, write_parquet
 from .metrics import ratio_score
+from .trial import HISTORY_FIELDS
 from .task import task_for
 
 log = logging.getLogger(__name__)
 
 
-def trial_record(result, ft, plan: dict, retries: list) -> dict:
+def trial_record(result, ft, plan: dict, retries: list, history_file: Optional[Path] = None) -> dict:
     """One trial's record from its Tune ``Result``: status (``failed``, ``converged``,
     ``stopped_early`` by ASHA, ``capped``), steps, scores, cost and learning curve. ``retries``:
     its failed attempts (``sweep.RETRIES``), each run again; the cost counts them too, and a trial
-    that finished after a retry is judged by the attempt that finished, never as stopped early."""
+    that finished after a retry is judged by the attempt that finished, never as stopped early.
+    history_file: the evaluations its workers wrote (``trial.report``), every attempt's; else the
+    curve comes from Tune's results, which after a restored sweep hold only the last attempt's."""
     rec = {k: v for k, v in result.config["candidate"].items() if k != "inject_failure"}
     df = result.metrics_dataframe
-    history = []
-    if df is not None and len(df) and "step" in df:
-        cols = [c for c in ("step", "score", "eval_loss", "accuracy", "train_loss") if c in df]
-        # A trial restarted after a crash (or a resumed sweep) reports its steps again: the later
-        # report of a step is the one the trial's final state comes from.
-        history = sorted({r["step"]: r for r in df[cols].to_dict("records")}.values(), key=lambda r: r["step"])
+    rows = []
+    if history_file is not None and history_file.is_file():
+        rows = [json.loads(v) for v in history_file.read_text().splitlines() if v.strip()]
+    elif df is not None and len(df) and "step" in df:
+        rows = df[[c for c in HISTORY_FIELDS if c in df]].to_dict("records")
+    # A trial run again after a failure (or in a resumed sweep) reports steps again: the later
+    # report of a step is the one the trial's final state comes from.
+    history = sorted({r["step"]: r for r in rows}.values(), key=lambda r: r["step"])
     last = result.metrics or {}
     if result.error is not None:
         rec["status"] = "failed"

@@ -162,6 +162,7 @@ def _release_callback(trials_dir: Path):
 
 
 RETRIES = "retries.json"  # in the sweep's directory: every retry of a trial, kept across a resumed sweep
+HISTORY = "history.jsonl"  # in a trial's directory: its evaluations, every attempt's (trial.report)
 
 
 def _retry_callback(path: Path):
@@ -252,7 +253,7 @@ def _trial(config: dict, shared: SweepData) -> None:
     trial_dir = Path(shared.trials_dir) / cand["name"]
     loop = replace(shared.loop, train=train, steps=cand["steps"], name=cand["name"],
                    inject_failure=cand.get("inject_failure", False), best_model_dir=str(trial_dir / "best_model"),
-                   placement_group_file=str(trial_dir / PLACEMENT_GROUPS))
+                   placement_group_file=str(trial_dir / PLACEMENT_GROUPS), history_file=str(trial_dir / HISTORY))
     use_gpu = shared.plan["use_gpu"]
     # Ray Train gives up on its workers' placement group after 60 s and tries again, a few times;
     # a retried trial waits for a replacement node, which a cloud takes minutes to boot. Wait as
@@ -345,7 +346,7 @@ def run_sweep(candidates: list[Candidate], pool: Pool, parts: Parts, cfg: Config
         else:
             # a sweep that did not finish, not resumed: start it again; Ray Train would hand its
             # checkpoints to trials of the same name, and its retries are not this sweep's
-            for stale in (experiment, out / "train", out / RETRIES):
+            for stale in (experiment, out / "train", out / RETRIES, *(out / "trials").glob(f"*/{HISTORY}")):
                 if stale.is_dir():
                     shutil.rmtree(stale)
                 elif stale.exists():
@@ -379,7 +380,8 @@ def run_sweep(candidates: list[Candidate], pool: Pool, parts: Parts, cfg: Config
             remove_unfinished_saves(out / "trials")
         sweep_s = time.perf_counter() - t0
     retries = json.loads((out / RETRIES).read_text()) if (out / RETRIES).is_file() else {}
-    trials = [trial_record(r, ft, plan, retries.get(r.config["candidate"]["name"], [])) for r in grid]
+    trials = [trial_record(r, ft, plan, retries.get(r.config["candidate"]["name"], []),
+                           out / "trials" / r.config["candidate"]["name"] / HISTORY) for r in grid]
     for t in trials:
         if proxy and t["name"] in proxy:
             t["proxy_score"] = proxy[t["name"]]["score"]

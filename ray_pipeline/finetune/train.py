@@ -131,9 +131,9 @@ def _hand_loop(loop: TrialLoop, task, rank: int, world: int, device) -> None:
                 torch.save({"rng": rng.bit_generator.state, "order": order, "pos": pos, "tokens": tokens_seen,
                             "torch_rng": torch.get_rng_state()}, Path(d, f"rank-{rank}.pt"))
                 report(metrics, rank, {"best": best, "since_best": since_best, "train_seconds": elapsed},
-                       files=Path(d))
+                       files=Path(d), history_file=loop.history_file)
         else:
-            report(metrics, rank)
+            report(metrics, rank, history_file=loop.history_file)
         injected_failure(loop, step, resumed=ckpt is not None)
         if stop:
             break

@@ -31,8 +31,9 @@ class TrialLoop:
     directory. label_names: the classifier's labels (None for a causal LM). train / eval: the
     task's arrays (``Task.arrays``) of the candidate subset and of the validation part (never the
     test part). use_gpu: decided once by the sweep's resource plan. steps: this trial's cap
-    (:func:`step_cap`). best_model_dir: where rank 0 keeps the best model. name,
-    placement_group_file, inject_failure: the trial's name, where its placement group is noted
+    (:func:`step_cap`). best_model_dir: where rank 0 keeps the best model. history_file: where
+    rank 0 appends each evaluation's scores (:func:`report`). name, placement_group_file,
+    inject_failure: the trial's name, where its placement group is noted
     (``sweep.release_placement_groups``), and a fault injected by the tests (True: the worker
     raises at once; an int N: it raises after reporting step N, in an attempt that did not resume:
     a worker lost mid-trial, once). modality: what the samples are (``Pool.modality``), with
@@ -50,6 +51,7 @@ class TrialLoop:
     name: str = ""
     placement_group_file: Optional[str] = None
     inject_failure: Union[bool, int] = False
+    history_file: Optional[str] = None
     modality: str = "text"
 
 
@@ -176,14 +178,24 @@ def keeps_training_state(loop: TrialLoop) -> bool:
     return loop.finetune.sweep.max_retries > 0
 
 
-def report(metrics: dict, rank: int, state: Optional[dict] = None, files: Optional[Path] = None) -> None:
+HISTORY_FIELDS = ("step", "score", "eval_loss", "accuracy", "train_loss")  # a trial's learning curve
+
+
+def report(metrics: dict, rank: int, state: Optional[dict] = None, files: Optional[Path] = None,
+           history_file: Optional[str] = None) -> None:
     """``ray.train.report`` of one evaluation's metrics from every rank (a sync point), with a
     checkpoint: Ray keeps a trial's metrics only with one (the best model is saved apart). Rank 0
     writes ``state.json`` (step, score, and ``state``: what a retried trial resumes with); with
     ``files``, this rank's directory of training state (:func:`keeps_training_state`) is its part
-    of the checkpoint (Ray merges the ranks' parts), and ``state.json`` goes in with it."""
+    of the checkpoint (Ray merges the ranks' parts), and ``state.json`` goes in with it. Rank 0
+    also appends the :data:`HISTORY_FIELDS` to ``history_file`` (JSON lines), the learning curve
+    across attempts: a trial resumed in a restored sweep reports only its later steps to Tune."""
     import ray.train
 
+    if rank == 0 and history_file:
+        Path(history_file).parent.mkdir(parents=True, exist_ok=True)
+        with open(history_file, "a") as f:
+            f.write(json.dumps({k: metrics[k] for k in HISTORY_FIELDS if k in metrics}, default=float) + "\n")
     with tempfile.TemporaryDirectory() as d:
         root = Path(files) if files is not None else Path(d)
         if rank == 0:

@@ -90,8 +90,9 @@ def add_node(cluster: dict, num_cpus: int = 1) -> psutil.Process:
 def _raylets(address: str) -> set:
     """The raylets of the cluster at ``address`` (their command lines give the GCS by the node's IP)."""
     port = address.rsplit(":", 1)[1]
+    gcs = re.compile(rf"--gcs-address=\S+:{port}\b")
     return {p.info["pid"] for p in psutil.process_iter(["pid", "name", "cmdline"])
-            if p.info["name"] == "raylet" and re.search(rf"--gcs-address=\S+:{port}\b", " ".join(p.info["cmdline"] or []))}
+            if p.info["name"] == "raylet" and gcs.search(" ".join(p.info["cmdline"] or []))}
 
 
 def kill_node(raylet: psutil.Process) -> None:

@@ -4,7 +4,7 @@ reclaim does) during the embedding and during a trial, and the run finishes with
 selection bytes and a complete sweep, ``run.json`` saying what was retried.
 
 The in-process test fails a trial after its second report (``TrialLoop.inject_failure``); the
-cluster tests kill the raylet of the node whose work they saw running (Ray's state API), never
+cluster test kills the raylet of the node whose work it saw running (Ray's state API), never
 on a guess of time."""
 
 import json
