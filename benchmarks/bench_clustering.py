@@ -4,8 +4,9 @@ What ``ray-pipeline select --embeddings X --budgets P%`` runs by default (K in {
 k-center greedy and the nearest-to-centroid candidates, one greedy pass per K), on 384-d
 clustered unit vectors (N/100 random directions plus noise), at budgets 1% and 5%, for N from
 100k to 2M: once with the shipped default, ``cluster.algorithm: auto`` (it records what it chose
-per K: multi-level k-means, the same fan-out at every level, at most ``branching``, wherever
-K >= 1000 (and > branching) and N K >= 1e8, which is every run here but K = 500 at 100k), and once with ``flat`` (one k-means into K
+per K: multi-level k-means, at most ``branching`` children a node down to leaves of at most
+``leaf`` clusters, wherever K >= 1000 (and > leaf) and N K >= 1e8, which is every run here but
+K = 500 at 100k), and once with ``flat`` (one k-means into K
 clusters, N K d work per iteration: quadratic in N when K is a share of N). Flat runs only where
 N M <= ``--flat-max-nm`` (its cost grows with N M; the default 2e9 is 400k at 1% and 200k at 5%,
 about 100 s each on 2 cores); beyond, the table prints its time projected from its fitted exponent,
@@ -39,9 +40,8 @@ def vectors(n: int, d: int, seed: int = 0) -> np.ndarray:
     return x
 
 
-def run(x: np.ndarray, pct: float, algorithm: str, branching: int, gpu: bool) -> dict:
-    cfg = Config.from_dict({"cluster": {"algorithm": algorithm, "branching": branching,
-                                        "gpu": "auto" if gpu else "never"},
+def run(x: np.ndarray, pct: float, algorithm: str, tree: dict, gpu: bool) -> dict:
+    cfg = Config.from_dict({"cluster": {"algorithm": algorithm, **tree, "gpu": "auto" if gpu else "never"},
                             "select": {"budgets": [f"{pct:g}%"], "random_seeds": [], "stratify": "none",
                                        "device": "auto" if gpu else "cpu"}})
     r = {"n": len(x), "budget_pct": pct, "algorithm": algorithm}
@@ -65,17 +65,19 @@ def main() -> None:
     p.add_argument("--budgets", nargs="+", type=float, default=[1, 5], help="percent of the pool")
     p.add_argument("--flat-max-nm", type=float, default=2e9, help="flat runs where N * M <= this")
     p.add_argument("--gpu", action="store_true", help="faiss and the greedy on the GPU where there is one")
-    p.add_argument("--branching", type=int, default=64)
+    p.add_argument("--branching", type=int, help="cluster.branching (default: the config's)")
+    p.add_argument("--leaf", type=int, help="cluster.leaf (default: the config's)")
     p.add_argument("--dim", type=int, default=384)
     args = p.parse_args()
     out = {"machine": machine(), "args": vars(args), "runs": [], "exponents": {}}
+    tree = {k: v for k, v in (("branching", args.branching), ("leaf", args.leaf)) if v is not None}
     for n in args.ns:
         x = vectors(n, args.dim)
         for pct in args.budgets:
             for algorithm in ("auto", "flat"):
                 if algorithm == "flat" and n * n * pct / 100 > args.flat_max_nm:
                     continue
-                out["runs"].append(run(x, pct, algorithm, args.branching, args.gpu))
+                out["runs"].append(run(x, pct, algorithm, tree, args.gpu))
         del x
     print("\n| N | budget | flat (s) | default, auto (s) | flat / default | peak RSS, default |\n|---|---|---|---|---|---|")
     for pct in args.budgets:

@@ -15,7 +15,7 @@ embeddings, scored on held-out data:
 - ``dedup K=M``: near-duplicates (cosine > 0.95, SemDeDup) removed before clustering;
 - ``stratified K=M`` / ``stratified centroid K=M``: label-stratified budgets (the labels known);
 - ``kcenter K=M, hierarchical`` / ``centroid K=M, hierarchical``: the same as ``kcenter K=M`` /
-  ``centroid K=M`` with multi-level k-means (``cluster.algorithm: hierarchical``, branching 64);
+  ``centroid K=M`` with multi-level k-means (``cluster.algorithm: hierarchical``, the default tree);
 - ``boundary K=M`` / ``stratified boundary K=M``: the budget-aware candidate (module
   ``ray_pipeline.select.boundary``): prototypes, then the samples a probe fit on them is least sure of,
   a share 2.5 M/N (at most half) of the budget;

@@ -180,13 +180,14 @@ class ClusterConfig:
     ``"M/2"``, ``"M/4"``): a ratio gives one K per M, so the clusters follow the budget.
     ``max_points_per_centroid``: faiss trains on at most K times this many points (a seeded
     sample), then assigns every point. ``algorithm``: ``flat`` (one k-means into K clusters: cost
-    N K d per iteration), ``hierarchical`` (multi-level k-means, at most ``branching`` clusters a
-    level: about N branching d log_branching(K); on the shard engine each child of the root is
-    clustered in a Ray task) or ``auto``: hierarchical where flat k-means would cost more and the
+    N K d per iteration), ``hierarchical`` (multi-level k-means: nodes split into at most
+    ``branching`` clusters until a node is asked for at most ``leaf``, which runs flat k-means;
+    about N d (niter leaf + branching log_branching(K / leaf)); on the shard engine each child of
+    the root is clustered in a Ray task) or ``auto``: hierarchical where flat k-means would cost more and the
     tree costs no quality, i.e. where N K >= ``HIERARCHICAL_ABOVE`` (1e8: about 20 s of flat
     k-means on a 2-core CPU) and K >= ``HIERARCHICAL_MIN_K`` (1000; below it the tree lost up to
     2.7 points of probe accuracy to flat k-means in the quality benchmark, and flat k-means into
-    fewer clusters is linear in N: it trains on at most 256 K rows) and K > ``branching``
+    fewer clusters is linear in N: it trains on at most 256 K rows) and K > ``leaf``
     (benchmarks/README.md, benchmarks/bench_clustering.py).
     """
 
@@ -195,7 +196,8 @@ class ClusterConfig:
     max_points_per_centroid: int = 256
     gpu: Literal["auto", "never"] = "auto"
     algorithm: Literal["auto", "flat", "hierarchical"] = "auto"
-    branching: int = 64
+    branching: int = 16
+    leaf: int = 8
 
     HIERARCHICAL_ABOVE = 10**8  # N K from which ``auto`` clusters hierarchically ...
     HIERARCHICAL_MIN_K = 1000  # ... into at least this many clusters
@@ -204,7 +206,7 @@ class ClusterConfig:
         """``flat`` or ``hierarchical`` for K clusters of N rows (``auto`` decided here, once)."""
         if self.algorithm != "auto":
             return self.algorithm
-        deep = k > self.branching and k >= self.HIERARCHICAL_MIN_K and n * k >= self.HIERARCHICAL_ABOVE
+        deep = k > self.leaf and k >= self.HIERARCHICAL_MIN_K and n * k >= self.HIERARCHICAL_ABOVE
         return "hierarchical" if deep else "flat"
 
     def __post_init__(self) -> None:
@@ -219,6 +221,8 @@ class ClusterConfig:
             fail("cluster.max_points_per_centroid", self.max_points_per_centroid, "an int >= 1")
         if self.branching < 2:
             fail("cluster.branching", self.branching, "an int >= 2 (clusters per level)")
+        if self.leaf < 1:
+            fail("cluster.leaf", self.leaf, "an int >= 1 (the most clusters a leaf k-means makes)")
 
 
 @dataclass(frozen=True)

@@ -120,7 +120,7 @@ class InMemory:
         c = self.cfg.cluster
         kw = dict(seed=self.cfg.seed, niter=c.niter, max_points_per_centroid=c.max_points_per_centroid,
                   gpus=self.devices.faiss_gpus)
-        km = hierarchical_kmeans(self.x, k, branching=c.branching, **kw) \
+        km = hierarchical_kmeans(self.x, k, branching=c.branching, leaf=c.leaf, **kw) \
             if c.algorithm_for(self.n, k) == "hierarchical" else kmeans(self.x, k, **kw)
         return _InMemoryClustering(self.x_t, km.assign, km.sim, k)
 

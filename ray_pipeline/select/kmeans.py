@@ -135,6 +135,24 @@ def assign(x: np.ndarray, centroids: np.ndarray, *, gpus: int = 0, batch_rows: i
     return out_a, out_s
 
 
+def node_fan(k: int, branching: int, leaf: int) -> int:
+    """Clusters a tree node asked for ``k`` leaves splits into, or 1 where it is a leaf
+    (``k <= leaf``: one flat k-means into ``k``). Above ``leaf``: enough groups of at most ``leaf``
+    leaves (ceil(k / leaf)), reached in the fewest levels of at most ``branching``
+    (:func:`node_branching` of the groups). A leaf trains on all its rows (it has fewer than
+    ``max_points_per_centroid`` a centroid), so its cost per row is niter x leaf x d whatever K:
+    bounding the leaf keeps the tree's cost per row from growing with K but for the levels above,
+    which cost one assignment pass each.
+
+    Example:
+        >>> node_fan(10_000, 16, 8), node_fan(900, 16, 8), node_fan(80, 16, 8), node_fan(8, 16, 8)
+        (11, 11, 10, 1)
+    """
+    if k <= leaf:
+        return 1
+    return max(2, node_branching(-(-k // leaf), branching))
+
+
 def node_branching(k: int, branching: int) -> int:
     """Clusters a node asked for ``k`` leaves splits into: the fewest levels of at most
     ``branching`` that reach ``k`` (L = ceil(log_branching k)), each level the same fan-out
@@ -152,35 +170,35 @@ def node_branching(k: int, branching: int) -> int:
 
 
 def hierarchical_kmeans(x: np.ndarray, k: int, *, seed: int, niter: int = 20, max_points_per_centroid: int = 256,
-                        branching: int = 64, gpus: int = 0) -> KMeansResult:
+                        branching: int = 16, leaf: int = 8, gpus: int = 0) -> KMeansResult:
     """Multi-level spherical k-means (as in Vo et al. 2024, "Automatic Data Curation for
-    Self-Supervised Learning"): k-means into :func:`node_branching` clusters (at most
-    ``branching``, the same number at every level of the node's subtree), then the same inside
-    each of them with its share of ``k`` (by size, largest remainder, at least one), down to nodes
-    asked for at most ``branching`` clusters, which run flat :func:`kmeans`. The leaves are the
-    ``k`` clusters, numbered depth-first.
+    Self-Supervised Learning"): k-means into :func:`node_fan` clusters (at most ``branching``),
+    then the same inside each of them with its share of ``k`` (by size, largest remainder, at least
+    one), down to nodes asked for at most ``leaf`` clusters, which run flat :func:`kmeans`. The
+    leaves are the ``k`` clusters, numbered depth-first.
 
     x: (n, d) float32 L2-normalised rows; 1 <= k <= n. Same result type and contract as
     :func:`kmeans` (``sim`` is each row's similarity to its own leaf centroid). Cost: about
-    ``niter * n * branching * d`` per level and log_branching(k) levels, against
-    ``niter * n * k * d`` for flat k-means: near-linear in n when k grows with n. Seeded: each
-    node's seed derives from ``seed`` and its path. With ``k <= branching`` it is :func:`kmeans`.
+    ``n * branching * d`` a level above the leaves (training on a sample, then one assignment) and
+    ``niter * n * leaf * d`` at the leaves, against ``niter * n * k * d`` for flat k-means:
+    n log(k) when k grows with n. Seeded: each node's seed derives from ``seed`` and its path.
+    With ``k <= leaf`` it is :func:`kmeans`.
 
     Example:
         >>> rng = np.random.default_rng(0)
         >>> x = rng.normal(size=(3000, 8)).astype(np.float32)
         >>> x /= np.linalg.norm(x, axis=1, keepdims=True)
-        >>> r = hierarchical_kmeans(x, 40, seed=0, branching=8)
+        >>> r = hierarchical_kmeans(x, 40, seed=0, branching=8, leaf=8)
         >>> r.centroids.shape, int(r.sizes.sum()), int(r.assign.max()) < 40
         ((40, 8), 3000, True)
     """
     n = len(x)
     if not 1 <= k <= n:
         raise InputError(f"cannot make k={k} clusters of n={n} samples; choose 1 <= k <= {n}")
-    if branching < 2:
-        raise ValueError("branching must be at least 2")
+    if branching < 2 or leaf < 1:
+        raise ValueError("branching must be at least 2 and leaf at least 1")
     return subtree(x, k, path=(seed,), niter=niter, max_points_per_centroid=max_points_per_centroid,
-                   branching=branching, gpus=gpus)
+                   branching=branching, leaf=leaf, gpus=gpus)
 
 
 def node_seed(path: tuple) -> int:
@@ -203,7 +221,7 @@ def child_shares(sizes: np.ndarray, k: int) -> np.ndarray:
 
 
 def subtree(x: np.ndarray, k: int, *, path: tuple, niter: int = 20, max_points_per_centroid: int = 256,
-            branching: int = 64, gpus: int = 0) -> KMeansResult:
+            branching: int = 16, leaf: int = 8, gpus: int = 0) -> KMeansResult:
     """The leaves under the tree node at ``path`` whose rows are ``x`` (in pool order), asked for
     ``k``: :func:`hierarchical_kmeans` from that node down. The shard engine runs one per child of
     the root in a Ray task, and gets the driver's leaves."""
@@ -215,9 +233,9 @@ def subtree(x: np.ndarray, k: int, *, path: tuple, niter: int = 20, max_points_p
     while stack:
         rows, k_here, path = stack.pop()
         kw = dict(seed=node_seed(path), niter=niter, max_points_per_centroid=max_points_per_centroid, gpus=gpus)
-        fan = node_branching(k_here, branching)
+        fan = node_fan(k_here, branching, leaf)
         # x[rows] is never gathered whole: a node copies its training sample and a batch at a time
-        split = None if k_here <= branching else _kmeans_of_rows(x, rows, fan, **kw)
+        split = None if fan == 1 else _kmeans_of_rows(x, rows, fan, **kw)
         if split is None or int((split.sizes > 0).sum()) == 1:  # a leaf node, or one that would not split
             k_here = min(k_here, len(rows))
             r = _kmeans_of_rows(x, rows, k_here, **kw)

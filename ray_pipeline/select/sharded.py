@@ -35,7 +35,7 @@ import numpy as np
 
 from .boundary import fit_probe, probe_margins
 from .kmeans import assign as assign_rows
-from .kmeans import child_shares, node_branching, node_seed, subtree, train_centroids, training_rows
+from .kmeans import child_shares, node_fan, node_seed, subtree, train_centroids, training_rows
 from ..config import Config
 from ..io.pool import Pool, check_vectors
 from ..runtime.devices import Devices
@@ -317,9 +317,9 @@ class Sharded:
         import ray
 
         c, root = self.cfg.cluster, (self.cfg.seed,)
-        if k <= c.branching:  # one level: the tree is a flat k-means with the root's seed
+        fan = node_fan(k, c.branching, c.leaf)
+        if fan == 1:  # one level: the tree is a flat k-means with the root's seed
             return self._flat(min(k, self.n), node_seed(root))
-        fan = node_branching(k, c.branching)
         top, _ = self._flat(fan, node_seed(root))
         sizes = np.bincount(top, minlength=fan)
         if int((sizes > 0).sum()) == 1:  # the root would not split: one flat k-means, as the driver does
@@ -327,7 +327,7 @@ class Sharded:
         share = child_shares(sizes, k)
         pieces = self._cut_by_group(ray.put(top), np.arange(fan), fan)
         params = {"niter": c.niter, "max_points_per_centroid": c.max_points_per_centroid, "branching": c.branching,
-                  "gpus": 0}  # tasks ask for CPUs only
+                  "leaf": c.leaf, "gpus": 0}  # tasks ask for CPUs only
         task = ray.remote(_subtree_group)
         refs = [task.remote(int(share[ch]), (*root, ch), params, *[pc[ch] for pc in pieces])
                 for ch in range(fan) if share[ch] > 0]

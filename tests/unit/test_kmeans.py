@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from conftest import unit_blobs
-from ray_pipeline.select.kmeans import hierarchical_kmeans, kmeans
+from ray_pipeline.select.kmeans import hierarchical_kmeans, kmeans, node_fan
 from ray_pipeline.errors import InputError
 
 
@@ -90,7 +90,7 @@ def test_hierarchical_by_hand_four_groups_two_by_two():
     # the second splits each pair, so the four leaves are the four groups.
     a = np.deg2rad(np.concatenate([g + np.array([-1.0, 0.0, 1.0]) for g in (0, 20, 90, 110)]))
     x = np.stack([np.cos(a), np.sin(a)], axis=1).astype(np.float32)
-    r = hierarchical_kmeans(x, 4, seed=0, branching=2)
+    r = hierarchical_kmeans(x, 4, seed=0, branching=2, leaf=2)
     assert same_partition(r.assign, np.repeat(np.arange(4), 3))
     assert set(r.assign[:6]) in ({0, 1}, {2, 3})  # leaves numbered depth-first: siblings are adjacent
 
@@ -105,9 +105,9 @@ def test_hierarchical_invariants_and_determinism():
     assert (again.assign == r.assign).all() and (again.centroids == r.centroids).all()
 
 
-def test_hierarchical_with_k_up_to_the_branching_is_flat_kmeans():
+def test_hierarchical_with_k_up_to_the_leaf_is_flat_kmeans():
     x = unit_blobs(2000, 8, 6, 5)
-    h = hierarchical_kmeans(x, 6, seed=2, branching=6)
+    h = hierarchical_kmeans(x, 6, seed=2, branching=2, leaf=6)
     f = kmeans(x, 6, seed=int(np.random.default_rng((2,)).integers(0, 2**31 - 1)))
     assert (h.assign == f.assign).all()
 
@@ -127,6 +127,29 @@ def test_hierarchical_objective_is_within_a_tolerance_of_flat(data):
     flat = kmeans(x, 96, seed=0)
     tree = hierarchical_kmeans(x, 96, seed=0, branching=8)
     assert tree.sim.mean() >= flat.sim.mean() - 0.02
+
+
+@pytest.mark.parametrize("branching,leaf", [(16, 8), (64, 64), (2, 1), (4, 16)])
+def test_node_fan_reaches_k_in_leaves_of_at_most_leaf(branching, leaf):
+    """Splitting each node's k as evenly as its fan allows, down to the leaves: every fan is within
+    [2, branching], every leaf is asked for at most ``leaf`` clusters, and the leaves' clusters add
+    up to k; the levels above the leaves are the fewest that reach ceil(k / leaf) groups."""
+    for k in [1, 2, 7, 8, 9, 63, 64, 65, 200, 1000, 2263, 10_000, 100_000]:
+        leaves, depth, stack = [], 0, [(k, 0)]
+        while stack:
+            kk, d = stack.pop()
+            fan = node_fan(kk, branching, leaf)
+            if fan == 1:
+                leaves.append(kk)
+                depth = max(depth, d)
+                continue
+            assert 2 <= fan <= branching and kk > leaf
+            stack.extend((kk // fan + (c < kk % fan), d + 1) for c in range(fan) if kk // fan + (c < kk % fan))
+        assert sum(leaves) == k and max(leaves) <= leaf
+        groups, fewest = -(-k // leaf), 0
+        while branching ** fewest < groups:
+            fewest += 1
+        assert depth == fewest
 
 
 def test_hierarchical_terminates_on_duplicates():

@@ -7,6 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import unit_blobs
+from ray_pipeline.io.pool import check_vectors
 from ray_pipeline.io.run_dir import write_parquet
 from ray_pipeline.cli import main
 from ray_pipeline.select.kmeans import assign, hierarchical_kmeans, kmeans, training_rows
@@ -165,22 +166,26 @@ def test_sharded_selection_equals_the_driver_path_stratified_by_label(tmp_path, 
     assert len(set(labels[chosen])) == 4  # it did stratify
 
 
-@pytest.mark.parametrize("k,branching", [(60, 8), (200, 6), (5, 8)])
-def test_sharded_hierarchical_clustering_equals_the_driver_path(tmp_path, local_ray, k, branching):
+@pytest.mark.parametrize("k,branching,leaf", [(60, 8, 8), (200, 6, 6), (5, 8, 8), (200, 16, 4)])
+def test_sharded_hierarchical_clustering_equals_the_driver_path(tmp_path, local_ray, k, branching, leaf):
     """Multi-level k-means on the shard engine (the root's split over the shards, each child's
     subtree in a task) gives the driver's leaves and selection, index for index; also where the
-    tree is a single flat k-means (k within one level)."""
+    tree is a single flat k-means (k within one level). The driver gets the vectors as the shard
+    tasks read them (normalised once more, row by row), as the driver engine does in a run: small
+    leaves make two-member clusters whose members tie exactly, and a last-bit difference in the
+    vectors would break the tie the other way."""
     n = 6000
     x = unit_blobs(n, 16, 30, 4)
     cfg = Config.from_dict({"cluster": {"k": [k], "algorithm": "hierarchical", "branching": branching,
-                                        "max_points_per_centroid": 32},
+                                        "leaf": leaf, "max_points_per_centroid": 32},
                             "select": {"budgets": [2 * k], "stratify": "none"}})
     paths = write_shards(x, tmp_path, 1100, seed=k)
+    x = check_vectors(x.copy(), "the test's vectors")
     a = select_candidates(x, cfg, rng=np.random.default_rng(0), devices=CPU)
     b = select_candidates(Sharded(paths, n, cfg, CPU, groups=3), cfg, rng=np.random.default_rng(0))
     same_selection(a, b)
     assert (a.per_k[0].assign == b.per_k[0].assign).all()
-    km = hierarchical_kmeans(x, k, seed=cfg.seed, branching=branching, max_points_per_centroid=32)
+    km = hierarchical_kmeans(x, k, seed=cfg.seed, branching=branching, leaf=leaf, max_points_per_centroid=32)
     assert (a.per_k[0].assign == km.assign).all()  # the selection's clusters are the tree's leaves
 
 
