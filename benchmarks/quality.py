@@ -16,6 +16,7 @@ embeddings, scored on held-out data:
 - ``stratified K=M`` / ``stratified centroid K=M``: label-stratified budgets (the labels known);
 - ``kcenter K=M, hierarchical`` / ``centroid K=M, hierarchical``: the same as ``kcenter K=M`` /
   ``centroid K=M`` with multi-level k-means (``cluster.algorithm: hierarchical``, the default tree);
+  ``kcenter K=M, tree B/L`` / ``centroid K=M, tree B/L``: with ``branching: B, leaf: L`` instead;
 - ``boundary K=M`` / ``stratified boundary K=M``: the budget-aware candidate (module
   ``ray_pipeline.select.boundary``): prototypes, then the samples a probe fit on them is least sure of,
   a share 2.5 M/N (at most half) of the budget;
@@ -100,6 +101,11 @@ METHODS = [
     ("boundary K=M", ["M"], {"method": "boundary"}),
     ("stratified boundary K=M", ["M"], {"method": "boundary", "stratify": "label"}),
 ]
+# other tree shapes (branching, leaf) against the default tree, for the table of shapes: run only when named
+TREE_SHAPES = [(f"{name} K=M, tree {b}/{leaf}", ["M"], {**extra, "cluster": {"algorithm": "hierarchical", "branching": b, "leaf": leaf}})
+               for b, leaf in [(16, 16), (32, 32), (64, 64), (16, 4)]
+               for name, extra in [("kcenter", {}), ("centroid", {"method": "centroid"})]]
+METHODS += TREE_SHAPES
 
 
 def vectors(name: str, split: int, data: DataConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -148,7 +154,8 @@ def run_dataset(name: str, budgets_pct: list[float], seeds: int, only: tuple = (
         row["random"] = {"mean": float(np.mean(accs)), "std": float(np.std(accs)),
                          "coverage": float(np.mean([coverage(r) for r in rnd]))}
         for label, k, opts in METHODS:
-            if (label == "kcenter K=100" and 100 > n) or (only and label not in only):
+            if (label == "kcenter K=100" and 100 > n) or (only and label not in only) \
+                    or (not only and any(label == t[0] for t in TREE_SHAPES)):
                 continue
             opts = dict(opts)
             accs, covs, t1 = [], [], time.perf_counter()
