@@ -353,8 +353,8 @@ def _embed_with_ray(shard_plan: _ShardPlan, cfg: EmbedConfig, *, progress: bool,
     import ray
     from tqdm.auto import tqdm
 
-    from ..runtime.capacity import Request, ensure_fits, gpus_to_grow_to
-    from ..runtime.retries import actor_retries
+    from ..runtime.capacity import Request, bounded_waits, ensure_fits, gpus_to_grow_to
+    from ..runtime.retries import actor_retries, actors_waiting
     from ..runtime.session import ray_session
 
     with ray_session() as res:
@@ -384,8 +384,11 @@ def _embed_with_ray(shard_plan: _ShardPlan, cfg: EmbedConfig, *, progress: bool,
         )
         out.context.enable_progress_bars = progress and ray_bars  # this dataset's copy of the DataContext
         try:
-            done = list(tqdm(out.iter_rows(), total=len(shard_plan.pending), desc="embed shards", unit="shard",
-                             disable=not progress or ray_bars))
+            # a lost node's actor restarts where there is room: bounded by ray.wait_timeout_s, not Ray Data's wait without end
+            with bounded_waits(lambda: actors_waiting(job, EMBEDDING_ACTOR, before), "the embedding actors",
+                               "lower embed.threads_per_actor (an actor's CPUs), or set embed.device: cpu"):
+                done = list(tqdm(out.iter_rows(), total=len(shard_plan.pending), desc="embed shards", unit="shard",
+                                 disable=not progress or ray_bars))
         except (ray.exceptions.RayError, RuntimeError) as e:  # Ray wraps an actor's errors: surface ours
             err = _unwrap_pipeline_error(e)
             if err is not None:

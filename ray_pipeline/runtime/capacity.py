@@ -30,11 +30,14 @@ bounded, instead of refusing.
 from __future__ import annotations
 
 import logging
+import signal
 import socket
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Iterator, Optional
 
 from ..config.ray_settings import RAY_UP_CONFIG, RaySettings
 from ..errors import ClusterError
@@ -165,6 +168,69 @@ def _wait_for_node(r: Request, able: list[str]) -> None:
     finally:
         request_resources(bundles=[])  # the demand is the stage's own from here on
     log.info("%s joined after %.0fs", kind, time.monotonic() - t0)
+
+
+@contextmanager
+def bounded_waits(waiting: Callable[[], Optional[str]], what: str, change: str, *,
+                  poll_s: float = 2.0) -> Iterator[None]:
+    """Around a block that blocks while Ray waits (iterating a Ray Data dataset, whose actors Ray
+    restarts without end where a node was lost and no other has room): a thread asks ``waiting()``
+    every ``poll_s`` what the work waits for, in words (None while it can go on). A wait that lasts
+    ``ray.wait_timeout_s`` raises :class:`ClusterError` in the block, naming ``what`` waits, for
+    what, and ``change``; the wait is logged when it starts and every 30 s, and where a node joins
+    the work goes on and the clock starts again at the next wait. The error reaches the block the
+    way Ctrl-C does (``SIGUSR2`` sent to the main thread, handled here: a signal also wakes a wait on
+    a lock, where the block may be), so the library in the block unwinds and shuts its own work
+    down; main thread only (elsewhere the block runs unwatched, as Python cannot set handlers
+    there)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    limit = _session.settings.wait_timeout_s
+    gave_up: list[ClusterError] = []
+    stop, main = threading.Event(), threading.main_thread().ident
+
+    def raise_in_block(signum, frame) -> None:
+        if gave_up:
+            raise gave_up[0]
+
+    def watch() -> None:
+        since = said = None
+        while not stop.wait(poll_s):
+            why = waiting()
+            now = time.monotonic()
+            if why is None:
+                if since is not None:
+                    log.info("%s go on after waiting %.0fs", what, now - since)
+                since = None
+            elif since is None:
+                since = said = now
+                log.info("%s wait for a node with room (%s): waiting up to %gs (ray.wait_timeout_s)", what, why, limit)
+            elif now - since >= limit:
+                gave_up.append(ClusterError(
+                    f"{what} waited {limit:g}s (ray.wait_timeout_s) for a node with room ({why}): a lost node was "
+                    f"not replaced, or no node can take them; check `ray status` and, on an autoscaling cluster, "
+                    f"the autoscaler's log (monitor.log in the head's Ray session logs) for a quota or spot "
+                    f"capacity; or {change}; or raise ray.wait_timeout_s where a node takes longer to join. Run "
+                    f"again with --resume to keep what is done"))
+                signal.pthread_kill(main, GIVE_UP_SIGNAL)  # a real signal: it wakes a wait on a lock too
+                return
+            elif now - said >= 30:
+                log.info("still waiting for a node with room for %s (%.0fs of %gs)", what, now - since, limit)
+                said = now
+
+    previous = signal.signal(GIVE_UP_SIGNAL, raise_in_block)
+    watcher = threading.Thread(target=watch, name=f"watch {what}", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        watcher.join()
+        signal.signal(GIVE_UP_SIGNAL, previous)
+
+
+GIVE_UP_SIGNAL = signal.SIGUSR2  # to this process's main thread only, with this module's handler; Tune listens to SIGUSR1
 
 
 def wait_reachable(address: str, limit: float) -> None:

@@ -41,3 +41,28 @@ def actor_retries(job_id: str, class_part: str, before: Optional[dict] = None) -
     return {"actor_restarts": int(sum(a.num_restarts or 0 for a in actors)),
             "tasks_retried": sum(1 for t in tasks if t.attempt_number and t.actor_id in ids),
             "actors": sorted(seen | ids)}
+
+
+def actors_waiting(job_id: str, class_part: str, before: Optional[dict] = None) -> Optional[str]:
+    """What job ``job_id``'s actors whose class name holds ``class_part`` (those not in
+    ``before``, as :func:`actor_retries`) wait for, in words, where none of them is alive and one
+    lost with its worker or node waits to start again (``RESTARTING``: no room left for it, or its
+    constructor running again). None where one is alive, none is restarting, or the state API does
+    not answer within 5 s (then a wait cannot be told from work). An actor starting for the first
+    time is not watched: the stage checked the cluster can hold it (``capacity.ensure_fits``), and
+    its constructor may take long (a model loaded), which the state API does not tell from a wait."""
+    from ray.util.state import list_actors
+    from ray.util.state.exception import RayStateApiException
+
+    try:
+        actors = list_actors(filters=[("job_id", "=", job_id)], limit=10_000, timeout=5,
+                             raise_on_missing_output=False)
+    except (RayStateApiException, ConnectionError, TimeoutError) as e:
+        log.debug("the state API did not answer (%s): a wait for a node not watched", e)
+        return None
+    seen = set((before or {}).get("actors", ()))
+    mine = [a for a in actors if class_part in (a.class_name or "") and a.actor_id not in seen]
+    if any(a.state == "ALIVE" for a in mine):
+        return None
+    restarting = sum(a.state == "RESTARTING" for a in mine)
+    return f"{restarting} actor(s) lost with a node and restarting, none alive" if restarting else None

@@ -173,3 +173,49 @@ def test_worker_node_lost_mid_embedding_and_mid_trial_the_run_finishes_the_same(
     assert len(trials) == 2 and all(t["status"] in ("capped", "converged") and t["steps"] == 8 for t in trials.values())
     assert [h["step"] for h in trials[name]["history"]] == [2, 4, 6, 8]
     assert _selection_bytes(out) == _selection_bytes(tmp_path / "undisturbed")
+
+
+def test_a_lost_node_with_no_replacement_is_exit_2_after_the_wait_and_resume_finishes(shared_data, tmp_path):
+    """The worker node lost mid-embedding and none joins (no autoscaler, or no capacity): Ray
+    Data would wait for room for its restarting actor without end. The run waits
+    ``ray.wait_timeout_s`` (20 s here), saying so, then exits 2 naming what waited and what to
+    check; the shards embedded are kept, the run is unfinished, and once a node is back
+    ``--resume`` finishes it with an undisturbed run's selection bytes."""
+    cfg = _job(tmp_path, shared_data)
+    assert main(["select", str(cfg), "--engine", "local", "--out", str(tmp_path / "undisturbed"),
+                 "--no-progress"]) == 0
+    args = [sys.executable, "-m", "ray_pipeline.cli", "select", str(cfg), "--out", str(tmp_path / "out"),
+            "--no-progress", "--set", "ray.wait_timeout_s=20"]
+    out = tmp_path / "out"
+    with cluster_head(num_cpus=0, env={"RAY_health_check_period_ms": "1000",
+                                        "RAY_health_check_failure_threshold": "3"}) as cluster:
+        first = add_node(cluster, num_cpus=2)
+        env = {**cluster["env"], "RAY_ADDRESS": cluster["address"]}
+        log = tmp_path / "run.err"
+        with open(log, "wb") as stderr:
+            proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
+            try:
+                _wait_for("a shard embedded on the worker node", lambda: list(out.glob("embeddings/*/shard-00001.parquet"))
+                          and _alive_on(_node_id(first), "ShardEmbedder", cluster["dashboard"]), proc)
+                kill_node(first)
+                t0 = time.monotonic()
+                proc.wait(timeout=300)
+                waited = time.monotonic() - t0
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                err = log.read_text()
+        assert proc.returncode == 2, err[-4000:]
+        last = err.strip().splitlines()[-1]
+        assert "the embedding actors waited 20s (ray.wait_timeout_s) for a node with room" in last, err[-4000:]
+        assert "restarting" in last and "--resume" in last and "Traceback" not in err
+        assert "wait for a node with room" in err  # said when the wait began, not only at the end
+        assert waited >= 20
+        stage = next((out / "embeddings").iterdir())
+        assert list(stage.glob("shard-*.parquet")) and not (stage / "manifest.json").exists()
+        assert json.loads((out / "run.json").read_text())["status"] == "running"  # unfinished: --resume continues it
+        add_node(cluster, num_cpus=2)
+        again = subprocess.run(args + ["--resume"], env=env, capture_output=True, timeout=600)
+        assert again.returncode == 0, again.stderr.decode()[-4000:]
+    assert json.loads((out / "run.json").read_text())["status"] == "complete"
+    assert _selection_bytes(out) == _selection_bytes(tmp_path / "undisturbed")

@@ -1,14 +1,17 @@
 """runtime.capacity without a cluster: the node types as the autoscaler reads them from
 cluster.yaml, what fits where, and the bounded wait for a cluster that does not answer."""
 
+import signal
 import socket
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 
 from ray_pipeline.errors import ClusterError
-from ray_pipeline.runtime.capacity import fits, node_types, wait_reachable
+from ray_pipeline.config.ray_settings import RaySettings
+from ray_pipeline.runtime.capacity import bounded_waits, configure, fits, node_types, wait_reachable
 
 CLUSTER_YAML = Path(__file__).resolve().parents[2] / "cluster.yaml"
 
@@ -90,3 +93,58 @@ def test_any_other_failure_of_ray_init_is_not_swallowed(monkeypatch):
     monkeypatch.setattr(ray, "init", init)
     with pytest.raises(RuntimeError, match="something else"):
         session._start_local(1, False)
+
+
+# bounded_waits: a block that blocks while Ray waits, watched for a wait for room that has no end
+
+@pytest.fixture
+def wait_limit():
+    def set_to(seconds: float) -> None:
+        configure(RaySettings(wait_timeout_s=seconds), local=None)
+    yield set_to
+    configure(None, local=None)
+
+
+def _blocks(seconds: float) -> None:
+    """Blocks as Ray Data's iterator does while its actors wait (a loop of short sleeps)."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        time.sleep(0.01)
+
+
+def test_a_wait_for_room_past_the_limit_raises_in_the_block(wait_limit):
+    wait_limit(0.3)
+    t0 = time.monotonic()
+    with pytest.raises(ClusterError, match=r"the embedding actors waited 0.3s \(ray.wait_timeout_s\) for a node with "
+                                           r"room \(1 actor\(s\) restarting\).*or lower embed.threads_per_actor.*--resume"):
+        with bounded_waits(lambda: "1 actor(s) restarting", "the embedding actors", "lower embed.threads_per_actor",
+                           poll_s=0.02):
+            _blocks(30)
+    assert time.monotonic() - t0 < 20  # cut, not waited out
+    assert signal.getsignal(signal.SIGUSR2) is signal.SIG_DFL  # the handler put back
+
+
+def test_work_that_is_not_waiting_for_room_runs_past_the_limit(wait_limit):
+    wait_limit(0.2)
+    with bounded_waits(lambda: None, "x", "y", poll_s=0.02):
+        _blocks(1.0)  # five limits of work
+
+
+def test_the_clock_starts_again_once_a_wait_ends(wait_limit):
+    """Two waits of 1 s each, under the 1.5 s limit and over it together, with a moment of work
+    between: no error."""
+    wait_limit(1.5)
+    t0 = time.monotonic()
+
+    def waiting():
+        t = time.monotonic() - t0
+        return None if 1.0 <= t < 1.5 or t >= 2.5 else "1 actor(s) restarting"
+
+    with bounded_waits(waiting, "x", "y", poll_s=0.02):
+        _blocks(2.8)
+
+
+def test_an_error_of_the_block_is_its_own():
+    with pytest.raises(ValueError, match="a shard failed"):
+        with bounded_waits(lambda: None, "x", "y", poll_s=0.01):
+            raise ValueError("a shard failed")

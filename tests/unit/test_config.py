@@ -58,6 +58,8 @@ def test_overrides_parse_yaml_values_and_revalidate():
     assert cfg.cluster.k == (10, 20) and cfg.seed == 3 and cfg.select.budgets == ("2%",)
     with pytest.raises(ConfigError, match="cluster.niter"):
         Config().override(["cluster.niter=0"])
+    with pytest.raises(ConfigError, match=r"cluster.leaf.*an int >= 1"):
+        Config().override(["cluster.leaf=0"])
     with pytest.raises(ConfigError, match="not a config section"):
         Config().override(["seed.x=1"])
     with pytest.raises(ConfigError, match="section.field=value"):
