@@ -106,6 +106,7 @@ TREE_SHAPES = [(f"{name} K=M, tree {b}/{leaf}", ["M"], {**extra, "cluster": {"al
                for b, leaf in [(16, 16), (32, 32), (64, 64), (16, 4)]
                for name, extra in [("kcenter", {}), ("centroid", {"method": "centroid"})]]
 METHODS += TREE_SHAPES
+OPT_IN = {t[0] for t in TREE_SHAPES}
 
 
 def vectors(name: str, split: int, data: DataConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -155,7 +156,7 @@ def run_dataset(name: str, budgets_pct: list[float], seeds: int, only: tuple = (
                          "coverage": float(np.mean([coverage(r) for r in rnd]))}
         for label, k, opts in METHODS:
             if (label == "kcenter K=100" and 100 > n) or (only and label not in only) \
-                    or (not only and any(label == t[0] for t in TREE_SHAPES)):
+                    or (not only and label in OPT_IN):
                 continue
             opts = dict(opts)
             accs, covs, t1 = [], [], time.perf_counter()

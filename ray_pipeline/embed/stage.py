@@ -359,8 +359,8 @@ def _embed_with_ray(shard_plan: _ShardPlan, cfg: EmbedConfig, *, progress: bool,
 
     with ray_session() as res:
         plan = actor_plan(res.cpus, gpus_to_grow_to(res.gpus), cfg)  # an autoscaler's GPUs count
-        ensure_fits([Request("an embedding actor", {"CPU": plan["num_cpus"], "GPU": plan["num_gpus"]},
-                             "lower embed.threads_per_actor (an actor's CPUs), or set embed.device: cpu")])
+        change = "lower embed.threads_per_actor (an actor's CPUs), or set embed.device: cpu"
+        ensure_fits([Request("an embedding actor", {"CPU": plan["num_cpus"], "GPU": plan["num_gpus"]}, change)])
         log.info("Ray Data: %d embedding actor(s), %s CPU / %s GPU each, %d torch threads",
                  plan["actors"], plan["num_cpus"], plan["num_gpus"], plan["threads"])
         job = ray.get_runtime_context().get_job_id()
@@ -385,8 +385,7 @@ def _embed_with_ray(shard_plan: _ShardPlan, cfg: EmbedConfig, *, progress: bool,
         out.context.enable_progress_bars = progress and ray_bars  # this dataset's copy of the DataContext
         try:
             # a lost node's actor restarts where there is room: bounded by ray.wait_timeout_s, not Ray Data's wait without end
-            with bounded_waits(lambda: actors_waiting(job, EMBEDDING_ACTOR, before), "the embedding actors",
-                               "lower embed.threads_per_actor (an actor's CPUs), or set embed.device: cpu"):
+            with bounded_waits(lambda: actors_waiting(job, EMBEDDING_ACTOR, before), "the embedding actors", change):
                 done = list(tqdm(out.iter_rows(), total=len(shard_plan.pending), desc="embed shards", unit="shard",
                                  disable=not progress or ray_bars))
         except (ray.exceptions.RayError, RuntimeError) as e:  # Ray wraps an actor's errors: surface ours

@@ -226,8 +226,10 @@ def bounded_waits(waiting: Callable[[], Optional[str]], what: str, change: str, 
         yield
     finally:
         stop.set()
-        watcher.join()
-        signal.signal(GIVE_UP_SIGNAL, previous)
+        try:
+            watcher.join()  # where it gave up just now, the error is raised here
+        finally:
+            signal.signal(GIVE_UP_SIGNAL, previous)
 
 
 GIVE_UP_SIGNAL = signal.SIGUSR2  # to this process's main thread only, with this module's handler; Tune listens to SIGUSR1

@@ -23,14 +23,12 @@ def actor_retries(job_id: str, class_part: str, before: Optional[dict] = None) -
         >>> actor_retries(job, "ShardEmbedder", before)  # doctest: +SKIP
         {'actor_restarts': 1, 'tasks_retried': 6, 'actors': [...]}
     """
-    from ray.util.state import list_actors, list_tasks
+    from ray.util.state import list_tasks
     from ray.util.state.exception import RayStateApiException
 
     try:
-        actors = list_actors(filters=[("job_id", "=", job_id)], detail=True, limit=10_000,
-                             raise_on_missing_output=False)
+        actors = _job_actors(job_id, class_part, before, detail=True)
         seen = set((before or {}).get("actors", ()))
-        actors = [a for a in actors if class_part in (a.class_name or "") and a.actor_id not in seen]
         # 10,000: the most the API server returns
         tasks = list_tasks(filters=[("job_id", "=", job_id), ("type", "=", "ACTOR_TASK")], detail=True,
                            limit=10_000, raise_on_missing_output=False) if actors else []
@@ -51,18 +49,24 @@ def actors_waiting(job_id: str, class_part: str, before: Optional[dict] = None) 
     not answer within 5 s (then a wait cannot be told from work). An actor starting for the first
     time is not watched: the stage checked the cluster can hold it (``capacity.ensure_fits``), and
     its constructor may take long (a model loaded), which the state API does not tell from a wait."""
-    from ray.util.state import list_actors
     from ray.util.state.exception import RayStateApiException
 
     try:
-        actors = list_actors(filters=[("job_id", "=", job_id)], limit=10_000, timeout=5,
-                             raise_on_missing_output=False)
+        mine = _job_actors(job_id, class_part, before, timeout=5)
     except (RayStateApiException, ConnectionError, TimeoutError) as e:
         log.debug("the state API did not answer (%s): a wait for a node not watched", e)
         return None
-    seen = set((before or {}).get("actors", ()))
-    mine = [a for a in actors if class_part in (a.class_name or "") and a.actor_id not in seen]
     if any(a.state == "ALIVE" for a in mine):
         return None
     restarting = sum(a.state == "RESTARTING" for a in mine)
     return f"{restarting} actor(s) lost with a node and restarting, none alive" if restarting else None
+
+
+def _job_actors(job_id: str, class_part: str, before: Optional[dict], **kw) -> list:
+    """Job ``job_id``'s actors whose class name holds ``class_part``, less those in ``before``
+    (:func:`actor_retries`'s ``actors``); ``kw`` to ``list_actors`` (detail, timeout)."""
+    from ray.util.state import list_actors
+
+    actors = list_actors(filters=[("job_id", "=", job_id)], limit=10_000, raise_on_missing_output=False, **kw)
+    seen = set((before or {}).get("actors", ()))
+    return [a for a in actors if class_part in (a.class_name or "") and a.actor_id not in seen]
