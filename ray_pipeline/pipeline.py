@@ -82,8 +82,9 @@ def select_stage(pool: Pool, cfg: Config, run: Run, devices: Devices, *, progres
     else:
         t1 = time.perf_counter()
         vectors = _sharded_vectors(pool, cfg, run, devices) if cfg.select.engine == "ray" else InMemory(x, cfg, devices)
-        sel = select_candidates(vectors, cfg, rng=np.random.default_rng(cfg.seed), labels=pool.labels,
-                                progress=progress)
+        with _bounded_tasks(cfg):
+            sel = select_candidates(vectors, cfg, rng=np.random.default_rng(cfg.seed), labels=pool.labels,
+                                    progress=progress)
         select_s = time.perf_counter() - t1  # the selection itself, kept in select.json for a reuse
         write_parquet(selection_table(pool, sel), d / "selection.parquet")
         faults.point("select:written")
@@ -99,6 +100,23 @@ def select_stage(pool: Pool, cfg: Config, run: Run, devices: Devices, *, progres
     publish(d / "clusters.parquet", run.out / "clusters.parquet")
     run.stage("select", seconds=time.perf_counter() - t0, reused=reused, key=key, dir=run.relative(d), **meta)
     return d
+
+
+def _bounded_tasks(cfg: Config):
+    """``select.engine: ray``: a node with a free CPU checked for (the tasks ask for one each), and
+    the tasks' wait for a node with room (a lost node's, where no other has one) bounded by
+    ``ray.wait_timeout_s`` (``capacity.bounded_waits``); the driver engine: nothing."""
+    if cfg.select.engine != "ray":
+        return nullcontext()
+    import ray
+
+    from .runtime.capacity import Request, bounded_waits, ensure_fits
+    from .runtime.retries import tasks_waiting
+
+    change = "add a node with a free CPU, or set select.engine: driver (the selection in the driver's memory)"
+    ensure_fits([Request("a selection task", {"CPU": 1}, change)])
+    job = ray.get_runtime_context().get_job_id()
+    return bounded_waits(lambda: tasks_waiting(job), "the selection tasks", change)
 
 
 def _sharded_vectors(pool: Pool, cfg: Config, run: Run, devices: Devices):

@@ -180,8 +180,9 @@ def bounded_waits(waiting: Callable[[], Optional[str]], what: str, change: str, 
     what, and ``change``; the wait is logged when it starts and every 30 s, and where a node joins
     the work goes on and the clock starts again at the next wait. The error reaches the block the
     way Ctrl-C does (``SIGUSR2`` sent to the main thread, handled here: a signal also wakes a wait on
-    a lock, where the block may be), so the library in the block unwinds and shuts its own work
-    down; main thread only (elsewhere the block runs unwatched, as Python cannot set handlers
+    a lock, where the block may be; the handler raises a KeyboardInterrupt, the only exception that
+    ends a ``ray.get``, turned into the ClusterError as it leaves the block), so the library in the
+    block unwinds and shuts its own work down; main thread only (elsewhere the block runs unwatched, as Python cannot set handlers
     there)."""
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -192,7 +193,7 @@ def bounded_waits(waiting: Callable[[], Optional[str]], what: str, change: str, 
 
     def raise_in_block(signum, frame) -> None:
         if gave_up:
-            raise gave_up[0]
+            raise _GaveUp()  # a KeyboardInterrupt: the one exception ray.get lets a signal handler raise in it
 
     def watch() -> None:
         since = said = None
@@ -224,12 +225,25 @@ def bounded_waits(waiting: Callable[[], Optional[str]], what: str, change: str, 
     watcher.start()
     try:
         yield
+    except KeyboardInterrupt:  # _GaveUp itself, or what ray.get raises in its place (Ray's check_signals)
+        if not gave_up:
+            raise  # Ctrl-C
+        raise gave_up[0] from None
     finally:
         stop.set()
         try:
-            watcher.join()  # where it gave up just now, the error is raised here
+            watcher.join()  # where it gave up as the block ended, the handler raises here
+        except _GaveUp:
+            raise gave_up[0] from None
         finally:
             signal.signal(GIVE_UP_SIGNAL, previous)
+
+
+class _GaveUp(KeyboardInterrupt):
+    """Raised in the watched block by :func:`bounded_waits`'s handler, turned into its
+    ClusterError there. A KeyboardInterrupt because Ray's ``ray.get`` runs signal handlers inside
+    its wait and stops waiting for that exception only (others are printed and the wait goes
+    on); it then raises a plain KeyboardInterrupt in the block."""
 
 
 GIVE_UP_SIGNAL = signal.SIGUSR2  # to this process's main thread only, with this module's handler; Tune listens to SIGUSR1

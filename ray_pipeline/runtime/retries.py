@@ -1,7 +1,9 @@
 """What Ray retried of a job's actors, from its state API: the restarts of an actor lost with its
 worker or node, and the tasks run again on it. Ray Data's actor pools ask for both
 (``max_restarts=-1``, ``max_task_retries=-1``), and Ray retries them silently; the stages record
-the counts (``run.json``) so that a run says what a lost node cost it.
+the counts (``run.json``) so that a run says what a lost node cost it. What a stage's actors
+(:func:`actors_waiting`) or tasks (:func:`tasks_waiting`) wait for, where they wait for a node
+with room, is read from the same API (``capacity.bounded_waits`` bounds that wait).
 """
 
 from __future__ import annotations
@@ -60,6 +62,37 @@ def actors_waiting(job_id: str, class_part: str, before: Optional[dict] = None) 
         return None
     restarting = sum(a.state == "RESTARTING" for a in mine)
     return f"{restarting} actor(s) lost with a node and restarting, none alive" if restarting else None
+
+
+# a task in one of these states is being worked on: its job goes on
+_ON_THE_WAY = {"SUBMITTED_TO_WORKER", "PENDING_ARGS_FETCH", "GETTING_AND_PINNING_ARGS", "PENDING_OBJ_STORE_MEM_AVAIL",
+               "RUNNING", "RUNNING_IN_RAY_GET", "RUNNING_IN_RAY_WAIT"}
+
+
+def tasks_waiting(job_id: str) -> Optional[str]:
+    """What job ``job_id``'s tasks (plain Ray tasks, not actors') wait for, in words, where some
+    wait for a node to run on (``PENDING_NODE_ASSIGNMENT``: no node has room, e.g. a lost one's
+    tasks retried, or its objects rebuilt, where no other node has a free CPU) and none is on its
+    way (running, or its arguments being fetched). None while one is on its way, none waits, or
+    the state API does not answer within 5 s.
+
+    Example (on a running Ray whose only CPU node was just lost):
+        >>> tasks_waiting(job)  # doctest: +SKIP
+        '3 task(s) waiting for a node, none running'
+    """
+    from ray.util.state import list_tasks
+    from ray.util.state.exception import RayStateApiException
+
+    try:
+        tasks = list_tasks(filters=[("job_id", "=", job_id), ("type", "=", "NORMAL_TASK"), ("state", "!=", "FINISHED")],
+                           limit=10_000, timeout=5, raise_on_missing_output=False)
+    except (RayStateApiException, ConnectionError, TimeoutError) as e:
+        log.debug("the state API did not answer (%s): a wait for a node not watched", e)
+        return None
+    if any(t.state in _ON_THE_WAY for t in tasks):
+        return None
+    pending = sum(t.state == "PENDING_NODE_ASSIGNMENT" for t in tasks)
+    return f"{pending} task(s) waiting for a node, none running" if pending else None
 
 
 def _job_actors(job_id: str, class_part: str, before: Optional[dict], **kw) -> list:

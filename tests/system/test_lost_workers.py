@@ -219,3 +219,58 @@ def test_a_lost_node_with_no_replacement_is_exit_2_after_the_wait_and_resume_fin
         assert again.returncode == 0, again.stderr.decode()[-4000:]
     assert json.loads((out / "run.json").read_text())["status"] == "complete"
     assert _selection_bytes(out) == _selection_bytes(tmp_path / "undisturbed")
+
+
+def test_the_select_tasks_node_lost_with_no_replacement_is_exit_2_after_the_wait_and_resume_finishes(
+        shared_data, tmp_path):
+    """``select.engine: ray``: the only CPU node lost after the first K's k-means (the driver
+    paused there by ``faults.point``, SIGSTOP, while the node is killed). The shard tasks to run
+    again, and the pieces rebuilt from the lost node's objects, have no node: Ray keeps them
+    pending without end. The run waits ``ray.wait_timeout_s`` (20 s), saying so, then exits 2
+    naming the selection tasks; once a node is back ``--resume`` selects what the driver engine
+    selects, byte for byte."""
+    import yaml
+
+    cfg = _job(tmp_path, shared_data)
+    raw = yaml.safe_load(cfg.read_text())
+    raw["embed"]["shard_size"] = 64  # about 8 shards: as many tasks per pass of the shard engine
+    cfg.write_text(yaml.safe_dump(raw))
+    assert main(["select", str(cfg), "--engine", "local", "--out", str(tmp_path / "undisturbed"),
+                 "--no-progress"]) == 0
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "ray_pipeline.cli", "select", str(cfg), "--out", str(out), "--no-progress",
+            "--set", "ray.wait_timeout_s=20", "--set", "select.engine=ray"]
+    with cluster_head(num_cpus=0, env={"RAY_health_check_period_ms": "1000",
+                                        "RAY_health_check_failure_threshold": "3"}) as cluster:
+        first = add_node(cluster, num_cpus=2)
+        env = {**cluster["env"], "RAY_ADDRESS": cluster["address"],
+               "RAY_PIPELINE_KILL_AT": "select:kmeans", "RAY_PIPELINE_KILL_WITH": "SIGSTOP"}
+        log = tmp_path / "run.err"
+        with open(log, "wb") as stderr:
+            proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
+            try:
+                driver = psutil.Process(proc.pid)
+                _wait_for("the driver paused after k-means", lambda: driver.status() == psutil.STATUS_STOPPED, proc)
+                kill_node(first)
+                t0 = time.monotonic()
+                driver.resume()
+                proc.wait(timeout=300)
+                waited = time.monotonic() - t0
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                err = log.read_text()
+        assert proc.returncode == 2, err[-4000:]
+        last = err.strip().splitlines()[-1]
+        assert "the selection tasks waited 20s (ray.wait_timeout_s) for a node with room" in last, err[-4000:]
+        assert "waiting for a node, none running" in last and "--resume" in last and "Traceback" not in err
+        assert "wait for a node with room" in err  # said when the wait began, not only at the end
+        assert waited >= 20
+        assert json.loads((out / "run.json").read_text())["status"] == "running"  # unfinished: --resume continues it
+        add_node(cluster, num_cpus=2)
+        env = {k: v for k, v in env.items() if not k.startswith("RAY_PIPELINE_KILL")}
+        again = subprocess.run(args + ["--resume"], env=env, capture_output=True, timeout=600)
+        assert again.returncode == 0, again.stderr.decode()[-4000:]
+    run = json.loads((out / "run.json").read_text())
+    assert run["status"] == "complete"
+    assert _selection_bytes(out) == _selection_bytes(tmp_path / "undisturbed")

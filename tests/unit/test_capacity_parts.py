@@ -148,3 +148,42 @@ def test_an_error_of_the_block_is_its_own():
     with pytest.raises(ValueError, match="a shard failed"):
         with bounded_waits(lambda: None, "x", "y", poll_s=0.01):
             raise ValueError("a shard failed")
+
+
+# retries.tasks_waiting: what a job's plain tasks wait for, read from Ray's state API
+
+def _until(answer, want, seconds: float = 20.0):
+    """``answer()`` polled until ``want(it)`` (the state API sees task events about a second late)."""
+    end = time.monotonic() + seconds
+    while True:
+        got = answer()
+        if want(got) or time.monotonic() > end:
+            return got
+        time.sleep(0.2)
+
+
+def test_a_task_no_node_can_take_is_a_wait_and_one_running_is_not(local_ray):
+    from ray_pipeline.runtime.retries import tasks_waiting
+
+    ray = local_ray
+    job = ray.get_runtime_context().get_job_id()
+
+    @ray.remote(num_cpus=1, resources={"a_node_nobody_has": 1})
+    def stranded():
+        return 1
+
+    @ray.remote(num_cpus=1)
+    def busy(seconds):
+        time.sleep(seconds)
+
+    assert tasks_waiting(job) is None
+    waits = stranded.remote()
+    try:
+        assert _until(lambda: tasks_waiting(job), lambda got: got is not None) == \
+            "1 task(s) waiting for a node, none running"
+        running = busy.remote(30)
+        assert _until(lambda: tasks_waiting(job), lambda got: got is None) is None  # work goes on: not a wait
+        ray.cancel(running, force=True)
+    finally:
+        ray.cancel(waits, force=True)
+
