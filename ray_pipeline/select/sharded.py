@@ -20,6 +20,11 @@ through Ray's object store. Per K:
    the budgets, exactly as the driver path does (they need every cluster's size).
 5. ``_greedy_group`` tasks: the k-center greedy (or facility location) of the group's clusters.
 
+Where the tree is used (``cluster.algorithm``), steps 1-2 run level by level for the tree's
+nodes of more than ``node_rows`` rows (one sample pass and one assignment pass a level), and the
+smaller nodes' subtrees run in group tasks cut as in step 3 (:meth:`Sharded._tree`): the rows a
+task holds do not grow with N.
+
 A group keeps its rows in pool order, so "lowest index" tie-breaks are the driver path's. The
 kernels are :mod:`~ray_pipeline.select.kernels`'s; these tasks only move data. They ask for CPUs
 only.
@@ -137,15 +142,37 @@ def _partition_shard(path: str, row_map: Optional[np.ndarray], assign: np.ndarra
     return out if groups > 1 else out[0]  # one return value per group
 
 
-def _subtree_group(k: int, path: tuple[int, ...], params: dict[str, int],
-                   *pieces: Piece) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """One child of the root: the leaves :func:`kmeans.subtree` makes of its rows at ``path``,
-    asked for ``k`` (``params``: its niter, max_points_per_centroid, branching, gpus). Returns
-    rows (r,) int64 ascending, their leaf (r,) int64 in [0, leaves), similarity (r,) float32 to
-    it, and the number of leaves."""
+def _subtrees_group(nodes: list[tuple[int, tuple[int, ...]]], first: int, params: dict[str, int],
+                    node_of: np.ndarray, *pieces: Piece) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list]:
+    """The subtrees of a group of tree nodes, each :func:`kmeans.subtree` of its own rows at its path
+    (``nodes``: (clusters asked, path) of the nodes ``first``, ``first + 1``, ... of ``node_of``,
+    (n,) int64 each row's node). Returns rows (r,) int64 ascending, their node (r,), their leaf
+    within it (r,) int64, similarity to it (r,) float32, and each node's (path, leaves)."""
     rows, x = _group_arrays(list(pieces))
-    r = subtree(x, k, path=path, **params)
-    return rows, r.assign, r.sim, len(r.centroids)
+    node = node_of[rows]
+    leaf, sim, counts = np.empty(len(rows), dtype=np.int64), np.empty(len(rows), dtype=np.float32), []
+    for j, (k, path) in enumerate(nodes):
+        mine = node == first + j
+        r = subtree(x[mine], k, path=path, **params)  # its rows in pool order, as the driver's tree has them
+        leaf[mine], sim[mine] = r.assign, r.sim
+        counts.append((path, len(r.centroids)))
+    return rows, node, leaf, sim, counts
+
+
+def _assign_nodes_shard(path: str, row_map: Optional[np.ndarray], node_of: np.ndarray,
+                        centroids: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One level of the tree on one shard: each row of a node ``j`` (``node_of``: (n,) int64, -1
+    for a row in none) assigned to that node's ``centroids[j]`` (:func:`kmeans.assign`). Returns
+    those rows (r,) int64, their cluster within the node (r,) int64 and similarity (r,) float32."""
+    rows, x = read_shard(path, row_map)
+    node = node_of[rows]
+    keep = node >= 0
+    rows, x, node = rows[keep], x[keep], node[keep]
+    a, s = np.empty(len(rows), dtype=np.int64), np.empty(len(rows), dtype=np.float32)
+    for j in np.unique(node):
+        mine = node == j
+        a[mine], s[mine] = assign_rows(x[mine], centroids[j])
+    return rows, a, s
 
 
 def _keys_group(c0: int, c1: int, assign: np.ndarray, sim: np.ndarray, *pieces: Piece) -> tuple[np.ndarray, np.ndarray]:
@@ -204,14 +231,16 @@ class Sharded:
     shards: files with ``row`` (the sample's position once renumbered by ``row_map``: 0 <= row
     < n, -1 drops it) and ``embedding`` (L2-normalised, fixed-size lists). groups: how many groups
     the clusters are cut into for the per-cluster tasks (0: twice the cluster's CPUs, and at least
-    one per ``GROUP_ROWS`` rows).
+    one per ``GROUP_ROWS`` rows). node_rows: the tree's nodes above this many rows run from the
+    driver level by level, the smaller ones whole in a task (:meth:`_tree`).
     """
 
     def __init__(self, shards: list[str], n: int, cfg: Config, devices: Devices, *,
-                 row_map: Optional[np.ndarray] = None, groups: int = 0):
+                 row_map: Optional[np.ndarray] = None, groups: int = 0, node_rows: int = GROUP_ROWS):
         import ray
 
         self.shards, self.n, self.cfg, self.devices, self.row_map = shards, n, cfg, devices, row_map
+        self.node_rows = node_rows
         self.groups = groups or max(2, 2 * int(ray.cluster_resources().get("CPU", 1)), -(-n // GROUP_ROWS))
         self._row_map_ref = None
 
@@ -262,7 +291,8 @@ class Sharded:
         local = np.full(self.n, -1, dtype=np.int64)
         local[rows] = np.arange(len(rows))
         row_map = local if self.row_map is None else lift(self.row_map, local)
-        return Sharded(self.shards, len(rows), self.cfg, self.devices, row_map=row_map, groups=self.groups)
+        return Sharded(self.shards, len(rows), self.cfg, self.devices, row_map=row_map, groups=self.groups,
+                       node_rows=self.node_rows)
 
     def probe_margins(self, labels: np.ndarray, train: np.ndarray) -> np.ndarray:
         """(n,) the margin of a linear probe fit on the rows ``train`` (gathered to the driver), every
@@ -311,31 +341,108 @@ class Sharded:
         return assign, sim
 
     def _tree(self, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Multi-level k-means (``kmeans.hierarchical_kmeans``) over the shards: the root's split
-        as :meth:`_flat`, the shards cut by its clusters, then each child's whole subtree in one
-        Ray task on that child's rows; the driver's leaves, numbered depth-first the same way."""
+        """Multi-level k-means (``kmeans.hierarchical_kmeans``) over the shards, the driver's leaves
+        numbered the same way (depth-first). The levels whose nodes hold more than ``node_rows`` rows
+        (the root always) run level by level from the driver: every such node's seeded training
+        sample gathered in one pass over the shards and its centroids trained here, then every row
+        assigned to its node's centroids by a task per shard. The nodes below that size are cut into
+        groups and each node's whole subtree runs in its group's task (``kmeans.subtree``). So no
+        task holds more than about ``node_rows`` rows plus a group's share, whatever N, and the
+        driver holds the samples (about ``max_points_per_centroid`` x fan-out rows a node) and a
+        few ints a row."""
+        pending = [(np.arange(self.n), k, (self.cfg.seed,), False)]  # (rows, clusters asked, path, as a leaf)
+        done, small = [], []  # done here: (path, leaves, rows, assign, sim); small: (rows, k, path)
+        while pending:
+            pending = self._tree_level(pending, done, small)
+        return self._finish_tree(done, small)
+
+    def _tree_level(self, nodes: list, done: list, small: list) -> list:
+        """One level of the tree for ``nodes`` (each split or, as a leaf, clustered); the children
+        too large for a task come back for the next level, the others go to ``small``."""
         import ray
 
-        c, root = self.cfg.cluster, (self.cfg.seed,)
-        fan = node_fan(k, c.branching, c.leaf)
-        if fan == 1:  # one level: the tree is a flat k-means with the root's seed
-            return self._flat(min(k, self.n), node_seed(root))
-        top, _ = self._flat(fan, node_seed(root))
-        sizes = np.bincount(top, minlength=fan)
-        if int((sizes > 0).sum()) == 1:  # the root would not split: one flat k-means, as the driver does
-            return self._flat(min(k, self.n), node_seed(root))
-        share = child_shares(sizes, k)
-        pieces = self._cut_by_group(ray.put(top), np.arange(fan), fan)
-        params = {"niter": c.niter, "max_points_per_centroid": c.max_points_per_centroid, "branching": c.branching,
-                  "leaf": c.leaf, "gpus": 0}  # tasks ask for CPUs only
-        task = ray.remote(_subtree_group)
-        refs = [task.remote(int(share[ch]), (*root, ch), params, *[pc[ch] for pc in pieces])
-                for ch in range(fan) if share[ch] > 0]
+        c = self.cfg.cluster
+        plan = []  # (rows, k asked, path, clusters made here, leaf?, the sample's pool rows)
+        for rows, k_here, path, as_leaf in nodes:
+            fan = node_fan(k_here, c.branching, c.leaf)
+            leaf = as_leaf or fan == 1
+            kk = min(k_here, len(rows)) if leaf else fan
+            sample = training_rows(len(rows), kk, seed=node_seed(path), max_points_per_centroid=c.max_points_per_centroid)
+            plan.append((rows, k_here, path, kk, leaf, rows if sample is None else rows[sample]))
+        wanted = np.sort(np.concatenate([p[5] for p in plan]))
+        rows_s, x_s = _group_arrays(self._per_shard(_read_raw, ray.put(wanted)))
+        if len(rows_s) != len(wanted):
+            raise InputError(f"the shards hold {len(rows_s)} of the {len(wanted)} rows k-means needs; the shards "
+                             f"do not cover rows 0..{self.n - 1} once each")
+        centroids = [train_centroids(x_s[np.searchsorted(rows_s, pick)], kk, seed=node_seed(path), niter=c.niter,
+                                     gpus=self.devices.faiss_gpus) for _, _, path, kk, _, pick in plan]
+        del x_s
+        node_of = np.full(self.n, -1, dtype=np.int64)
+        for j, p in enumerate(plan):
+            node_of[p[0]] = j
         assign, sim = np.full(self.n, -1, dtype=np.int64), np.zeros(self.n, dtype=np.float32)
-        offset = 0
-        for rows, a, s, leaves in ray.get(refs):  # in child order: depth-first numbering
-            assign[rows], sim[rows] = a + offset, s
-            offset += leaves
+        for rows, a, s in self._per_shard(_assign_nodes_shard, ray.put(node_of), ray.put(centroids)):
+            assign[rows], sim[rows] = a, s
+        below = []
+        for rows, k_here, path, kk, leaf, _ in plan:
+            a = assign[rows]
+            if (a < 0).any():
+                raise InputError(f"the shards do not cover every row: row {int(rows[np.flatnonzero(a < 0)[0]])} "
+                                 f"is missing")
+            if leaf:
+                done.append((path, kk, rows, a, sim[rows]))
+                continue
+            sizes = np.bincount(a, minlength=kk)
+            if int((sizes > 0).sum()) == 1:  # it would not split: one flat k-means of its rows, same seed
+                below.append((rows, k_here, path, True))
+                continue
+            share = child_shares(sizes, k_here)
+            for ch in range(kk):
+                if share[ch] > 0:
+                    child = (rows[a == ch], int(share[ch]), (*path, ch))
+                    if len(child[0]) > self.node_rows:
+                        below.append((*child, False))
+                    else:
+                        small.append(child)
+        return below
+
+    def _finish_tree(self, done: list, small: list) -> tuple[np.ndarray, np.ndarray]:
+        """The subtrees of the ``small`` nodes in group tasks, then every leaf numbered in the
+        order of its node's path (the driver's depth-first order)."""
+        import ray
+
+        c = self.cfg.cluster
+        leaves: dict[tuple, int] = {path: kk for path, kk, *_ in done}
+        results = []
+        if small:
+            small.sort(key=lambda node: node[2])
+            groups = min(self.groups, len(small))
+            g_of = cluster_groups(np.array([len(rows) for rows, _, _ in small]), groups)
+            node_of = np.full(self.n, len(small), dtype=np.int64)  # len(small): in no group's piece
+            for j, (rows, _, _) in enumerate(small):
+                node_of[rows] = j
+            node_ref = ray.put(node_of)
+            pieces = self._cut_by_group(node_ref, np.append(g_of, groups), groups)
+            params = {"niter": c.niter, "max_points_per_centroid": c.max_points_per_centroid, "branching": c.branching,
+                      "leaf": c.leaf, "gpus": 0}  # tasks ask for CPUs only
+            bounds = np.searchsorted(g_of, np.arange(groups + 1))
+            task = ray.remote(_subtrees_group)
+            refs = [task.remote([(kk, path) for _, kk, path in small[bounds[g]:bounds[g + 1]]], int(bounds[g]),
+                                params, node_ref, *[pc[g] for pc in pieces])
+                    for g in range(groups) if bounds[g + 1] > bounds[g]]
+            results = ray.get(refs)
+            for *_, counts in results:
+                for path, count in counts:
+                    leaves[path] = count
+        offset, at = 0, {}
+        for path in sorted(leaves):
+            at[path], offset = offset, offset + leaves[path]
+        assign, sim = np.full(self.n, -1, dtype=np.int64), np.zeros(self.n, dtype=np.float32)
+        for path, _, rows, a, s in done:
+            assign[rows], sim[rows] = a + at[path], s
+        starts = np.array([at[path] for _, _, path in small], dtype=np.int64)
+        for rows, node, a, s, _ in results:
+            assign[rows], sim[rows] = a + starts[node], s
         return assign, sim
 
 

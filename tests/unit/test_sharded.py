@@ -166,11 +166,16 @@ def test_sharded_selection_equals_the_driver_path_stratified_by_label(tmp_path, 
     assert len(set(labels[chosen])) == 4  # it did stratify
 
 
-@pytest.mark.parametrize("k,branching,leaf", [(60, 8, 8), (200, 6, 6), (5, 8, 8), (200, 16, 4)])
-def test_sharded_hierarchical_clustering_equals_the_driver_path(tmp_path, local_ray, k, branching, leaf):
-    """Multi-level k-means on the shard engine (the root's split over the shards, each child's
-    subtree in a task) gives the driver's leaves and selection, index for index; also where the
-    tree is a single flat k-means (k within one level). The driver gets the vectors as the shard
+@pytest.mark.parametrize("k,branching,leaf,node_rows", [(60, 8, 8, 250_000), (200, 6, 6, 250_000), (5, 8, 8, 250_000),
+                                                       (200, 16, 4, 250_000), (200, 6, 6, 300), (60, 8, 8, 40),
+                                                       (200, 16, 4, 100)])
+def test_sharded_hierarchical_clustering_equals_the_driver_path(tmp_path, local_ray, k, branching, leaf, node_rows):
+    """Multi-level k-means on the shard engine (the levels of nodes over ``node_rows`` rows from the
+    driver, level by level over the shards; each smaller node's subtree in a group task) gives the
+    driver's leaves and selection, index for index: with the root alone from the driver, with
+    two or three levels from it (node_rows 300, 100), and down to the leaves (40: leaf nodes
+    clustered from the driver too); also where the tree is a single flat k-means (k within one
+    level). The driver gets the vectors as the shard
     tasks read them (normalised once more, row by row), as the driver engine does in a run: small
     leaves make two-member clusters whose members tie exactly, and a last-bit difference in the
     vectors would break the tie the other way."""
@@ -182,7 +187,8 @@ def test_sharded_hierarchical_clustering_equals_the_driver_path(tmp_path, local_
     paths = write_shards(x, tmp_path, 1100, seed=k)
     x = check_vectors(x.copy(), "the test's vectors")
     a = select_candidates(x, cfg, rng=np.random.default_rng(0), devices=CPU)
-    b = select_candidates(Sharded(paths, n, cfg, CPU, groups=3), cfg, rng=np.random.default_rng(0))
+    b = select_candidates(Sharded(paths, n, cfg, CPU, groups=3, node_rows=node_rows), cfg,
+                          rng=np.random.default_rng(0))
     same_selection(a, b)
     assert (a.per_k[0].assign == b.per_k[0].assign).all()
     km = hierarchical_kmeans(x, k, seed=cfg.seed, branching=branching, leaf=leaf, max_points_per_centroid=32)
