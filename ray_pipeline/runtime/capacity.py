@@ -182,8 +182,8 @@ def bounded_waits(waiting: Callable[[], Optional[str]], what: str, change: str, 
     way Ctrl-C does (``SIGUSR2`` sent to the main thread, handled here: a signal also wakes a wait on
     a lock, where the block may be; the handler raises a KeyboardInterrupt, the only exception that
     ends a ``ray.get``, turned into the ClusterError as it leaves the block), so the library in the
-    block unwinds and shuts its own work down; main thread only (elsewhere the block runs unwatched, as Python cannot set handlers
-    there)."""
+    block unwinds and shuts its own work down; main thread only (elsewhere the block runs
+    unwatched, as Python cannot set handlers there)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return

@@ -165,23 +165,33 @@ class Sharded:
     def _flat(self, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
         """k-means over the shards: the seeded training sample gathered to the driver, centroids
         trained there, every row assigned by a task per shard."""
-        import ray
-
         n, c = self.n, self.cfg.cluster
         wanted = training_rows(n, k, seed=seed, max_points_per_centroid=c.max_points_per_centroid)
-        wanted = np.arange(n) if wanted is None else wanted  # None: k-means trains on every row
-        rows_s, x_s = _group_arrays(self._per_shard(_read_raw, ray.put(wanted)))
-        if len(rows_s) != len(wanted):
-            raise InputError(f"the shards hold {len(rows_s)} of the {len(wanted)} rows k-means needs; the shards "
-                             f"do not cover rows 0..{n - 1} once each")
+        x_s = self._gather(np.arange(n) if wanted is None else wanted)[1]  # None: k-means trains on every row
         centroids = train_centroids(x_s, k, seed=seed, niter=c.niter, gpus=self.devices.faiss_gpus)
         del x_s
-        assign, sim = np.full(n, -1, dtype=np.int64), np.zeros(n, dtype=np.float32)
-        for rows, a, s in self._per_shard(_assign_shard, centroids):
+        return self._collect(self._per_shard(_assign_shard, centroids), np.ones(n, dtype=bool))
+
+    def _gather(self, wanted: np.ndarray) -> Piece:
+        """The rows ``wanted`` (sorted) gathered to the driver (a task per shard), checked and
+        normalised as :func:`_group_arrays` does; every one of them must be in some shard."""
+        import ray
+
+        rows, x = _group_arrays(self._per_shard(_read_raw, ray.put(wanted)))
+        if len(rows) != len(wanted):
+            raise InputError(f"the shards hold {len(rows)} of the {len(wanted)} rows k-means needs; the shards "
+                             f"do not cover rows 0..{self.n - 1} once each")
+        return rows, x
+
+    def _collect(self, results: list, expected: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The per-shard (rows, assign, sim) of an assignment pass as (n,) arrays (-1 / 0 where a row
+        was not assigned); every row of the mask ``expected`` must have been."""
+        assign, sim = np.full(self.n, -1, dtype=np.int64), np.zeros(self.n, dtype=np.float32)
+        for rows, a, s in results:
             assign[rows], sim[rows] = a, s
-        if (assign < 0).any():
-            raise InputError(f"the shards do not cover every row: row {int(np.flatnonzero(assign < 0)[0])} "
-                             f"is missing")
+        missing = np.flatnonzero(expected & (assign < 0))
+        if len(missing):
+            raise InputError(f"the shards do not cover every row: row {int(missing[0])} is missing")
         return assign, sim
 
     def _tree(self, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -213,26 +223,18 @@ class Sharded:
             kk = min(k_here, len(rows)) if leaf else fan
             sample = training_rows(len(rows), kk, seed=node_seed(path), max_points_per_centroid=c.max_points_per_centroid)
             plan.append((rows, k_here, path, kk, leaf, rows if sample is None else rows[sample]))
-        wanted = np.sort(np.concatenate([p[5] for p in plan]))
-        rows_s, x_s = _group_arrays(self._per_shard(_read_raw, ray.put(wanted)))
-        if len(rows_s) != len(wanted):
-            raise InputError(f"the shards hold {len(rows_s)} of the {len(wanted)} rows k-means needs; the shards "
-                             f"do not cover rows 0..{self.n - 1} once each")
+        rows_s, x_s = self._gather(np.sort(np.concatenate([p[5] for p in plan])))
         centroids = [train_centroids(x_s[np.searchsorted(rows_s, pick)], kk, seed=node_seed(path), niter=c.niter,
                                      gpus=self.devices.faiss_gpus) for _, _, path, kk, _, pick in plan]
         del x_s
         node_of = np.full(self.n, -1, dtype=np.int64)
         for j, p in enumerate(plan):
             node_of[p[0]] = j
-        assign, sim = np.full(self.n, -1, dtype=np.int64), np.zeros(self.n, dtype=np.float32)
-        for rows, a, s in self._per_shard(_assign_nodes_shard, ray.put(node_of), ray.put(centroids)):
-            assign[rows], sim[rows] = a, s
+        assign, sim = self._collect(self._per_shard(_assign_nodes_shard, ray.put(node_of), ray.put(centroids)),
+                                    node_of >= 0)
         below = []
         for rows, k_here, path, kk, leaf, _ in plan:
             a = assign[rows]
-            if (a < 0).any():
-                raise InputError(f"the shards do not cover every row: row {int(rows[np.flatnonzero(a < 0)[0]])} "
-                                 f"is missing")
             if leaf:
                 done.append((path, kk, rows, a, sim[rows]))
                 continue

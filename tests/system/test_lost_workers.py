@@ -95,6 +95,34 @@ def _wait_for(what: str, found, proc: subprocess.Popen, timeout: float = 600):
         time.sleep(0.2)
 
 
+def _cut_and_wait(args: list, env: dict, log: Path, cut) -> tuple[int, str, float]:
+    """The CLI ``args`` run with stderr to ``log``; ``cut(proc)`` waits for its moment and kills the
+    node; then the run is waited for. Returns its exit status, stderr and the seconds from the cut
+    to its end."""
+    with open(log, "wb") as stderr:
+        proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
+        try:
+            cut(proc)
+            t0 = time.monotonic()
+            proc.wait(timeout=300)
+            waited = time.monotonic() - t0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    return proc.returncode, log.read_text(), waited
+
+
+def _assert_gave_up(code: int, err: str, waited: float, what: str, why: str) -> None:
+    """The run waited ray.wait_timeout_s (20 s) for a node with room, saying so, then exit 2 naming
+    ``what`` waited and ``why``, with --resume as the way on and no traceback."""
+    assert code == 2, err[-4000:]
+    last = err.strip().splitlines()[-1]
+    assert f"{what} waited 20s (ray.wait_timeout_s) for a node with room" in last, err[-4000:]
+    assert why in last and "--resume" in last and "Traceback" not in err
+    assert "wait for a node with room" in err  # said when the wait began, not only at the end
+    assert waited >= 20
+
+
 def _alive_on(node_id: str, class_part: str, dashboard: str) -> bool:
     """Whether Ray's state API shows an actor whose class names ``class_part`` alive on node
     ``node_id`` (Ray Data's actor class is ``MapWorker(MapBatches(ShardEmbedder))``)."""
@@ -191,26 +219,12 @@ def test_a_lost_node_with_no_replacement_is_exit_2_after_the_wait_and_resume_fin
                                         "RAY_health_check_failure_threshold": "3"}) as cluster:
         first = add_node(cluster, num_cpus=2)
         env = {**cluster["env"], "RAY_ADDRESS": cluster["address"]}
-        log = tmp_path / "run.err"
-        with open(log, "wb") as stderr:
-            proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
-            try:
-                _wait_for("a shard embedded on the worker node", lambda: list(out.glob("embeddings/*/shard-00001.parquet"))
-                          and _alive_on(_node_id(first), "ShardEmbedder", cluster["dashboard"]), proc)
-                kill_node(first)
-                t0 = time.monotonic()
-                proc.wait(timeout=300)
-                waited = time.monotonic() - t0
-            finally:
-                if proc.poll() is None:
-                    proc.kill()
-                err = log.read_text()
-        assert proc.returncode == 2, err[-4000:]
-        last = err.strip().splitlines()[-1]
-        assert "the embedding actors waited 20s (ray.wait_timeout_s) for a node with room" in last, err[-4000:]
-        assert "restarting" in last and "--resume" in last and "Traceback" not in err
-        assert "wait for a node with room" in err  # said when the wait began, not only at the end
-        assert waited >= 20
+        def cut(proc):
+            _wait_for("a shard embedded on the worker node", lambda: list(out.glob("embeddings/*/shard-00001.parquet"))
+                      and _alive_on(_node_id(first), "ShardEmbedder", cluster["dashboard"]), proc)
+            kill_node(first)
+
+        _assert_gave_up(*_cut_and_wait(args, env, tmp_path / "run.err", cut), "the embedding actors", "restarting")
         stage = next((out / "embeddings").iterdir())
         assert list(stage.glob("shard-*.parquet")) and not (stage / "manifest.json").exists()
         assert json.loads((out / "run.json").read_text())["status"] == "running"  # unfinished: --resume continues it
@@ -245,27 +259,14 @@ def test_the_select_tasks_node_lost_with_no_replacement_is_exit_2_after_the_wait
         first = add_node(cluster, num_cpus=2)
         env = {**cluster["env"], "RAY_ADDRESS": cluster["address"],
                "RAY_PIPELINE_KILL_AT": "select:kmeans", "RAY_PIPELINE_KILL_WITH": "SIGSTOP"}
-        log = tmp_path / "run.err"
-        with open(log, "wb") as stderr:
-            proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
-            try:
-                driver = psutil.Process(proc.pid)
-                _wait_for("the driver paused after k-means", lambda: driver.status() == psutil.STATUS_STOPPED, proc)
-                kill_node(first)
-                t0 = time.monotonic()
-                driver.resume()
-                proc.wait(timeout=300)
-                waited = time.monotonic() - t0
-            finally:
-                if proc.poll() is None:
-                    proc.kill()
-                err = log.read_text()
-        assert proc.returncode == 2, err[-4000:]
-        last = err.strip().splitlines()[-1]
-        assert "the selection tasks waited 20s (ray.wait_timeout_s) for a node with room" in last, err[-4000:]
-        assert "waiting for a node, none running" in last and "--resume" in last and "Traceback" not in err
-        assert "wait for a node with room" in err  # said when the wait began, not only at the end
-        assert waited >= 20
+        def cut(proc):
+            driver = psutil.Process(proc.pid)
+            _wait_for("the driver paused after k-means", lambda: driver.status() == psutil.STATUS_STOPPED, proc)
+            kill_node(first)
+            driver.resume()
+
+        _assert_gave_up(*_cut_and_wait(args, env, tmp_path / "run.err", cut), "the selection tasks",
+                        "waiting for a node, none running")
         assert json.loads((out / "run.json").read_text())["status"] == "running"  # unfinished: --resume continues it
         add_node(cluster, num_cpus=2)
         env = {k: v for k, v in env.items() if not k.startswith("RAY_PIPELINE_KILL")}
