@@ -73,6 +73,7 @@ class NodeMemory:
     def __init__(self, raylets: dict[str, int], extra: dict[str, list[int]]):
         self.raylets, self.extra = raylets, extra
         self.peak = {name: 0.0 for name in raylets} | {"driver": 0.0}
+        self.at_peak: dict = {}  # per node, at its peak: GiB by process name (the raylet holds the object store)
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
 
@@ -90,8 +91,11 @@ class NodeMemory:
                     pids = [pid] + [c.pid for c in psutil.Process(pid).children(recursive=True)]
                 except psutil.NoSuchProcess:
                     continue
-                total = sum(self._pss(p) for p in pids + self.extra.get(name, []))
-                self.peak[name] = max(self.peak[name], total)
+                each = {p: self._pss(p) for p in pids + self.extra.get(name, [])}
+                total = sum(each.values())
+                if total > self.peak[name]:
+                    self.peak[name] = total
+                    self.at_peak[name] = _by_name(each)
             self.peak["driver"] = max(self.peak["driver"], me.memory_info().rss / 2 ** 30)
             self._stop.wait(1.0)
 
@@ -102,6 +106,18 @@ class NodeMemory:
     def __exit__(self, *exc):
         self._stop.set()
         self._t.join()
+
+
+def _by_name(pss: dict) -> dict:
+    """GiB by process title (``raylet``, ``gcs_server``, ``ray::<task>``), largest first."""
+    out: dict = {}
+    for pid, gib in pss.items():
+        try:
+            name = psutil.Process(pid).name()
+        except psutil.NoSuchProcess:
+            continue
+        out[name] = round(out.get(name, 0.0) + gib, 3)
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
 def ours(tmp: Path) -> list[int]:
@@ -190,6 +206,7 @@ def run_one(paths: list[str], n: int, cfg: Config, raylets: dict, extra: dict) -
         sel = select_candidates(Sharded(paths, n, cfg, Devices()), cfg, rng=np.random.default_rng(0))
     r["driver_cpu_s"] = round(time.process_time() - cpu0, 1)
     r["peak_gib"] = {k: round(v, 2) for k, v in mem.peak.items()}
+    r["at_peak_gib"] = mem.at_peak  # what each node's peak was made of
     r["k"] = sorted({s.k for s in sel.per_k})
     r["stages_s"] = {f"{s.method}_k{s.k}": {k: round(v, 1) for k, v in s.seconds.items()} for s in sel.per_k}
     print(f"  n={n:>11,} K={r['k']}: select {r['select_s']:8.1f}s (driver CPU {r['driver_cpu_s']}s), "
