@@ -9,9 +9,10 @@ seeds off) runs through ``select.sharded.Sharded`` from this process (the driver
 holds the vectors) on two ``ray start`` nodes of ``--cpus`` CPUs each, started here with
 ``--memory`` / ``--object-store-memory`` limits and stopped here by their pids. Sampled once a
 second: the driver's RSS, and per node the PSS (shared object-store pages divided among the
-processes mapping them) of its raylet and every process under it; the head also counts its GCS.
-Wall time and the driver's CPU seconds per N, the growth exponent, and per-stage seconds go to
-``benchmarks/results/tenm-{cpu,gpu}.json``. ``--driver-upto N`` also runs the driver engine on
+processes mapping them) of its raylet and every process under it; the head also counts its GCS;
+at each node's peak, the PSS by process title split into heap (``anon``), object-store pages
+(``shmem``) and mapped files. Wall time and the driver's CPU seconds per N, the growth exponent,
+and per-stage seconds go to ``benchmarks/results/{--name}-{cpu,gpu}.json`` (``tenm``). ``--driver-upto N`` also runs the driver engine on
 the same vectors up to that N and checks the two selections agree index for index;
 ``--driver-only`` runs the driver engine alone (no cluster), to ``tenm-driver-{cpu,gpu}.json``.
 
@@ -77,11 +78,17 @@ class NodeMemory:
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
 
-    def _pss(self, pid: int) -> float:
+    def _pss(self, pid: int) -> dict:
+        """GiB of ``pid``'s PSS in all (``pss``) and its parts (``/proc/PID/smaps_rollup``): ``anon``
+        (the process's own heap), ``shmem`` (its share of shared memory: the object store's pages it
+        has touched), ``file`` (mapped files, libraries); all 0 for a process gone."""
         try:
-            return psutil.Process(pid).memory_full_info().pss / 2 ** 30
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            return 0.0
+            with open(f"/proc/{pid}/smaps_rollup") as f:
+                kb = {k: int(v.split()[0]) for k, v in (line.split(":", 1) for line in f if ":" in line)
+                      if k in _PARTS}
+        except (FileNotFoundError, ProcessLookupError, PermissionError, ValueError):
+            return dict.fromkeys(_PARTS.values(), 0.0)
+        return {name: kb.get(k, 0) / 2 ** 20 for k, name in _PARTS.items()}
 
     def _run(self) -> None:
         me = psutil.Process()
@@ -92,7 +99,7 @@ class NodeMemory:
                 except psutil.NoSuchProcess:
                     continue
                 each = {p: self._pss(p) for p in pids + self.extra.get(name, [])}
-                total = sum(each.values())
+                total = sum(e["pss"] for e in each.values())
                 if total > self.peak[name]:
                     self.peak[name] = total
                     self.at_peak[name] = _by_name(each)
@@ -108,16 +115,23 @@ class NodeMemory:
         self._t.join()
 
 
+_PARTS = {"Pss": "pss", "Pss_Anon": "anon", "Pss_Shmem": "shmem", "Pss_File": "file"}
+
+
 def _by_name(pss: dict) -> dict:
-    """GiB by process title (``raylet``, ``gcs_server``, ``ray::<task>``), largest first."""
+    """GiB by process title (``raylet``, ``gcs_server``, ``ray::<task>``), largest first: for each,
+    its PSS and the parts of it (:meth:`NodeMemory._pss`), summed over processes of that title."""
     out: dict = {}
-    for pid, gib in pss.items():
+    for pid, parts in pss.items():
         try:
             name = psutil.Process(pid).name()
         except psutil.NoSuchProcess:
             continue
-        out[name] = round(out.get(name, 0.0) + gib, 3)
-    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+        mine = out.setdefault(name, dict.fromkeys(parts, 0.0))
+        for k, v in parts.items():
+            mine[k] += v
+    return {name: {k: round(v, 3) for k, v in parts.items()}
+            for name, parts in sorted(out.items(), key=lambda kv: -kv[1]["pss"])}
 
 
 def ours(tmp: Path) -> list[int]:
@@ -250,6 +264,7 @@ def main() -> None:
     p.add_argument("--driver-only", action="store_true",
                    help="no cluster: the driver engine alone (all vectors in this process), to tenm-driver-*.json")
     p.add_argument("--from-n", type=int, default=0, help="run only the sizes >= this (smaller tiers still written)")
+    p.add_argument("--name", default="tenm", help="results file: benchmarks/results/NAME-{cpu,gpu}.json")
     args = p.parse_args()
     ns = sorted(args.ns)
     if args.driver_only:
@@ -281,7 +296,7 @@ def main() -> None:
                     for a, b in zip(sel.per_k, ref.per_k))
                 print(f"    driver engine {d}; identical: {r['identical_to_driver_engine']}", flush=True)
             out["runs"].append(r)
-            save("tenm", out)
+            save(args.name, out)
         ray.shutdown()
     finally:
         stop_nodes(started)
@@ -290,7 +305,7 @@ def main() -> None:
         out["exponent"] = round(float(np.polyfit(x, y, 1)[0]), 2)
         out["exponent_last_two"] = round(float((y[-1] - y[-2]) / (x[-1] - x[-2])), 2)
         print(f"time ~ N^{out['exponent']} (last two sizes: N^{out['exponent_last_two']})")
-    print(f"wrote {save('tenm', out)}")
+    print(f"wrote {save(args.name, out)}")
 
 
 if __name__ == "__main__":
