@@ -220,16 +220,17 @@ def child_shares(sizes: np.ndarray, k: int) -> np.ndarray:
     return live.astype(np.int64) + proportional_budgets(sizes, k - int(live.sum()), sizes - live)
 
 
-def subtree(x: np.ndarray, k: int, *, path: tuple, niter: int = 20, max_points_per_centroid: int = 256,
-            branching: int = 16, leaf: int = 8, gpus: int = 0) -> KMeansResult:
-    """The leaves under the tree node at ``path`` whose rows are ``x`` (in pool order), asked for
-    ``k``: :func:`hierarchical_kmeans` from that node down. The shard engine runs one per child of
-    the root in a Ray task, and gets the driver's leaves."""
-    n = len(x)
-    assign = np.empty(n, dtype=np.int64)
-    sim = np.empty(n, dtype=np.float32)
+def subtree(x: np.ndarray, k: int, *, path: tuple, rows: np.ndarray | None = None, niter: int = 20,
+            max_points_per_centroid: int = 256, branching: int = 16, leaf: int = 8, gpus: int = 0) -> KMeansResult:
+    """The leaves under the tree node at ``path`` whose rows are ``x[rows]`` (``rows``: ascending
+    positions in x, in pool order; None: all of x), asked for ``k``: :func:`hierarchical_kmeans`
+    from that node down; assign and sim are the node's rows', in that order. The shard engine
+    runs a group of nodes in a Ray task, and gets the driver's leaves; x[rows] is not copied."""
+    assign = np.empty(len(x), dtype=np.int64)
+    sim = np.empty(len(x), dtype=np.float32)
     centroids: list[np.ndarray] = []
-    stack = [(np.arange(n), k, tuple(path))]  # (rows, clusters asked of the node, path); depth-first, in order
+    mine = np.arange(len(x)) if rows is None else rows
+    stack = [(mine, k, tuple(path))]  # (rows, clusters asked of the node, path); depth-first, in order
     while stack:
         rows, k_here, path = stack.pop()
         kw = dict(seed=node_seed(path), niter=niter, max_points_per_centroid=max_points_per_centroid, gpus=gpus)
@@ -246,4 +247,6 @@ def subtree(x: np.ndarray, k: int, *, path: tuple, niter: int = 20, max_points_p
         share = child_shares(split.sizes, k_here)
         children = [(rows[split.assign == c], int(share[c]), (*path, c)) for c in range(fan) if share[c] > 0]
         stack.extend(reversed(children))  # popped in child order
+    if len(mine) < len(x):  # the node's rows of x, in their order
+        assign, sim = assign[mine], sim[mine]
     return KMeansResult(centroids=np.concatenate(centroids), assign=assign, sim=sim)

@@ -63,11 +63,20 @@ def cluster_groups(sizes: np.ndarray, groups: int) -> np.ndarray:
 
 def _group_arrays(pieces: list[Piece]) -> Piece:
     """The pieces of one group (one from each shard) as one, its rows ascending (pool order), x
-    checked and normalised to float32 (the pieces are :func:`_read_raw`'s)."""
+    checked and normalised to float32 (the pieces are :func:`_read_raw`'s). Each piece is written
+    straight to its rows' places in the one float32 array, normalised there in place: the group
+    costs its float32 vectors and no second copy (a concatenation, then its sorted copy, then
+    the float32 cast were three)."""
     rows = np.concatenate([p[0] for p in pieces])
     order = np.argsort(rows, kind="stable")
-    x = np.concatenate([p[1] for p in pieces])[order]
-    return rows[order], check_vectors(x, "a cluster group of the shards") if len(x) else x.astype(np.float32)
+    place = np.empty(len(rows), dtype=np.int64)
+    place[order] = np.arange(len(rows))  # where each piece's row goes in pool order
+    d = pieces[0][1].shape[1] if pieces else 0
+    x, at = np.empty((len(rows), d), dtype=np.float32), 0
+    for _, xp in pieces:
+        x[place[at:at + len(xp)]] = xp  # float16 -> float32 is exact: the bits the cast gave
+        at += len(xp)
+    return rows[order], check_vectors(x, "a cluster group of the shards") if len(x) else x
 
 
 # ----------------------------------------------------------------------------------------------
@@ -116,7 +125,7 @@ def _subtrees_group(nodes: list[tuple[int, tuple[int, ...]]], first: int, params
     leaf, sim, counts = np.empty(len(rows), dtype=np.int64), np.empty(len(rows), dtype=np.float32), []
     for j, (k, path) in enumerate(nodes):
         mine = node == first + j
-        r = subtree(x[mine], k, path=path, **params)  # its rows in pool order, as the driver's tree has them
+        r = subtree(x, k, path=path, rows=np.flatnonzero(mine), **params)  # in pool order, as the driver's tree
         leaf[mine], sim[mine] = r.assign, r.sim
         counts.append((path, len(r.centroids)))
     return rows, node, leaf, sim, counts

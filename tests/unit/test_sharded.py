@@ -65,6 +65,36 @@ def test_keys_group_of_only_empty_clusters_regression_index_error():
     assert center.tolist() == [-1] and key.tolist() == [-1]
 
 
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_group_arrays_is_the_sorted_concatenation_normalised(dtype):
+    """A group's pieces scattered into one float32 array in pool order: the obvious concatenate,
+    sort, cast and normalise, bit for bit (an empty piece included)."""
+    from ray_pipeline.select.shard_tasks import _group_arrays
+
+    rng = np.random.default_rng(3)
+    rows = rng.permutation(500)
+    x = (rng.standard_normal((500, 12)) * 3).astype(dtype)
+    cuts = [0, 120, 120, 333, 500]  # the second piece is empty
+    pieces = [(np.sort(rows[a:b]), x[a:b][np.argsort(rows[a:b])]) for a, b in zip(cuts, cuts[1:])]
+    got_rows, got_x = _group_arrays(pieces)
+    order = np.argsort(np.concatenate([p[0] for p in pieces]), kind="stable")
+    want = check_vectors(np.concatenate([p[1] for p in pieces])[order].astype(np.float32), "ref")
+    assert got_rows.tolist() == sorted(rows.tolist())
+    assert got_x.dtype == np.float32 and np.array_equal(got_x, want)
+
+
+def test_subtree_of_some_rows_equals_subtree_of_their_copy():
+    """``subtree(x, rows=r)`` (the shard engine's group task, no copy) is ``subtree(x[r])``."""
+    from ray_pipeline.select.kmeans import subtree
+
+    x = check_vectors(unit_blobs(3000, 16, 30, seed=4), "x")
+    r = np.flatnonzero(np.random.default_rng(5).random(3000) < 0.6)
+    a = subtree(x, 40, path=(0, 3), rows=r)
+    b = subtree(x[r], 40, path=(0, 3))
+    assert np.array_equal(a.assign, b.assign) and np.array_equal(a.sim, b.sim)
+    assert np.array_equal(a.centroids, b.centroids) and len(a.assign) == len(r)
+
+
 def test_training_sample_is_seeded_sorted_and_only_when_needed():
     assert training_rows(1000, 4, seed=0, max_points_per_centroid=256) is None
     r = training_rows(10_000, 4, seed=0, max_points_per_centroid=256)
