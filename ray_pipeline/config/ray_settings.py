@@ -17,8 +17,8 @@ RAY_UP_CONFIG = "~/ray_bootstrap_config.yaml"
 class RaySettings:
     """``wait_timeout_s``: the longest the run waits, logging what it waits for, to reach the
     cluster at ``ray_address``, for the autoscaler to add a node that can hold a request, for
-    such a node to appear, or for a node with room for the embedding actors (one lost with its
-    node, and none alive); then it stops with exit status 2 and what to check.
+    such a node to appear, or for a node with room for the embedding actors (none alive, and one
+    lost with its node or all yet to start); then it stops with exit status 2 and what to check.
     ``autoscaler_config``: the autoscaler's cluster config (a ``cluster.yaml``), whose
     ``available_node_types`` (their ``resources``, declared explicitly) say what the cluster can
     grow to; empty: ``~/ray_bootstrap_config.yaml`` where it exists (where ``ray up`` copies it on

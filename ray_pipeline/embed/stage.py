@@ -384,7 +384,7 @@ def _embed_with_ray(shard_plan: _ShardPlan, cfg: EmbedConfig, *, progress: bool,
         )
         out.context.enable_progress_bars = progress and ray_bars  # this dataset's copy of the DataContext
         try:
-            # a lost node's actor restarts where there is room: bounded by ray.wait_timeout_s, not Ray Data's wait without end
+            # actors waiting for a node (a first start, or a lost node's restart): bounded by ray.wait_timeout_s, not Ray Data's wait without end
             with bounded_waits(lambda: actors_waiting(job, EMBEDDING_ACTOR, before), "the embedding actors", change):
                 done = list(tqdm(out.iter_rows(), total=len(shard_plan.pending), desc="embed shards", unit="shard",
                                  disable=not progress or ray_bars))

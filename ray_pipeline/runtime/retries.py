@@ -45,12 +45,18 @@ def actor_retries(job_id: str, class_part: str, before: Optional[dict] = None) -
 
 def actors_waiting(job_id: str, class_part: str, before: Optional[dict] = None) -> Optional[str]:
     """What job ``job_id``'s actors whose class name holds ``class_part`` (those not in
-    ``before``, as :func:`actor_retries`) wait for, in words, where none of them is alive and one
-    lost with its worker or node waits to start again (``RESTARTING``: no room left for it, or its
-    constructor running again). None where one is alive, none is restarting, or the state API does
-    not answer within 5 s (then a wait cannot be told from work). An actor starting for the first
-    time is not watched: the stage checked the cluster can hold it (``capacity.ensure_fits``), and
-    its constructor may take long (a model loaded), which the state API does not tell from a wait."""
+    ``before``, as :func:`actor_retries`) wait for, in words, where none of them is alive and
+    either one lost with its worker or node waits to start again (``RESTARTING``: no room left for
+    it, or its constructor running again) or every one waits for a node to start on for the first
+    time (``PENDING_CREATION`` with no worker process yet: no node has room, e.g. while the
+    autoscaler adds one). None where one is alive, one's constructor runs (a first start with a
+    worker process: a model loading, however long), or the state API does not answer within 5 s
+    (then a wait cannot be told from work).
+
+    Example (on a running Ray where no node has the resources the stage's actors ask for):
+        >>> actors_waiting(job, "ShardEmbedder")  # doctest: +SKIP
+        '2 actor(s) waiting for a node to start on, none started'
+    """
     from ray.util.state.exception import RayStateApiException
 
     try:
@@ -61,7 +67,10 @@ def actors_waiting(job_id: str, class_part: str, before: Optional[dict] = None) 
     if any(a.state == "ALIVE" for a in mine):
         return None
     restarting = sum(a.state == "RESTARTING" for a in mine)
-    return f"{restarting} actor(s) lost with a node and restarting, none alive" if restarting else None
+    if restarting:
+        return f"{restarting} actor(s) lost with a node and restarting, none alive"
+    unplaced = sum(a.state == "PENDING_CREATION" and not a.pid for a in mine)  # pid: its worker, once placed
+    return f"{unplaced} actor(s) waiting for a node to start on, none started" if mine and unplaced == len(mine) else None
 
 
 # a task in one of these states is being worked on: its job goes on

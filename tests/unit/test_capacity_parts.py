@@ -187,3 +187,43 @@ def test_a_task_no_node_can_take_is_a_wait_and_one_running_is_not(local_ray):
     finally:
         ray.cancel(waits, force=True)
 
+
+
+def test_actors_no_node_can_start_are_a_wait_and_one_loading_is_not(local_ray):
+    """A first start: an actor no node has room for is a wait (no worker process yet); one whose
+    constructor runs (a model loading) is work, however long, and so is one alive."""
+    from ray.util.state import list_actors
+
+    from ray_pipeline.runtime.retries import actors_waiting
+
+    ray = local_ray
+    job = ray.get_runtime_context().get_job_id()
+
+    @ray.remote(num_cpus=1, resources={"a_node_nobody_has": 1})
+    class StrandedEmbedder:
+        pass
+
+    @ray.remote(num_cpus=1)
+    class LoadingEmbedder:
+        def __init__(self, seconds):
+            time.sleep(seconds)
+
+        def ready(self):
+            return True
+
+    assert actors_waiting(job, "Embedder") is None  # none yet
+    stranded = [StrandedEmbedder.remote() for _ in range(2)]
+    try:
+        assert _until(lambda: actors_waiting(job, "StrandedEmbedder"), lambda got: got is not None) == \
+            "2 actor(s) waiting for a node to start on, none started"
+        loading = LoadingEmbedder.remote(8)
+        placed = _until(lambda: [a for a in list_actors(filters=[("job_id", "=", job)])
+                                 if "LoadingEmbedder" in a.class_name], lambda got: got and got[0].pid)
+        assert placed[0].state == "PENDING_CREATION"  # still in its constructor
+        assert actors_waiting(job, "LoadingEmbedder") is None  # its constructor runs: not a wait
+        ray.get(loading.ready.remote())
+        assert actors_waiting(job, "Embedder") is None  # one alive: the stage goes on
+        ray.kill(loading)
+    finally:
+        for a in stranded:
+            ray.kill(a)
