@@ -30,8 +30,11 @@ run. The datasets are quality.py's (tweeteval_emoji: 45,000 tweets), its embeddi
 
 Cost: selection wall time and peak memory (RSS above the vectors already held) of each peer and
 of the pipeline's default ``select`` (with and without the facility family) on 10k, 100k and 1M
-synthetic clustered 384-d unit vectors at a 1% budget; a peer that cannot run at a size (a dense
-N x N similarity, or one past ``--max-seconds`` at the size below) is given its projected need.
+synthetic clustered 384-d unit vectors at a 1% budget, each in a process of its own (an
+allocator keeps what one selector freed, which would hide the next one's peak); a peer that cannot
+run at a size (a dense N x N similarity over ``--max-gib``, or a time at the size below that, grown
+by the peer's exponent of N, passes ``--max-seconds``) is given its projected need. Each cell also
+gives the time over the pipeline's default ``select`` at that size.
 
     .venv/bin/python -m benchmarks.peers                                 # quality and cost
     .venv/bin/python -m benchmarks.peers --skip-cost --datasets banking77 20newsgroups
@@ -245,59 +248,104 @@ def pipeline_select(x, labels, extra):
 
 
 COST_PEERS = {
-    # name: (run(x, labels, m), projected bytes at n when it cannot run: a dense n x n)
-    "apricot FL": (lambda x, lab, m: apricot_fl(x, m), lambda n: 8 * n * n),
-    "FL per label (apricot's greedy)": (lambda x, lab, m: fl_per_label(x, lab, [m]), lambda n: 8 * (n / 50) ** 2),
-    "submodlib FL": (lambda x, lab, m: submodlib_fl(x, m), lambda n: 4 * n * n),
-    "SemDeDup + random": (lambda x, lab, m: semdedup_random(x, m, np.random.default_rng(0)), None),
-    "kMQ": (lambda x, lab, m: kmq(x, [m], np.random.default_rng(0)), None),
+    # name: (run(x, labels, m), projected bytes at n when it cannot run (a dense n x n) or None, the
+    # exponent of n its time grows with: dense facility location n^2 (the similarity), label by
+    # label n^3 (50 labels: n_l^2 pairs times a share b_l that grows with n), k-means into sqrt(n)
+    # clusters n^1.5 (every row against every centroid), the rest about n)
+    "apricot FL": (lambda x, lab, m: apricot_fl(x, m), lambda n: 8 * n * n, 2.0),
+    "FL per label (apricot's greedy)": (lambda x, lab, m: fl_per_label(x, lab, [m]), lambda n: 8 * (n / 50) ** 2, 3.0),
+    "submodlib FL": (lambda x, lab, m: submodlib_fl(x, m), lambda n: 4 * n * n, 2.0),
+    "SemDeDup + random": (lambda x, lab, m: semdedup_random(x, m, np.random.default_rng(0)), None, 1.5),
+    "kMQ": (lambda x, lab, m: kmq(x, [m], np.random.default_rng(0)), None, 1.5),
     "ZCore-style": (lambda x, lab, m: top_by_score(zcore_scores(x, np.random.default_rng(0), probes=20 * len(x)))[:m],
-                    None),
-    "pipeline select (default)": (lambda x, lab, m: pipeline_select(x, lab, {}), None),
+                    None, 1.0),
+    "pipeline select (default)": (lambda x, lab, m: pipeline_select(x, lab, {}), None, 1.0),
     "pipeline select + facility": (lambda x, lab, m: pipeline_select(x, lab, {"method": ["kcenter", "centroid",
-                                                                                          "facility"]}), None),
+                                                                                          "facility"]}), None, 1.0),
 }
 
 
-def run_cost(sizes: list[int], max_gib: float, max_seconds: float, names: list[str], save_to: str = "") -> dict:
+def _measure_child(name: str, n: int, threads: int, conn) -> None:
+    """One selector at one size in a fresh process (multiprocessing spawn): the vectors built, then
+    the selector timed and its peak RSS above the process with the vectors taken. A process of its
+    own, because an allocator keeps what an earlier selector freed: measured in one process, a later
+    selector's peak hides inside the heap an earlier one left."""
     import psutil
+    import torch
 
+    torch.set_num_threads(threads)
+    x, lab = synthetic(n)
+    m = max(1, n // 100)
+    gc.collect()
+    base = psutil.Process().memory_info().rss
+    with PeakRSS() as mem:
+        t = time.perf_counter()
+        res = COST_PEERS[name][0](x, lab, m)
+        sec = time.perf_counter() - t
+    row = {"ran": True, "seconds": sec, "peak_gib": (mem.peak - base) / 2 ** 30,
+           "vectors_gib": x.nbytes / 2 ** 30}
+    if hasattr(res, "per_k"):  # the pipeline: each step's seconds, summed over K, per method
+        steps: dict = {}
+        for s in res.per_k:
+            for step, v in s.seconds.items():
+                key = f"{s.method} {step}" if step == "greedy" else step
+                steps[key] = steps.get(key, 0.0) + v / (1 if step == "greedy" else
+                                                         sum(1 for u in res.per_k if u.k == s.k))
+        row["steps_s"] = steps
+    conn.send(row)
+
+
+def measure(name: str, n: int, threads: int) -> dict:
+    """:func:`_measure_child` in a spawned process; its row (or why it did not finish)."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    here, there = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_measure_child, args=(name, n, threads, there))
+    proc.start()
+    there.close()
+    try:
+        return here.recv()
+    except EOFError:  # the child died: killed for memory, or an error it printed
+        proc.join()
+        return {"ran": False, "why": f"the process ended with code {proc.exitcode} before it finished"}
+    finally:
+        proc.join()
+
+
+def run_cost(sizes: list[int], max_gib: float, max_seconds: float, names: list[str], save_to: str = "",
+             threads: int = 2) -> dict:
+    """Each selector at each size (a 1% budget) in a process of its own (:func:`measure`). A
+    selector whose projected memory passes ``max_gib``, or whose time at the size below, grown by
+    its exponent, passes ``max_seconds``, is reported with that projection instead."""
     out: dict = {}
-    slow: set = set()
+    last: dict = {}  # name -> (n, seconds) of its last run
     for n in sizes:
-        x, lab = synthetic(n)
-        m = max(1, n // 100)
         out[str(n)] = {}
-        for name, (fn, need) in ((k, COST_PEERS[k]) for k in names):
+        for name in names:
+            _, need, grow = COST_PEERS[name]
             if need is not None and need(n) / 2 ** 30 > max_gib:
                 out[str(n)][name] = {"ran": False, "projected_gib": need(n) / 2 ** 30,
                                      "why": f"a dense similarity of {need(n) / 2 ** 30:,.0f} GiB"}
                 continue
-            if name in slow:
-                out[str(n)][name] = {"ran": False, "why": f"over {max_seconds:.0f}s at the size below"}
-                continue
-            gc.collect()
-            base = psutil.Process().memory_info().rss
-            with PeakRSS() as mem:
-                t = time.perf_counter()
-                res = fn(x, lab, m)
-                sec = time.perf_counter() - t
-            out[str(n)][name] = {"ran": True, "seconds": sec, "peak_gib": (mem.peak - base) / 2 ** 30}
-            if hasattr(res, "per_k"):  # the pipeline: each step's seconds, summed over K, per method
-                steps: dict = {}
-                for s in res.per_k:
-                    for step, v in s.seconds.items():
-                        key = f"{s.method} {step}" if step == "greedy" else step
-                        steps[key] = steps.get(key, 0.0) + v / (1 if step == "greedy" else
-                                                                 sum(1 for u in res.per_k if u.k == s.k))
-                out[str(n)][name]["steps_s"] = steps
-                print(f"    steps: {steps}", flush=True)
+            if name in last:
+                was_n, was_s = last[name]
+                projected = was_s * (n / was_n) ** grow
+                if projected > max_seconds:
+                    out[str(n)][name] = {"ran": False, "projected_s": projected,
+                                         "why": f"about {projected:,.0f} s projected (n^{grow:g} from "
+                                                f"{was_s:.1f} s at {was_n:,})"}
+                    continue
+            row = measure(name, n, threads)
+            out[str(n)][name] = row
+            if row["ran"]:
+                last[name] = (n, row["seconds"])
+                print(f"  cost n={n:,} {name}: {row['seconds']:.1f}s, +{row['peak_gib']:.2f} GiB"
+                      + (f"; steps {row['steps_s']}" if "steps_s" in row else ""), flush=True)
+            else:
+                print(f"  cost n={n:,} {name}: {row['why']}", flush=True)
             if save_to:
                 save(save_to, {"machine": machine(), "cost": out})
-            if sec * 10 > max_seconds:  # the next size is 10x larger: at least 10x slower
-                slow.add(name)
-            print(f"  cost n={n:,} {name}: {sec:.1f}s, +{(mem.peak - base) / 2 ** 30:.2f} GiB", flush=True)
-        del x
     return out
 
 
@@ -311,7 +359,10 @@ def cost_markdown(c: dict) -> str:
             if v is None:
                 cells.append("–")
             elif v["ran"]:
-                cells.append(f"{v['seconds']:.1f} s, {v['peak_gib']:.2f} GiB")
+                ours = c[s].get("pipeline select (default)", {})
+                ratio = (f" ({v['seconds'] / ours['seconds']:.2g}x ours)" if ours.get("ran") and
+                         name != "pipeline select (default)" else "")
+                cells.append(f"{v['seconds']:.1f} s{ratio}, +{v['peak_gib']:.2f} GiB")
             else:
                 cells.append(f"not run: {v['why']}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
@@ -325,8 +376,8 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=5, help="random subsets per budget")
     p.add_argument("--sizes", nargs="+", type=int, default=[10_000, 100_000, 1_000_000])
     p.add_argument("--max-gib", type=float, default=3.0, help="a peer needing more (projected) is not run")
-    p.add_argument("--max-seconds", type=float, default=600.0, help="a peer that would take longer at the next "
-                   "size (10x its time) is not run there")
+    p.add_argument("--max-seconds", type=float, default=600.0, help="a peer whose time at the size below, grown "
+                   "by its exponent of n, passes this is not run (its projection is reported)")
     p.add_argument("--peers", nargs="*", default=["apricot", "kernel-per-label"],
                    choices=["apricot", "submodlib", "apricot-per-label", "kernel-per-label"],
                    help="the facility-location peers of the quality table: apricot on the whole pool, submodlib, "
@@ -354,7 +405,8 @@ def main() -> None:
             partial(run_quality(d, args.budgets, args.seeds, tuple(args.peers), args.max_gib, partial,
                                 args.run_seed))
     if not args.skip_cost:
-        results["cost"] = run_cost(args.sizes, args.max_gib, args.max_seconds, args.cost_peers, args.name)
+        results["cost"] = run_cost(args.sizes, args.max_gib, args.max_seconds, args.cost_peers, args.name,
+                                   args.threads)
     print()
     for d, r in results.get("quality", {}).items():
         print(quality_markdown(d, r))
