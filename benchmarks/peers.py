@@ -30,7 +30,8 @@ run. The datasets are quality.py's (tweeteval_emoji: 45,000 tweets), its embeddi
 
 Cost: selection wall time and peak memory (RSS above the vectors already held) of each peer and
 of the pipeline's default ``select`` (with and without the facility family) on 10k, 100k and 1M
-synthetic clustered 384-d unit vectors at a 1% budget, each in a process of its own (an
+synthetic clustered 384-d unit vectors at budgets 1, 2 and 5% (the default ``select.budgets``:
+a peer's greedy or score order gives all three at once), each in a process of its own (an
 allocator keeps what one selector freed, which would hide the next one's peak); a peer that cannot
 run at a size (a dense N x N similarity over ``--max-gib``, or a time at the size below that, grown
 by the peer's exponent of N, passes ``--max-seconds``) is given its projected need. Each cell also
@@ -242,8 +243,11 @@ def synthetic(n: int, d: int = 384, k: int = 200, labels: int = 50, seed: int = 
     return x, (z % labels).astype(str).astype(object)
 
 
+COST_BUDGETS = (1, 2, 5)  # percent: select.budgets' default, asked of every selector
+
+
 def pipeline_select(x, labels, extra):
-    cfg = Config.from_dict({"select": {"random_seeds": [], **extra}})
+    cfg = Config.from_dict({"select": {"random_seeds": [], "budgets": [f"{p}%" for p in COST_BUDGETS], **extra}})
     return select_candidates(x, cfg, rng=np.random.default_rng(0), labels=labels)
 
 
@@ -252,16 +256,18 @@ COST_PEERS = {
     # exponent of n its time grows with: dense facility location n^2 (the similarity), label by
     # label n^3 (50 labels: n_l^2 pairs times a share b_l that grows with n), k-means into sqrt(n)
     # clusters n^1.5 (every row against every centroid), the rest about n)
-    "apricot FL": (lambda x, lab, m: apricot_fl(x, m), lambda n: 8 * n * n, 2.0),
-    "FL per label (apricot's greedy)": (lambda x, lab, m: fl_per_label(x, lab, [m]), lambda n: 8 * (n / 50) ** 2, 3.0),
-    "submodlib FL": (lambda x, lab, m: submodlib_fl(x, m), lambda n: 4 * n * n, 2.0),
-    "SemDeDup + random": (lambda x, lab, m: semdedup_random(x, m, np.random.default_rng(0)), None, 1.5),
-    "kMQ": (lambda x, lab, m: kmq(x, [m], np.random.default_rng(0)), None, 1.5),
-    "ZCore-style": (lambda x, lab, m: top_by_score(zcore_scores(x, np.random.default_rng(0), probes=20 * len(x)))[:m],
+    # each gives the subsets of every budget in ms (a greedy or score order: its prefixes)
+    "apricot FL": (lambda x, lab, ms: apricot_fl(x, max(ms)), lambda n: 8 * n * n, 2.0),
+    "FL per label (apricot's greedy)": (lambda x, lab, ms: fl_per_label(x, lab, ms), lambda n: 8 * (n / 50) ** 2, 3.0),
+    "submodlib FL": (lambda x, lab, ms: submodlib_fl(x, max(ms)), lambda n: 4 * n * n, 2.0),
+    "SemDeDup + random": (lambda x, lab, ms: semdedup_random(x, max(ms), np.random.default_rng(0)), None, 1.5),
+    "kMQ": (lambda x, lab, ms: kmq(x, ms, np.random.default_rng(0)), None, 1.5),
+    "ZCore-style": (lambda x, lab, ms: top_by_score(zcore_scores(x, np.random.default_rng(0), probes=20 * len(x))),
                     None, 1.0),
-    "pipeline select (default)": (lambda x, lab, m: pipeline_select(x, lab, {}), None, 1.0),
-    "pipeline select + facility": (lambda x, lab, m: pipeline_select(x, lab, {"method": ["kcenter", "centroid",
-                                                                                          "facility"]}), None, 1.0),
+    # the pipeline: the same budgets, each for every candidate of its grid
+    "pipeline select (default)": (lambda x, lab, ms: pipeline_select(x, lab, {}), None, 1.0),
+    "pipeline select + facility": (lambda x, lab, ms: pipeline_select(x, lab, {"method": ["kcenter", "centroid",
+                                                                                           "facility"]}), None, 1.0),
 }
 
 
@@ -275,12 +281,12 @@ def _measure_child(name: str, n: int, threads: int, conn) -> None:
 
     torch.set_num_threads(threads)
     x, lab = synthetic(n)
-    m = max(1, n // 100)
+    ms = [max(1, round(n * pct / 100)) for pct in COST_BUDGETS]
     gc.collect()
     base = psutil.Process().memory_info().rss
     with PeakRSS() as mem:
         t = time.perf_counter()
-        res = COST_PEERS[name][0](x, lab, m)
+        res = COST_PEERS[name][0](x, lab, ms)
         sec = time.perf_counter() - t
     row = {"ran": True, "seconds": sec, "peak_gib": (mem.peak - base) / 2 ** 30,
            "vectors_gib": x.nbytes / 2 ** 30}
@@ -301,7 +307,7 @@ def measure(name: str, n: int, threads: int) -> dict:
 
     ctx = mp.get_context("spawn")
     here, there = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_measure_child, args=(name, n, threads, there))
+    proc = ctx.Process(target=_measure_child, args=(name, n, threads, there), daemon=True)
     proc.start()
     there.close()
     try:
@@ -315,7 +321,7 @@ def measure(name: str, n: int, threads: int) -> dict:
 
 def run_cost(sizes: list[int], max_gib: float, max_seconds: float, names: list[str], save_to: str = "",
              threads: int = 2) -> dict:
-    """Each selector at each size (a 1% budget) in a process of its own (:func:`measure`). A
+    """Each selector at each size (the budgets :data:`COST_BUDGETS`) in a process of its own (:func:`measure`). A
     selector whose projected memory passes ``max_gib``, or whose time at the size below, grown by
     its exponent, passes ``max_seconds``, is reported with that projection instead."""
     out: dict = {}
