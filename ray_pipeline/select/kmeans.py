@@ -229,6 +229,7 @@ def subtree(x: np.ndarray, k: int, *, path: tuple, rows: np.ndarray | None = Non
     assign = np.empty(len(x), dtype=np.int64)
     sim = np.empty(len(x), dtype=np.float32)
     centroids: list[np.ndarray] = []
+    made = 0  # leaves numbered so far (a running count: summing the list each leaf was quadratic in K)
     mine = np.arange(len(x)) if rows is None else rows
     stack = [(mine, k, tuple(path))]  # (rows, clusters asked of the node, path); depth-first, in order
     while stack:
@@ -240,9 +241,10 @@ def subtree(x: np.ndarray, k: int, *, path: tuple, rows: np.ndarray | None = Non
         if split is None or int((split.sizes > 0).sum()) == 1:  # a leaf node, or one that would not split
             k_here = min(k_here, len(rows))
             r = _kmeans_of_rows(x, rows, k_here, **kw)
-            assign[rows] = r.assign + sum(len(c) for c in centroids)
+            assign[rows] = r.assign + made
             sim[rows] = r.sim
             centroids.append(r.centroids)
+            made += len(r.centroids)
             continue
         share = child_shares(split.sizes, k_here)
         children = [(rows[split.assign == c], int(share[c]), (*path, c)) for c in range(fan) if share[c] > 0]

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from conftest import unit_blobs
-from ray_pipeline.select.kmeans import hierarchical_kmeans, kmeans, node_fan
+from ray_pipeline.select.kmeans import child_shares, hierarchical_kmeans, kmeans, node_fan, node_seed
 from ray_pipeline.errors import InputError
 
 
@@ -103,6 +103,36 @@ def test_hierarchical_invariants_and_determinism():
     np.testing.assert_allclose(r.sim, (x * r.centroids[r.assign]).sum(1), atol=1e-5)
     again = hierarchical_kmeans(x, 150, seed=3, branching=8, max_points_per_centroid=32)
     assert (again.assign == r.assign).all() and (again.centroids == r.centroids).all()
+
+
+def _tree_by_recursion(x, rows, k, path, branching, leaf, mppc):
+    """The tree as its docstring reads, in plain recursion over gathered copies: a node asked for
+    more than ``leaf`` splits by flat k-means into node_fan clusters and recurses into each child
+    with its share; otherwise (or where the split leaves one child) it is one flat k-means. Returns
+    the leaves depth-first as (rows, assign within the leaf, sim, clusters)."""
+    kw = dict(seed=node_seed(path), max_points_per_centroid=mppc)
+    fan = node_fan(k, branching, leaf)
+    if fan > 1:
+        split = kmeans(x[rows], fan, **kw)
+        if (split.sizes > 0).sum() > 1:
+            share = child_shares(split.sizes, k)
+            return [lf for c in range(fan) if share[c] > 0
+                    for lf in _tree_by_recursion(x, rows[split.assign == c], int(share[c]), (*path, c), branching,
+                                                 leaf, mppc)]
+    r = kmeans(x[rows], min(k, len(rows)), **kw)
+    return [(rows, r.assign, r.sim, len(r.centroids))]
+
+
+@pytest.mark.parametrize("k,branching,leaf", [(150, 4, 8), (37, 3, 2), (500, 16, 8)])
+def test_hierarchical_equals_the_tree_written_as_recursion(k, branching, leaf):
+    """Index for index against :func:`_tree_by_recursion`: the leaves' numbering (a running count
+    depth-first), each row's leaf and its similarity; several levels and hundreds of leaves."""
+    x = unit_blobs(5000, 16, 60, 7)
+    r = hierarchical_kmeans(x, k, seed=4, branching=branching, leaf=leaf, max_points_per_centroid=16)
+    assign, sim, made = np.full(len(x), -1), np.zeros(len(x), np.float32), 0
+    for rows, a, s, clusters in _tree_by_recursion(x, np.arange(len(x)), k, (4,), branching, leaf, 16):
+        assign[rows], sim[rows], made = a + made, s, made + clusters
+    assert made == len(r.centroids) and (r.assign == assign).all() and (r.sim == sim).all()
 
 
 def test_hierarchical_with_k_up_to_the_leaf_is_flat_kmeans():
