@@ -259,6 +259,7 @@ COST_PEERS = {
     # each gives the subsets of every budget in ms (a greedy or score order: its prefixes)
     "apricot FL": (lambda x, lab, ms: apricot_fl(x, max(ms)), lambda n: 8 * n * n, 2.0),
     "FL per label (apricot's greedy)": (lambda x, lab, ms: fl_per_label(x, lab, ms), lambda n: 8 * (n / 50) ** 2, 3.0),
+    "apricot FL, per label": (lambda x, lab, ms: apricot_fl_per_label(x, lab, ms), lambda n: 8 * (n / 50) ** 2, 2.0),
     "submodlib FL": (lambda x, lab, ms: submodlib_fl(x, max(ms)), lambda n: 4 * n * n, 2.0),
     "SemDeDup + random": (lambda x, lab, ms: semdedup_random(x, max(ms), np.random.default_rng(0)), None, 1.5),
     "kMQ": (lambda x, lab, ms: kmq(x, ms, np.random.default_rng(0)), None, 1.5),
