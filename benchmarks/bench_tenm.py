@@ -11,7 +11,9 @@ holds the vectors) on two ``ray start`` nodes of ``--cpus`` CPUs each, started h
 second: the driver's RSS, and per node the PSS (shared object-store pages divided among the
 processes mapping them) of its raylet and every process under it; the head also counts its GCS;
 at each node's peak, the PSS by process title split into heap (``anon``), object-store pages
-(``shmem``) and mapped files. Wall time and the driver's CPU seconds per N, the growth exponent,
+(``shmem``) and mapped files. The object store's spilled and restored GiB over the run, with
+its I/O workers' seconds (Ray's counters, as ``ray memory --stats-only``). Wall time and the
+driver's CPU seconds per N, the growth exponent,
 and per-stage seconds go to ``benchmarks/results/{--name}-{cpu,gpu}.json`` (``tenm``). ``--driver-upto N`` also runs the driver engine on
 the same vectors up to that N and checks the two selections agree index for index;
 ``--driver-only`` runs the driver engine alone (no cluster), to ``tenm-driver-{cpu,gpu}.json``.
@@ -213,18 +215,30 @@ def load_all(paths: list[str], n: int) -> np.ndarray:
     return x
 
 
+def store_totals() -> dict:
+    """The cluster's object-store spill and restore totals so far (every node; Ray's own counters,
+    the ones ``ray memory --stats-only`` prints): GiB and the I/O workers' seconds."""
+    from ray._private.internal_api import get_memory_info_reply, get_state_from_address
+
+    st = get_memory_info_reply(get_state_from_address(None)).store_stats
+    return {"spilled_gib": st.spilled_bytes_total / 2 ** 30, "spill_s": st.spill_time_total_s,
+            "restored_gib": st.restored_bytes_total / 2 ** 30, "restore_s": st.restore_time_total_s}
+
+
 def run_one(paths: list[str], n: int, cfg: Config, raylets: dict, extra: dict) -> tuple[dict, object]:
     r: dict = {"n": n, "shards": len(paths)}
     cpu0 = time.process_time()
+    before = store_totals()
     with NodeMemory(raylets, extra) as mem, timed(r, "select"):
         sel = select_candidates(Sharded(paths, n, cfg, Devices()), cfg, rng=np.random.default_rng(0))
     r["driver_cpu_s"] = round(time.process_time() - cpu0, 1)
+    r["store"] = {k: round(v - before[k], 2) for k, v in store_totals().items()}  # this run's spilling
     r["peak_gib"] = {k: round(v, 2) for k, v in mem.peak.items()}
     r["at_peak_gib"] = mem.at_peak  # what each node's peak was made of
     r["k"] = sorted({s.k for s in sel.per_k})
     r["stages_s"] = {f"{s.method}_k{s.k}": {k: round(v, 1) for k, v in s.seconds.items()} for s in sel.per_k}
     print(f"  n={n:>11,} K={r['k']}: select {r['select_s']:8.1f}s (driver CPU {r['driver_cpu_s']}s), "
-          f"peak GiB {r['peak_gib']}, stages {r['stages_s']}", flush=True)
+          f"peak GiB {r['peak_gib']}, spilled/restored {r['store']}, stages {r['stages_s']}", flush=True)
     return r, sel
 
 

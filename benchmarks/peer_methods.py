@@ -38,9 +38,10 @@ def fl_per_label(x: np.ndarray, y: np.ndarray, ms: list[int]) -> dict[int, np.nd
     return {m: np.flatnonzero((rank >= 0) & (rank < share[m][code])) for m in ms}
 
 
-def apricot_fl_per_label(x: np.ndarray, y: np.ndarray, ms: list[int]) -> dict[int, np.ndarray]:
-    """apricot label by label, each label's share of every m by proportional_budgets; one run per
-    label to its largest share, each m the prefixes."""
+def per_label(order, x: np.ndarray, y: np.ndarray, ms: list[int]) -> dict[int, np.ndarray]:
+    """``order(x_label, m)`` (a whole-pool greedy: its first m picks) label by label, each label's
+    share of every m by proportional_budgets; one run per label to its largest share, each m the
+    prefixes."""
     labels, code = np.unique(y, return_inverse=True)
     sizes = np.bincount(code)
     share = {m: proportional_budgets(sizes, m) for m in ms}
@@ -48,8 +49,18 @@ def apricot_fl_per_label(x: np.ndarray, y: np.ndarray, ms: list[int]) -> dict[in
     for lab in range(len(labels)):
         rows = np.flatnonzero(code == lab)
         most = max(int(share[m][lab]) for m in ms)
-        orders.append(rows[apricot_fl(x[rows], most)] if most >= 1 and len(rows) > 1 else rows[:most])
+        orders.append(rows[order(x[rows], most)] if most >= 1 and len(rows) > 1 else rows[:most])
     return {m: np.concatenate([o[:int(share[m][lab])] for lab, o in enumerate(orders)]) for m in ms}
+
+
+def apricot_fl_per_label(x: np.ndarray, y: np.ndarray, ms: list[int]) -> dict[int, np.ndarray]:
+    """apricot label by label (:func:`per_label`)."""
+    return per_label(apricot_fl, x, y, ms)
+
+
+def submodlib_fl_per_label(x: np.ndarray, y: np.ndarray, ms: list[int]) -> dict[int, np.ndarray]:
+    """submodlib label by label (:func:`per_label`)."""
+    return per_label(submodlib_fl, x, y, ms)
 
 
 def submodlib_fl(x: np.ndarray, m_max: int) -> np.ndarray:

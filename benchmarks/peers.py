@@ -9,7 +9,8 @@ validation, half), budgets 1, 2, 5, 10, 20% of the pool:
   (``metric='cosine'``, its default lazy greedy) on the whole pool, and label by label with the
   pipeline's proportional budgets (``kernels.proportional_budgets``); one greedy run to the
   largest budget, the smaller ones its prefixes (as greedy orders are);
-- ``submodlib FL``: submodlib-py's ``FacilityLocationFunction`` (dense, cosine) lazy greedy;
+- ``submodlib FL`` / ``submodlib FL, per label``: submodlib-py's ``FacilityLocationFunction``
+  (dense, cosine) lazy greedy, on the whole pool and label by label as apricot's;
 - ``SemDeDup + random``: near-duplicates removed (the pipeline's ``semantic_duplicates``
   kernel: k-means into sqrt(N) clusters, cosine > 0.95, as Abbas et al. 2023), then uniform
   sampling of the rest, 3 seeds; our re-implementation (no library);
@@ -55,7 +56,7 @@ import numpy as np
 
 from benchmarks._common import PeakRSS, machine, save
 from benchmarks.peer_methods import (apricot_fl, apricot_fl_per_label, fl_per_label, kmq, semdedup_random,
-                                     submodlib_fl, top_by_score, zcore_scores)
+                                     submodlib_fl, submodlib_fl_per_label, top_by_score, zcore_scores)
 from benchmarks.quality import DATASETS, coded, vectors
 
 from ray_pipeline.config import Config
@@ -94,8 +95,10 @@ def load(name: str):
 # peer whose need is over --max-gib is reported with it instead of run.
 DENSE_NEED = {
     "apricot FL": (lambda n, sizes: 8.0 * n * n, "a dense N x N float64 similarity"),
-    "submodlib FL": (lambda n, sizes: 4.0 * n * n, "a dense N x N float32 similarity"),
+    # submodlib's dense mode held 46 bytes a pair at 10k (4.3 GiB), not a float32 matrix's 4
+    "submodlib FL": (lambda n, sizes: 46.0 * n * n, "a dense N x N similarity (46 bytes a pair, as measured)"),
     "apricot FL, per label": (lambda n, sizes: 8.0 * float(sizes.max()) ** 2, "the largest label's dense float64"),
+    "submodlib FL, per label": (lambda n, sizes: 46.0 * float(sizes.max()) ** 2, "the largest label's dense similarity"),
     "FL per label (apricot's greedy)": (lambda n, sizes: 8.0 * float(sizes.max()) ** 2,
                                         "the largest label's float32 similarity and its temporary"),
 }
@@ -171,6 +174,8 @@ def run_quality(name: str, pcts: list[float], seeds: int, peers: tuple = ("apric
         add("submodlib FL", lambda: [prefix(submodlib_fl(x, max(ms)))])
     if "apricot-per-label" in peers:
         add("apricot FL, per label", lambda: [apricot_fl_per_label(x, y, ms)])
+    if "submodlib-per-label" in peers:
+        add("submodlib FL, per label", lambda: [submodlib_fl_per_label(x, y, ms)])
     add("SemDeDup + random", lambda: [prefix(semdedup_random(x, max(ms), np.random.default_rng(s))) for s in range(3)])
     add("kMQ", lambda: [kmq(x, ms, np.random.default_rng(s)) for s in range(3)])
     add("ZCore-style", lambda: [prefix(top_by_score(zcore_scores(x, np.random.default_rng(0), probes=20 * n)))])
@@ -260,7 +265,9 @@ COST_PEERS = {
     "apricot FL": (lambda x, lab, ms: apricot_fl(x, max(ms)), lambda n: 8 * n * n, 2.0),
     "FL per label (apricot's greedy)": (lambda x, lab, ms: fl_per_label(x, lab, ms), lambda n: 8 * (n / 50) ** 2, 3.0),
     "apricot FL, per label": (lambda x, lab, ms: apricot_fl_per_label(x, lab, ms), lambda n: 8 * (n / 50) ** 2, 2.0),
-    "submodlib FL": (lambda x, lab, ms: submodlib_fl(x, max(ms)), lambda n: 4 * n * n, 2.0),
+    "submodlib FL": (lambda x, lab, ms: submodlib_fl(x, max(ms)), lambda n: 46 * n * n, 2.0),  # 46 B a pair at 10k
+    "submodlib FL, per label": (lambda x, lab, ms: submodlib_fl_per_label(x, lab, ms), lambda n: 46 * (n / 50) ** 2,
+                                2.0),
     "SemDeDup + random": (lambda x, lab, ms: semdedup_random(x, max(ms), np.random.default_rng(0)), None, 1.5),
     "kMQ": (lambda x, lab, ms: kmq(x, ms, np.random.default_rng(0)), None, 1.5),
     "ZCore-style": (lambda x, lab, ms: top_by_score(zcore_scores(x, np.random.default_rng(0), probes=20 * len(x))),
@@ -386,7 +393,7 @@ def main() -> None:
     p.add_argument("--max-seconds", type=float, default=600.0, help="a peer whose time at the size below, grown "
                    "by its exponent of n, passes this is not run (its projection is reported)")
     p.add_argument("--peers", nargs="*", default=["apricot", "kernel-per-label"],
-                   choices=["apricot", "submodlib", "apricot-per-label", "kernel-per-label"],
+                   choices=["apricot", "submodlib", "apricot-per-label", "submodlib-per-label", "kernel-per-label"],
                    help="the facility-location peers of the quality table: apricot on the whole pool, submodlib, "
                    "apricot label by label (apricot compiles numba code per fit: seconds a label), and the same "
                    "per label through select/facility.py's dense greedy (no compile, but O(sum n_l^2 b_l): "

@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # benchmarks/ is not installed; `python -m pytest` from the root has it
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.peer_methods import coverage_redundancy, kmq, top_by_score  # noqa: E402
+from benchmarks.peer_methods import coverage_redundancy, kmq, per_label, top_by_score  # noqa: E402
 
 
 def test_zcore_coverage_redundancy_by_hand():
@@ -21,6 +21,22 @@ def test_zcore_coverage_redundancy_by_hand():
     score = coverage_redundancy(xs, np.array([[0.2], [4.0], [1.08]]), neighbours=1, redundancy=0.5)
     assert score.tolist() == [1.0, -1.0, 0.5, 1.0]
     assert top_by_score(score)[:2].tolist() == [0, 3]  # the tie goes to the lower row
+
+
+def test_per_label_runs_the_order_in_each_label_with_its_share():
+    # Labels a (rows 0, 3) and b (rows 1, 2, 4, 5). m = 3: shares 1 and 2 (proportional); m = 6:
+    # 2 and 4. The order picks a label's rows last first, so its first picks are its last rows.
+    x = np.arange(6, dtype=np.float32)[:, None]
+    y = np.array(["a", "b", "b", "a", "b", "b"])
+    calls = []
+
+    def last_first(xl, m):
+        calls.append((xl[:, 0].tolist(), m))
+        return np.arange(len(xl))[::-1][:m]
+
+    got = per_label(last_first, x, y, [3, 6])
+    assert calls == [([0.0, 3.0], 2), ([1.0, 2.0, 4.0, 5.0], 4)]  # one run a label, to its largest share
+    assert got[3].tolist() == [3, 5, 4] and sorted(got[6].tolist()) == list(range(6))
 
 
 def test_kmq_takes_each_clusters_share_at_random():
