@@ -257,25 +257,24 @@ def pipeline_select(x, labels, extra):
 
 
 COST_PEERS = {
-    # name: (run(x, labels, m), projected bytes at n when it cannot run (a dense n x n) or None, the
-    # exponent of n its time grows with: dense facility location n^2 (the similarity), label by
-    # label n^3 (50 labels: n_l^2 pairs times a share b_l that grows with n), k-means into sqrt(n)
-    # clusters n^1.5 (every row against every centroid), the rest about n)
-    # each gives the subsets of every budget in ms (a greedy or score order: its prefixes)
-    "apricot FL": (lambda x, lab, ms: apricot_fl(x, max(ms)), lambda n: 8 * n * n, 2.0),
-    "FL per label (apricot's greedy)": (lambda x, lab, ms: fl_per_label(x, lab, ms), lambda n: 8 * (n / 50) ** 2, 3.0),
-    "apricot FL, per label": (lambda x, lab, ms: apricot_fl_per_label(x, lab, ms), lambda n: 8 * (n / 50) ** 2, 2.0),
-    "submodlib FL": (lambda x, lab, ms: submodlib_fl(x, max(ms)), lambda n: 46 * n * n, 2.0),  # 46 B a pair at 10k
-    "submodlib FL, per label": (lambda x, lab, ms: submodlib_fl_per_label(x, lab, ms), lambda n: 46 * (n / 50) ** 2,
-                                2.0),
-    "SemDeDup + random": (lambda x, lab, ms: semdedup_random(x, max(ms), np.random.default_rng(0)), None, 1.5),
-    "kMQ": (lambda x, lab, ms: kmq(x, ms, np.random.default_rng(0)), None, 1.5),
+    # name: (run(x, labels, ms): the subsets of every budget in ms (a greedy or score order: its
+    # prefixes), the exponent of n its time grows with: dense facility location n^2 (the
+    # similarity), label by label n^3 (50 labels: n_l^2 pairs times a share b_l that grows with n),
+    # k-means into sqrt(n) clusters n^1.5 (every row against every centroid), the rest about n).
+    # Memory projections: DENSE_NEED's, with synthetic()'s 50 equal labels.
+    "apricot FL": (lambda x, lab, ms: apricot_fl(x, max(ms)), 2.0),
+    "FL per label (apricot's greedy)": (lambda x, lab, ms: fl_per_label(x, lab, ms), 3.0),
+    "apricot FL, per label": (lambda x, lab, ms: apricot_fl_per_label(x, lab, ms), 2.0),
+    "submodlib FL": (lambda x, lab, ms: submodlib_fl(x, max(ms)), 2.0),
+    "submodlib FL, per label": (lambda x, lab, ms: submodlib_fl_per_label(x, lab, ms), 2.0),
+    "SemDeDup + random": (lambda x, lab, ms: semdedup_random(x, max(ms), np.random.default_rng(0)), 1.5),
+    "kMQ": (lambda x, lab, ms: kmq(x, ms, np.random.default_rng(0)), 1.5),
     "ZCore-style": (lambda x, lab, ms: top_by_score(zcore_scores(x, np.random.default_rng(0), probes=20 * len(x))),
-                    None, 1.0),
+                    1.0),
     # the pipeline: the same budgets, each for every candidate of its grid
-    "pipeline select (default)": (lambda x, lab, ms: pipeline_select(x, lab, {}), None, 1.0),
+    "pipeline select (default)": (lambda x, lab, ms: pipeline_select(x, lab, {}), 1.0),
     "pipeline select + facility": (lambda x, lab, ms: pipeline_select(x, lab, {"method": ["kcenter", "centroid",
-                                                                                           "facility"]}), None, 1.0),
+                                                                                           "facility"]}), 1.0),
 }
 
 
@@ -319,12 +318,11 @@ def measure(name: str, n: int, threads: int) -> dict:
     proc.start()
     there.close()
     try:
-        return here.recv()
+        row = here.recv()
     except EOFError:  # the child died: killed for memory, or an error it printed
-        proc.join()
-        return {"ran": False, "why": f"the process ended with code {proc.exitcode} before it finished"}
-    finally:
-        proc.join()
+        row = None
+    proc.join()
+    return row or {"ran": False, "why": f"the process ended with code {proc.exitcode} before it finished"}
 
 
 def run_cost(sizes: list[int], max_gib: float, max_seconds: float, names: list[str], save_to: str = "",
@@ -337,10 +335,11 @@ def run_cost(sizes: list[int], max_gib: float, max_seconds: float, names: list[s
     for n in sizes:
         out[str(n)] = {}
         for name in names:
-            _, need, grow = COST_PEERS[name]
-            if need is not None and need(n) / 2 ** 30 > max_gib:
-                out[str(n)][name] = {"ran": False, "projected_gib": need(n) / 2 ** 30,
-                                     "why": f"a dense similarity of {need(n) / 2 ** 30:,.0f} GiB"}
+            _, grow = COST_PEERS[name]
+            need = DENSE_NEED.get(name)
+            gib = need[0](n, np.array([n / 50])) / 2 ** 30 if need else 0.0  # synthetic(): 50 equal labels
+            if gib > max_gib:
+                out[str(n)][name] = {"ran": False, "projected_gib": gib, "why": f"{need[1]} of {gib:,.0f} GiB"}
                 continue
             if name in last:
                 was_n, was_s = last[name]
