@@ -23,7 +23,8 @@ through Ray's object store. Per K:
 Where the tree is used (``cluster.algorithm``), steps 1-2 run level by level for the tree's
 nodes of more than ``node_rows`` rows (one sample pass and one assignment pass a level), and the
 smaller nodes' subtrees run in group tasks cut as in step 3 (:meth:`Sharded._tree`): the rows a
-task holds do not grow with N.
+task holds do not grow with N. A group's nodes make consecutive clusters, so those tasks also
+make the key samples (step 4) and their pieces serve step 5: the tree's pool is cut once a K.
 
 A group keeps its rows in pool order, so "lowest index" tie-breaks are the driver path's. The
 kernels are :mod:`~ray_pipeline.select.kernels`'s; these tasks only move data. They ask for CPUs
@@ -33,6 +34,7 @@ only.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional
 
@@ -157,10 +159,10 @@ class Sharded:
     def cluster(self, k: int) -> "_ShardedClustering":
         c = self.cfg.cluster
         if c.algorithm_for(self.n, k) == "hierarchical":
-            assign, sim = self._tree(k)
+            assign, sim, cut = self._tree(k)
         else:
-            assign, sim = self._flat(k, self.cfg.seed)
-        return _ShardedClustering(self, k, assign, sim)
+            (assign, sim), cut = self._flat(k, self.cfg.seed), None
+        return _ShardedClustering(self, k, assign, sim, cut)
 
     def _flat(self, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
         """k-means over the shards: the seeded training sample gathered to the driver, centroids
@@ -194,7 +196,7 @@ class Sharded:
             raise InputError(f"the shards do not cover every row: row {int(missing[0])} is missing")
         return assign, sim
 
-    def _tree(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def _tree(self, k: int) -> tuple[np.ndarray, np.ndarray, Optional["_Cut"]]:
         """Multi-level k-means (``kmeans.hierarchical_kmeans``) over the shards, the driver's leaves
         numbered the same way (depth-first). The levels whose nodes hold more than ``node_rows`` rows
         (the root always) run level by level from the driver: every such node's seeded training
@@ -203,7 +205,8 @@ class Sharded:
         groups and each node's whole subtree runs in its group's task (``kmeans.subtree``). So no
         task holds more than about ``node_rows`` rows plus a group's share, whatever N, and the
         driver holds the samples (about ``max_points_per_centroid`` x fan-out rows a node) and a
-        few ints a row."""
+        few ints a row. Returns assign, sim and, where the group tasks made every leaf, their cut
+        with the leaves' key samples (:meth:`_finish_tree`)."""
         pending = [(np.arange(self.n), k, (self.cfg.seed,), False)]  # (rows, clusters asked, path, as a leaf)
         done, small = [], []  # done here: (path, leaves, rows, assign, sim); small: (rows, k, path)
         while pending:
@@ -252,14 +255,17 @@ class Sharded:
                         small.append(child)
         return below
 
-    def _finish_tree(self, done: list, small: list) -> tuple[np.ndarray, np.ndarray]:
+    def _finish_tree(self, done: list, small: list) -> tuple[np.ndarray, np.ndarray, Optional["_Cut"]]:
         """The subtrees of the ``small`` nodes in group tasks, then every leaf numbered in the
-        order of its node's path (the driver's depth-first order)."""
+        order of its node's path (the driver's depth-first order). A group's nodes are consecutive
+        in that order, so its leaves are consecutive clusters and its pieces hold every row of
+        them: where no leaf was made here (``done`` empty) the pieces and the keys the group tasks
+        computed are the clustering's :class:`_Cut`, and the pool is not cut a second time."""
         import ray
 
         c = self.cfg.cluster
         leaves: dict[tuple, int] = {path: kk for path, kk, *_ in done}
-        results = []
+        results, pieces, live, bounds = [], [], [], np.zeros(1, dtype=np.int64)
         if small:
             small.sort(key=lambda node: node[2])
             groups = min(self.groups, len(small))
@@ -271,13 +277,13 @@ class Sharded:
             pieces = self._cut_by_group(node_ref, np.append(g_of, groups), groups)
             params = {"niter": c.niter, "max_points_per_centroid": c.max_points_per_centroid, "branching": c.branching,
                       "leaf": c.leaf, "gpus": 0}  # tasks ask for CPUs only
-            bounds = np.searchsorted(g_of, np.arange(groups + 1))
+            bounds = np.searchsorted(g_of, np.arange(groups + 1))  # group g: small nodes [bounds[g], bounds[g+1])
+            live = [g for g in range(groups) if bounds[g + 1] > bounds[g]]
             task = ray.remote(_subtrees_group)
-            refs = [task.remote([(kk, path) for _, kk, path in small[bounds[g]:bounds[g + 1]]], int(bounds[g]),
-                                params, node_ref, *[pc[g] for pc in pieces])
-                    for g in range(groups) if bounds[g + 1] > bounds[g]]
-            results = ray.get(refs)
-            for *_, counts in results:
+            results = ray.get([task.remote([(kk, path) for _, kk, path in small[bounds[g]:bounds[g + 1]]],
+                                           int(bounds[g]), params, node_ref, *[pc[g] for pc in pieces])
+                               for g in live])
+            for *_, counts, _, _ in results:
                 for path, count in counts:
                     leaves[path] = count
         offset, at = 0, {}
@@ -286,26 +292,45 @@ class Sharded:
         assign, sim = np.full(self.n, -1, dtype=np.int64), np.zeros(self.n, dtype=np.float32)
         for path, _, rows, a, s in done:
             assign[rows], sim[rows] = a + at[path], s
-        starts = np.array([at[path] for _, _, path in small], dtype=np.int64)
-        for rows, node, a, s, _ in results:
+        starts = np.array([at[path] for _, _, path in small] + [offset], dtype=np.int64)  # + the end
+        for rows, node, a, s, *_ in results:
             assign[rows], sim[rows] = a + starts[node], s
-        return assign, sim
+        if done or not small:
+            return assign, sim, None
+        center, key = np.full(offset, -1, dtype=np.int64), np.full(offset, -1, dtype=np.int64)
+        for g, (*_, cg, kg) in zip(live, results):
+            center[starts[bounds[g]]:starts[bounds[g + 1]]], key[starts[bounds[g]]:starts[bounds[g + 1]]] = cg, kg
+        return assign, sim, _Cut(pieces, starts[bounds], (center, key))
+
+
+@dataclass
+class _Cut:
+    """The pool's rows cut into groups of consecutive clusters, in the object store: ``pieces``,
+    per shard, each group's piece ref (:meth:`Sharded._cut_by_group`); group g holds the clusters
+    [bounds[g], bounds[g + 1]); ``keys``: their (center, key) samples where the tasks that cut
+    them computed those too (the tree's groups), else None."""
+
+    pieces: list[list]
+    bounds: np.ndarray
+    keys: Optional[tuple[np.ndarray, np.ndarray]] = None
 
 
 class _ShardedClustering:
     """One K over the shards (a :class:`~ray_pipeline.select.strategy.Clustering`); the
-    cluster-sorted pieces are cut once and serve the key samples and every greedy pass."""
+    cluster-sorted pieces are cut once (or come cut from the tree, ``cut``) and serve the key
+    samples and every greedy pass."""
 
-    def __init__(self, vectors: Sharded, k: int, assign: np.ndarray, sim: np.ndarray):
+    def __init__(self, vectors: Sharded, k: int, assign: np.ndarray, sim: np.ndarray, cut: Optional[_Cut] = None):
         import ray
 
         self.vectors, self.k, self.assign, self.sim = vectors, k, assign, sim
-        groups = vectors.groups
-        g_of_c = cluster_groups(np.bincount(assign, minlength=k), groups)
-        self.bounds = np.searchsorted(g_of_c, np.arange(groups + 1))  # group i: clusters [bounds[i], bounds[i+1])
         self.assign_ref, self.sim_ref = ray.put(assign), ray.put(sim)
-        self.pieces = vectors._cut_by_group(self.assign_ref, g_of_c, groups)  # per shard, per group
-        self.live = [g for g in range(groups) if self.bounds[g + 1] > self.bounds[g]]
+        if cut is None:
+            g_of_c = cluster_groups(np.bincount(assign, minlength=k), vectors.groups)
+            bounds = np.searchsorted(g_of_c, np.arange(vectors.groups + 1))
+            cut = _Cut(vectors._cut_by_group(self.assign_ref, g_of_c, vectors.groups), bounds)
+        self.cut, self.pieces, self.bounds = cut, cut.pieces, cut.bounds  # group i: clusters [bounds[i], bounds[i+1])
+        self.live = [g for g in range(len(self.bounds) - 1) if self.bounds[g + 1] > self.bounds[g]]
 
     def _span(self, g: int) -> tuple[int, int]:
         return int(self.bounds[g]), int(self.bounds[g + 1])
@@ -313,6 +338,11 @@ class _ShardedClustering:
     def center_and_key(self) -> tuple[np.ndarray, np.ndarray]:
         import ray
 
+        if self.cut.keys is not None:  # the tree's group tasks computed them
+            center, key = (np.full(self.k, -1, dtype=np.int64) for _ in range(2))
+            made = len(self.cut.keys[0])  # clusters from there to k are empty
+            center[:made], key[:made] = self.cut.keys
+            return center, key
         task = ray.remote(_keys_group)
         keys = ray.get([task.remote(*self._span(g), self.assign_ref, self.sim_ref, *[pc[g] for pc in self.pieces])
                         for g in self.live])

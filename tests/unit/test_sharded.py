@@ -131,6 +131,23 @@ def test_read_shard_gives_the_driver_engines_bits_regression_center_key_swap(tmp
     assert not (xs[np.argsort(rows)] == x).all()  # they were renormalised, not read raw
 
 
+def test_shards_store_vectors_without_a_dictionary_and_read_back_the_same_bits(tmp_path):
+    """The embedding column is written without dictionary encoding (reading a float16 shard
+    through its dictionary took 5x as long), the id column still with it; the vectors read back
+    bit for bit."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((500, 16)).astype(np.float16)
+    path = tmp_path / "shard-00000.parquet"
+    write_parquet(shard_table([f"s{i}" for i in range(500)], list(range(500)), x, "float16", []), path)
+    meta = pq.ParquetFile(path).metadata.row_group(0)
+    dictionary = {meta.column(i).path_in_schema: meta.column(i).has_dictionary_page for i in range(meta.num_columns)}
+    assert dictionary == {"id": True, "row": True, "embedding.list.element": False}
+    from ray_pipeline.select.shard_tasks import _read_raw
+
+    rows, raw = _read_raw(str(path))
+    assert raw.dtype == np.float16 and (raw.view(np.uint16) == x[rows].view(np.uint16)).all()
+
+
 def test_read_shard_renumbers_drops_and_filters(tmp_path):
     x = unit_blobs(10, 4, 2, 0)
     (path,) = write_shards(x, tmp_path, 10, 0)
@@ -223,6 +240,35 @@ def test_sharded_hierarchical_clustering_equals_the_driver_path(tmp_path, local_
     assert (a.per_k[0].assign == b.per_k[0].assign).all()
     km = hierarchical_kmeans(x, k, seed=cfg.seed, branching=branching, leaf=leaf, max_points_per_centroid=32)
     assert (a.per_k[0].assign == km.assign).all()  # the selection's clusters are the tree's leaves
+
+
+def test_the_trees_group_tasks_give_the_keys_and_cut_the_pool_once(tmp_path, local_ray):
+    """Where the tree's group tasks make every leaf, their pieces and key samples serve the
+    clustering (the pool is cut once a K): the keys are those of a fresh cut's ``_keys_group``
+    tasks, and each group's pieces hold exactly the rows of the clusters it is given. Where the
+    driver made leaves itself (node_rows 40) the clustering cuts the pool itself."""
+    import ray
+
+    from ray_pipeline.select.sharded import _ShardedClustering
+
+    n, k = 6000, 200
+    x = unit_blobs(n, 16, 30, 4)
+    cfg = Config.from_dict({"cluster": {"k": [k], "algorithm": "hierarchical", "branching": 6, "leaf": 6,
+                                        "max_points_per_centroid": 32},
+                            "select": {"budgets": [2 * k], "stratify": "none"}})
+    paths = write_shards(x, tmp_path, 1100, seed=1)
+    vectors = Sharded(paths, n, cfg, CPU, groups=3, node_rows=300)
+    tree = vectors.cluster(k)
+    fresh = _ShardedClustering(vectors, k, tree.assign, tree.sim)
+    assert tree.cut.keys is not None and fresh.cut.keys is None
+    for got, want in zip(tree.center_and_key(), fresh.center_and_key()):
+        assert (got == want).all() and (got >= 0).sum() > k // 2
+    assert tree.bounds[0] == 0 and len(tree.live) == 3
+    for g in tree.live:
+        lo, hi = tree._span(g)
+        rows = np.sort(np.concatenate([ray.get(pc[g])[0] for pc in tree.pieces]))
+        assert (rows == np.flatnonzero((tree.assign >= lo) & (tree.assign < hi))).all()
+    assert Sharded(paths, n, cfg, CPU, groups=3, node_rows=40).cluster(k).cut.keys is None
 
 
 def test_sharded_selection_reports_shards_that_miss_rows(tmp_path, local_ray):
