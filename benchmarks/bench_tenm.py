@@ -225,13 +225,34 @@ def store_totals() -> dict:
             "restored_gib": st.restored_bytes_total / 2 ** 30, "restore_s": st.restore_time_total_s}
 
 
-def run_one(paths: list[str], n: int, cfg: Config, raylets: dict, extra: dict) -> tuple[dict, object]:
+def top_functions(prof, count: int = 25) -> list[dict]:
+    """The ``count`` functions of a cProfile run with the most time of their own (not their
+    callees'): where the driver's CPU went."""
+    import pstats
+
+    st = pstats.Stats(prof)
+    rows = sorted(st.stats.items(), key=lambda kv: -kv[1][2])[:count]
+    return [{"fn": f"{Path(f).name}:{line}({name})", "calls": nc, "own_s": round(tt, 2), "cum_s": round(ct, 2)}
+            for (f, line, name), (_, nc, tt, ct, _) in rows]
+
+
+def run_one(paths: list[str], n: int, cfg: Config, raylets: dict, extra: dict,
+            profile: bool = False) -> tuple[dict, object]:
+    import cProfile
+
     r: dict = {"n": n, "shards": len(paths)}
     cpu0 = time.process_time()
     before = store_totals()
+    prof = cProfile.Profile() if profile else None
     with NodeMemory(raylets, extra) as mem, timed(r, "select"):
+        if prof:
+            prof.enable()
         sel = select_candidates(Sharded(paths, n, cfg, Devices()), cfg, rng=np.random.default_rng(0))
+        if prof:
+            prof.disable()
     r["driver_cpu_s"] = round(time.process_time() - cpu0, 1)
+    if prof:
+        r["driver_profile"] = top_functions(prof)  # own seconds, cProfile's overhead included
     r["store"] = {k: round(v - before[k], 2) for k, v in store_totals().items()}  # this run's spilling
     r["peak_gib"] = {k: round(v, 2) for k, v in mem.peak.items()}
     r["at_peak_gib"] = mem.at_peak  # what each node's peak was made of
@@ -278,6 +299,8 @@ def main() -> None:
     p.add_argument("--driver-only", action="store_true",
                    help="no cluster: the driver engine alone (all vectors in this process), to tenm-driver-*.json")
     p.add_argument("--from-n", type=int, default=0, help="run only the sizes >= this (smaller tiers still written)")
+    p.add_argument("--profile", action="store_true",
+                   help="cProfile the driver: its 25 costliest functions (own time) go to the results")
     p.add_argument("--name", default="tenm", help="results file: benchmarks/results/NAME-{cpu,gpu}.json")
     args = p.parse_args()
     ns = sorted(args.ns)
@@ -298,7 +321,9 @@ def main() -> None:
             write_nested_shards(ns[:i + 1], args.shard_rows, args.dir / "shards")  # the next tier, if not there
             print(f"shards for {n:,} x {D} float16 ready in {time.perf_counter() - t0:.0f}s", flush=True)
             all_paths = sorted(str(q) for q in (args.dir / "shards").glob("shard-*.parquet"))
-            r, sel = run_one(all_paths[:n // args.shard_rows], n, cfg, raylets, extra)
+            if n < args.from_n:
+                continue
+            r, sel = run_one(all_paths[:n // args.shard_rows], n, cfg, raylets, extra, profile=args.profile)
             if n <= args.driver_upto:
                 d: dict = {}
                 with timed(d, "select"):
@@ -314,8 +339,8 @@ def main() -> None:
         ray.shutdown()
     finally:
         stop_nodes(started)
-    if len(ns) > 1:
-        x, y = np.log(ns), np.log([r["select_s"] for r in out["runs"]])
+    if len(out["runs"]) > 1:
+        x, y = np.log([r["n"] for r in out["runs"]]), np.log([r["select_s"] for r in out["runs"]])
         out["exponent"] = round(float(np.polyfit(x, y, 1)[0]), 2)
         out["exponent_last_two"] = round(float((y[-1] - y[-2]) / (x[-1] - x[-2])), 2)
         print(f"time ~ N^{out['exponent']} (last two sizes: N^{out['exponent_last_two']})")
