@@ -239,19 +239,16 @@ def top_functions(prof, count: int = 25) -> list[dict]:
 def run_one(paths: list[str], n: int, cfg: Config, raylets: dict, extra: dict,
             profile: bool = False) -> tuple[dict, object]:
     import cProfile
+    from contextlib import nullcontext
 
     r: dict = {"n": n, "shards": len(paths)}
     cpu0 = time.process_time()
     before = store_totals()
-    prof = cProfile.Profile() if profile else None
-    with NodeMemory(raylets, extra) as mem, timed(r, "select"):
-        if prof:
-            prof.enable()
+    prof = cProfile.Profile()
+    with NodeMemory(raylets, extra) as mem, timed(r, "select"), prof if profile else nullcontext():
         sel = select_candidates(Sharded(paths, n, cfg, Devices()), cfg, rng=np.random.default_rng(0))
-        if prof:
-            prof.disable()
     r["driver_cpu_s"] = round(time.process_time() - cpu0, 1)
-    if prof:
+    if profile:
         r["driver_profile"] = top_functions(prof)  # own seconds, cProfile's overhead included
     r["store"] = {k: round(v - before[k], 2) for k, v in store_totals().items()}  # this run's spilling
     r["peak_gib"] = {k: round(v, 2) for k, v in mem.peak.items()}

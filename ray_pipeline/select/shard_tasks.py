@@ -120,25 +120,24 @@ def _subtrees_group(nodes: list[tuple[int, tuple[int, ...]]], first: int, params
     (``nodes``: (clusters asked, path) of the nodes ``first``, ``first + 1``, ... of ``node_of``,
     (n,) int64 each row's node), and the center and key samples of their leaves: the group holds
     every row of those leaves, so the keys are :func:`_keys_group`'s without a second pass over
-    the vectors. Returns rows (r,) int64 ascending, their node (r,), their leaf within it (r,)
-    int64, similarity to it (r,) float32, each node's (path, leaves), and center, key ((leaves,)
-    int64 pool rows, -1 for an empty leaf) of the group's leaves in order, node after node."""
+    the vectors. The group's leaves are numbered node after node, from 0. Returns rows (r,) int64
+    ascending, their leaf (r,) int64, similarity to it (r,) float32, each node's (path, leaves),
+    and center, key ((leaves,) int64 pool rows, -1 for an empty leaf)."""
     import torch
 
     from .kernels import center_and_key_samples, lift
 
     rows, x = _group_arrays(list(pieces))
     node = node_of[rows]
-    leaf, sim, counts = np.empty(len(rows), dtype=np.int64), np.empty(len(rows), dtype=np.float32), []
-    in_group, made = np.empty(len(rows), dtype=np.int64), 0  # each row's leaf, numbered over the group
+    leaf, sim, counts, made = np.empty(len(rows), dtype=np.int64), np.empty(len(rows), dtype=np.float32), [], 0
     for j, (k, path) in enumerate(nodes):
         mine = node == first + j
         r = subtree(x, k, path=path, rows=np.flatnonzero(mine), **params)  # in pool order, as the driver's tree
-        leaf[mine], sim[mine], in_group[mine] = r.assign, r.sim, r.assign + made
+        leaf[mine], sim[mine] = r.assign + made, r.sim
         counts.append((path, len(r.centroids)))
         made += len(r.centroids)
-    center, key = center_and_key_samples(torch.from_numpy(x), torch.from_numpy(in_group), torch.from_numpy(sim), made)
-    return rows, node, leaf, sim, counts, lift(center.numpy(), rows), lift(key.numpy(), rows)
+    center, key = center_and_key_samples(torch.from_numpy(x), torch.from_numpy(leaf), torch.from_numpy(sim), made)
+    return rows, leaf, sim, counts, lift(center.numpy(), rows), lift(key.numpy(), rows)
 
 
 def _assign_nodes_shard(path: str, row_map: Optional[np.ndarray], node_of: np.ndarray,

@@ -265,7 +265,7 @@ class Sharded:
 
         c = self.cfg.cluster
         leaves: dict[tuple, int] = {path: kk for path, kk, *_ in done}
-        results, pieces, live, bounds = [], [], [], np.zeros(1, dtype=np.int64)
+        results = []
         if small:
             small.sort(key=lambda node: node[2])
             groups = min(self.groups, len(small))
@@ -283,7 +283,7 @@ class Sharded:
             results = ray.get([task.remote([(kk, path) for _, kk, path in small[bounds[g]:bounds[g + 1]]],
                                            int(bounds[g]), params, node_ref, *[pc[g] for pc in pieces])
                                for g in live])
-            for *_, counts, _, _ in results:
+            for _, _, _, counts, _, _ in results:
                 for path, count in counts:
                     leaves[path] = count
         offset, at = 0, {}
@@ -292,15 +292,18 @@ class Sharded:
         assign, sim = np.full(self.n, -1, dtype=np.int64), np.zeros(self.n, dtype=np.float32)
         for path, _, rows, a, s in done:
             assign[rows], sim[rows] = a + at[path], s
-        starts = np.array([at[path] for _, _, path in small] + [offset], dtype=np.int64)  # + the end
-        for rows, node, a, s, *_ in results:
-            assign[rows], sim[rows] = a + starts[node], s
-        if done or not small:
+        if not small:
             return assign, sim, None
         center, key = np.full(offset, -1, dtype=np.int64), np.full(offset, -1, dtype=np.int64)
-        for g, (*_, cg, kg) in zip(live, results):
-            center[starts[bounds[g]]:starts[bounds[g + 1]]], key[starts[bounds[g]]:starts[bounds[g + 1]]] = cg, kg
-        return assign, sim, _Cut(pieces, starts[bounds], (center, key))
+        for rows, a, s, counts, cg, kg in results:
+            # the group's leaves (numbered from 0 over its nodes) as the tree's: each node's run of them
+            leaf_at = np.concatenate([np.arange(at[path], at[path] + count) for path, count in counts])
+            assign[rows], sim[rows] = leaf_at[a], s
+            center[leaf_at], key[leaf_at] = cg, kg
+        if done:  # the driver's leaves sit between a group's nodes: its clusters are not one run
+            return assign, sim, None
+        first = np.array([at[path] for _, _, path in small] + [offset], dtype=np.int64)[bounds]
+        return assign, sim, _Cut(pieces, first, (center, key))
 
 
 @dataclass
@@ -329,7 +332,7 @@ class _ShardedClustering:
             g_of_c = cluster_groups(np.bincount(assign, minlength=k), vectors.groups)
             bounds = np.searchsorted(g_of_c, np.arange(vectors.groups + 1))
             cut = _Cut(vectors._cut_by_group(self.assign_ref, g_of_c, vectors.groups), bounds)
-        self.cut, self.pieces, self.bounds = cut, cut.pieces, cut.bounds  # group i: clusters [bounds[i], bounds[i+1])
+        self.pieces, self.bounds, self.keys = cut.pieces, cut.bounds, cut.keys  # group i: clusters [bounds[i], bounds[i+1])
         self.live = [g for g in range(len(self.bounds) - 1) if self.bounds[g + 1] > self.bounds[g]]
 
     def _span(self, g: int) -> tuple[int, int]:
@@ -338,10 +341,10 @@ class _ShardedClustering:
     def center_and_key(self) -> tuple[np.ndarray, np.ndarray]:
         import ray
 
-        if self.cut.keys is not None:  # the tree's group tasks computed them
+        if self.keys is not None:  # the tree's group tasks computed them
             center, key = (np.full(self.k, -1, dtype=np.int64) for _ in range(2))
-            made = len(self.cut.keys[0])  # clusters from there to k are empty
-            center[:made], key[:made] = self.cut.keys
+            made = len(self.keys[0])  # clusters from there to k are empty
+            center[:made], key[:made] = self.keys
             return center, key
         task = ray.remote(_keys_group)
         keys = ray.get([task.remote(*self._span(g), self.assign_ref, self.sim_ref, *[pc[g] for pc in self.pieces])

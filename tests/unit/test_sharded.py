@@ -260,7 +260,7 @@ def test_the_trees_group_tasks_give_the_keys_and_cut_the_pool_once(tmp_path, loc
     vectors = Sharded(paths, n, cfg, CPU, groups=3, node_rows=300)
     tree = vectors.cluster(k)
     fresh = _ShardedClustering(vectors, k, tree.assign, tree.sim)
-    assert tree.cut.keys is not None and fresh.cut.keys is None
+    assert tree.keys is not None and fresh.keys is None
     for got, want in zip(tree.center_and_key(), fresh.center_and_key()):
         assert (got == want).all() and (got >= 0).sum() > k // 2
     assert tree.bounds[0] == 0 and len(tree.live) == 3
@@ -268,7 +268,7 @@ def test_the_trees_group_tasks_give_the_keys_and_cut_the_pool_once(tmp_path, loc
         lo, hi = tree._span(g)
         rows = np.sort(np.concatenate([ray.get(pc[g])[0] for pc in tree.pieces]))
         assert (rows == np.flatnonzero((tree.assign >= lo) & (tree.assign < hi))).all()
-    assert Sharded(paths, n, cfg, CPU, groups=3, node_rows=40).cluster(k).cut.keys is None
+    assert Sharded(paths, n, cfg, CPU, groups=3, node_rows=40).cluster(k).keys is None
 
 
 def test_sharded_selection_reports_shards_that_miss_rows(tmp_path, local_ray):
